@@ -1,0 +1,1 @@
+"""Benchmarks (`hpcllm bench ...`): each prints hpcllm beside its peer, measured in the same run."""

@@ -1,0 +1,97 @@
+"""The `hpcllm` command. Each package registers its own subcommands; this file only wires them up
+and turns user mistakes (`HpcllmError`) into one clear line and an exit code instead of a traceback.
+
+    hpcllm config jobs/train_tiny.yaml train.max_steps=10     print the resolved job spec
+    hpcllm prepare|train|infer SPEC [k=v ...]                  run a job (here, mpirun or srun)
+    hpcllm bench allreduce|data|train|infer ...                benchmarks beside their peers
+    hpcllm submit|render|debug|jobs|logs ...                   Slurm
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from hpcllm import __version__
+from hpcllm.errors import HpcllmError
+
+# packages that add subcommands: each has a `cli.register(subparsers, bench_subparsers)`
+COMMAND_MODULES = [
+    "hpcllm.dist.cli",
+    "hpcllm.data.cli",
+    "hpcllm.train.cli",
+    "hpcllm.infer.cli",
+    "hpcllm.launch.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcllm", description="GPT training and offline inference on MPI/Slurm.")
+    parser.add_argument("--version", action="version", version=f"hpcllm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench = sub.add_parser("bench", help="benchmarks, each printed beside its peer").add_subparsers(
+        dest="bench", metavar="BENCH", required=True
+    )
+    p = sub.add_parser("config", help="print the resolved job spec (YAML) after overrides")
+    add_spec_args(p)
+    p.set_defaults(func=_config)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # a package that has no commands yet
+                continue
+            raise
+        mod.register(sub, bench)
+    return parser
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """SPEC [key=value ...] — the arguments every job command takes."""
+    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a spec value, e.g. train.max_steps=100")
+
+
+def _config(args) -> int:
+    from hpcllm.config import dump_spec, load_spec
+
+    print(dump_spec(load_spec(args.spec, args.overrides)), end="")
+    return 0
+
+
+def _abort_other_ranks(code: int) -> None:
+    """Under MPI with several ranks, exiting one rank would leave the others waiting forever."""
+    if "mpi4py.MPI" not in sys.modules:
+        return
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+        MPI.COMM_WORLD.Abort(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HpcllmError as e:
+        print(f"hpcllm {args.command}: error: {e}", file=sys.stderr, flush=True)
+        _abort_other_ranks(e.exit_code)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"hpcllm {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BrokenPipeError:  # `hpcllm config x.yaml | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def main_exit() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

@@ -1,0 +1,267 @@
+"""Job specs: one YAML format for every job, loaded into typed dataclasses.
+
+A job spec is a YAML file with `kind`, `name`, `run_dir` and one section per concern (`dist`, `data`,
+`model`, `train`, `infer`, `slurm`). Each section is a dataclass owned by the package it configures
+(`hpcllm/<pkg>/config.py`); this module only knows how to fill dataclasses from plain data, check the
+types, apply `a.b=c` overrides from the command line and report mistakes with the key and the file.
+
+    spec = load_spec("jobs/train_tiny.yaml", ["train.max_steps=50", "dist.backend=mpi"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hpcllm.data.config import DataConfig
+from hpcllm.dist.config import DistConfig
+from hpcllm.errors import ConfigError
+from hpcllm.fields import path_field
+from hpcllm.infer.config import InferConfig
+from hpcllm.launch.config import SlurmConfig
+from hpcllm.model.config import ModelConfig
+from hpcllm.train.config import TrainConfig
+
+KINDS = ("prepare", "train", "infer")
+
+
+@dataclass
+class JobSpec:
+    kind: Literal["prepare", "train", "infer"]
+    name: str
+    run_dir: str = path_field("runs/default")
+    dist: DistConfig = field(default_factory=DistConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+# ----------------------------------------------------------------------------- dataclass <-> dict
+
+
+def from_dict(cls: type, data: Any, *, where: str = "", source: str = "<spec>") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type.
+
+    `where` is the dotted key prefix and `source` the file, both only used in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping, got {_tname(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" (did you mean '{_join(where, close[0])}'?)" if close else ""
+        raise ConfigError(
+            f"{source}: unknown key '{_join(where, key)}'{hint}; "
+            f"known keys{' under ' + where if where else ''}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = _join(where, name)
+        kwargs[name] = _coerce(hints[name], value, key, source)
+        if fields[name].metadata.get("path") and isinstance(kwargs[name], str) and kwargs[name]:
+            kwargs[name] = expand_path(kwargs[name])
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing required key '{_join(where, missing[0])}'")
+    obj = cls(**kwargs)
+    for name, f in fields.items():  # defaults of path fields are made absolute too
+        if name not in kwargs and f.metadata.get("path") and getattr(obj, name):
+            setattr(obj, name, expand_path(getattr(obj, name)))
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{source}: {where or 'spec'}: {e}") from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def expand_path(p: str) -> str:
+    return os.path.abspath(os.path.expandvars(os.path.expanduser(p)))
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _tname(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against type `tp`; allow the lossless int -> float widening only."""
+    bad = ConfigError(f"{source}: '{key}' must be {_describe(tp)}, got {_tname(value)} {value!r}")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key, source)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: '{key}' must be one of {_describe(tp)}, got {value!r}{hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        item = args[0] if args else Any
+        return [_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(vt, v, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=key, source=source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{source}: '{key}': unsupported field type {tp!r}")  # a bug in a section
+
+
+# ----------------------------------------------------------------------------- YAML + overrides
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any, str]]:
+    out = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' must look like key=value (e.g. train.max_steps=100)")
+        key, raw = ov.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{ov}': bad key '{key}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.split("."), value, raw))
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type = None) -> dict:
+    """Set dotted keys in the raw mapping. Values are read as YAML (`3`, `true`, `[1,2]`); a field
+    typed `str` keeps the text as written, so `name=007` stays "007"."""
+    cls = cls or JobSpec
+    for parts, value, raw in parse_overrides(overrides):
+        node, tp = data, cls
+        for i, part in enumerate(parts):
+            tp = _field_type(tp, part)
+            if i == len(parts) - 1:
+                node[part] = raw if _is_str_type(tp) and not isinstance(value, str) else value
+            else:
+                nxt = node.get(part)
+                if nxt is None:
+                    nxt = node[part] = {}
+                if not isinstance(nxt, dict):
+                    raise ConfigError(f"override '{'.'.join(parts)}': '{part}' is not a section")
+                node = nxt
+    return data
+
+
+def _field_type(tp: Any, name: str) -> Any:
+    if tp is None or not dataclasses.is_dataclass(tp):
+        return None
+    hints = typing.get_type_hints(tp)
+    return hints.get(name)  # unknown keys are reported by from_dict with a suggestion
+
+
+def _is_str_type(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"job spec '{p}' not found" if not p.exists() else f"job spec '{p}' is not a file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at top level, got {_tname(data)}")
+    return data
+
+
+def load_spec(path: str | os.PathLike | None, overrides: list[str] = (), *, base: dict | None = None) -> JobSpec:
+    """Read a job spec (or start from `base`), apply overrides, validate."""
+    data = read_yaml(path) if path is not None else dict(base or {})
+    data = apply_overrides(data, list(overrides))
+    source = str(path) if path is not None else "<built-in spec>"
+    if "kind" not in data:
+        raise ConfigError(f"{source}: missing required key 'kind' (one of {', '.join(KINDS)})")
+    if "name" not in data:
+        data["name"] = Path(path).stem if path is not None else "job"
+    return from_dict(JobSpec, data, source=source)
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(to_dict(spec), sort_keys=False)

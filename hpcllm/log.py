@@ -1,0 +1,44 @@
+"""Logging: one format on every rank, level from HPCLLM_LOG_LEVEL, per-rank files in the run dir.
+
+Rank 0 logs INFO to stderr; other ranks only WARNING and above (so N ranks don't print N copies),
+unless HPCLLM_LOG_LEVEL=debug, which turns on everything on every rank, collective tracing included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+
+
+def env_level() -> int | None:
+    name = os.environ.get("HPCLLM_LOG_LEVEL", "").strip().upper()
+    if not name:
+        return None
+    level = logging.getLevelName(name)
+    return level if isinstance(level, int) else None
+
+
+def setup_logging(rank: int = 0, run_dir: str | os.PathLike | None = None) -> None:
+    root = logging.getLogger("hpcllm")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    forced = env_level()
+    fmt = logging.Formatter(FORMAT.format(rank=rank), datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(forced if forced is not None else (logging.INFO if rank == 0 else logging.WARNING))
+    root.addHandler(console)
+    if run_dir is not None:
+        logs = Path(run_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(logs / f"rank{rank}.log")
+        fh.setFormatter(fmt)
+        fh.setLevel(forced if forced is not None else logging.INFO)
+        root.addHandler(fh)
+    root.setLevel(forced if forced is not None else logging.INFO)
+    root.propagate = False

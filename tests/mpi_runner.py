@@ -1,0 +1,34 @@
+"""Run one test body on every rank: `python -m tests.mpi_runner MODULE:FUNC OUTDIR KWARGS_JSON`.
+
+Started by `tests.mpi_util.run_on_ranks` under `mpirun -np N`. Each rank calls FUNC(**kwargs) and
+writes what it returned (JSON) to OUTDIR/rank<R>.json, or its traceback to OUTDIR/rank<R>.err and
+exits 1, so the test can assert on the result of every rank.
+"""
+
+import importlib
+import json
+import os
+import sys
+import traceback
+
+from hpcllm.dist.world import detect_world
+
+
+def main() -> None:
+    target, outdir, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    rank = detect_world().rank
+    mod, func = target.split(":")
+    try:
+        result = getattr(importlib.import_module(mod), func)(**kwargs)
+    except BaseException:
+        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        sys.stderr.write(f"[rank {rank}] {traceback.format_exc()}")
+        sys.stderr.flush()
+        os._exit(1)
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Run a test body on N MPI ranks and collect every rank's result.
+
+    results = run_on_ranks(2, "tests.dist.test_comm:_body_allreduce", backend="mpi")
+    assert all(r["sum"] == 3 for r in results)
+
+The body is a plain function in a test module; it runs under `mpirun -np N` (Open MPI; root and
+more ranks than cores are allowed) in `tests.mpi_runner`, and its return value comes back as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mpi_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    # the tests themselves may run inside a Slurm job: mpirun must not treat it as its allocation
+    for k in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
+        del env[k]
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def mpirun_cmd(n: int, *argv: str) -> list[str]:
+    return ["mpirun", "-np", str(n), "--oversubscribe", "--bind-to", "none", *argv]
+
+
+def run_mpi(n: int, argv: list[str], timeout: float = 120, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Run any command on n ranks; returns the CompletedProcess (no check)."""
+    return subprocess.run(
+        mpirun_cmd(n, *argv), capture_output=True, text=True, timeout=timeout, env=mpi_env(env), cwd=cwd or REPO
+    )
+
+
+def run_on_ranks(n: int, target: str, *, timeout: float = 120, env: dict | None = None, **kwargs) -> list:
+    """Run `module:function(**kwargs)` on n ranks; return the n results in rank order.
+
+    Fails the test with every rank's traceback if any rank raised or the job exited non-zero."""
+    with tempfile.TemporaryDirectory(prefix="hpcllm-mpi-") as out:
+        proc = run_mpi(n, [sys.executable, "-m", "tests.mpi_runner", target, out, json.dumps(kwargs)], timeout, env)
+        errs = sorted(Path(out).glob("rank*.err"))
+        if proc.returncode != 0 or errs:
+            details = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in errs)
+            raise AssertionError(
+                f"{target} on {n} ranks exited {proc.returncode}\n{details}\nstdout:\n{proc.stdout[-3000:]}\n"
+                f"stderr:\n{proc.stderr[-3000:]}"
+            )
+        results = []
+        for r in range(n):
+            p = Path(out) / f"rank{r}.json"
+            assert p.exists(), f"rank {r} wrote no result\nstderr:\n{proc.stderr[-3000:]}"
+            results.append(json.loads(p.read_text()))
+        return results

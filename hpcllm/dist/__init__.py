@@ -1,0 +1,110 @@
+"""The distributed runtime: who am I (`detect_world`), and the communicator every job talks through.
+
+    comm = hpcllm.dist.init(spec.dist)      # detects the launcher, checks it, picks the backend
+    comm.allreduce(t, "avg"); comm.barrier(); comm.close()
+
+Backends: `mpi` (mpi4py), `torch` (torch.distributed: NCCL on GPU, gloo on CPU), `horovod`, `single`.
+`auto` picks torch/NCCL when the job has a GPU, mpi otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from hpcllm.dist.comm import Communicator, SingleProcess, Work
+from hpcllm.dist.config import DistConfig
+from hpcllm.dist.world import World, check_mpi_agrees, detect_world
+from hpcllm.errors import DistError
+
+__all__ = ["Communicator", "DistConfig", "SingleProcess", "Work", "World", "detect_world", "init", "pick_device"]
+
+log = logging.getLogger("hpcllm.dist")
+
+
+def pick_device(cfg: DistConfig, world: World) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DistError("dist.device=cuda but no CUDA device is visible (CUDA_VISIBLE_DEVICES, --gpus?)")
+    n = torch.cuda.device_count()
+    # one GPU per rank: either each rank sees all of the node's GPUs (pick local_rank), or Slurm
+    # bound exactly one GPU to each task (--gpus-per-task / --gpu-bind), which is then cuda:0
+    index = world.local_rank if n > 1 else 0
+    if index >= n:
+        raise DistError(
+            f"rank {world.rank} (local rank {world.local_rank} on {world.hostname}) has no GPU of its own: "
+            f"{n} visible, {world.local_size} ranks on this node"
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def resolve_backend(cfg: DistConfig, device: torch.device) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "torch" if device.type == "cuda" else "mpi"
+
+
+def _mpi_world(world: World):
+    """Initialise MPI (mpi4py) when the launcher set one up, and check it agrees with the launcher."""
+    if not world.mpi_launched:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise DistError(f"launched by {world.launcher} with {world.size} ranks but mpi4py is not importable: {e}")
+    comm = MPI.COMM_WORLD
+    check_mpi_agrees(world, comm.Get_rank(), comm.Get_size())
+    return comm
+
+
+def _abort_on_uncaught_exception(mpi_comm) -> None:
+    """An exception on one rank must end the whole job: Open MPI's MPI_Finalize at interpreter exit
+    waits for every other rank, so a rank that just dies of a traceback leaves its peers (and
+    itself) hanging until the time limit. Print the traceback, then MPI_Abort."""
+    previous = sys.excepthook
+
+    def hook(etype, value, tb):
+        previous(etype, value, tb)
+        sys.stderr.flush()
+        code = getattr(value, "exit_code", 1) if isinstance(value, Exception) else 1
+        mpi_comm.Abort(code)
+
+    sys.excepthook = hook
+
+
+def init(cfg: DistConfig | None = None) -> Communicator:
+    cfg = cfg or DistConfig()
+    world = detect_world()
+    device = pick_device(cfg, world)
+    backend = resolve_backend(cfg, device)
+    mpi_comm = _mpi_world(world)
+    if mpi_comm is not None and world.size > 1:
+        _abort_on_uncaught_exception(mpi_comm)
+    if backend == "single" or (world.size == 1 and backend == "mpi" and mpi_comm is None):
+        if world.size != 1:
+            raise DistError(f"dist.backend=single but the launcher started {world.size} ranks")
+        comm: Communicator = SingleProcess(world, device, cfg.timeout_s)
+    elif backend == "mpi":
+        if mpi_comm is None:
+            raise DistError(f"dist.backend=mpi needs an MPI launcher (mpirun or srun --mpi=pmix); got {world.launcher}")
+        from hpcllm.dist.mpi import MPICommunicator
+
+        comm = MPICommunicator(world, device, cfg.timeout_s, mpi_comm)
+    elif backend == "torch":
+        from hpcllm.dist.torchdist import TorchCommunicator
+
+        comm = TorchCommunicator(world, device, cfg.timeout_s, mpi_comm, cfg.port)
+    elif backend == "horovod":
+        from hpcllm.dist.horovod import HorovodCommunicator
+
+        comm = HorovodCommunicator(world, device, cfg.timeout_s, mpi_comm)
+    else:  # the config loader already rejects other names
+        raise DistError(f"unknown dist.backend {backend!r}")
+    log.debug("rank %d/%d on %s: backend %s, device %s, pid %d", world.rank, world.size, world.hostname,
+              comm.name, device, os.getpid())
+    return comm

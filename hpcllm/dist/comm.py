@@ -1,0 +1,125 @@
+"""The one communicator interface every backend implements.
+
+Collectives work in place on torch tensors. `allreduce(..., async_op=True)` returns a `Work` whose
+`wait()` the caller must call before reading the tensor: that is what lets the gradient sync launch a
+bucket's allreduce during the backward pass and await them all before the optimizer step.
+
+Every blocking point (a synchronous collective, or `Work.wait`) is reported to the stall watchdog, so
+a collective that never completes ends the job with the names of the ranks that did not arrive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+
+from hpcllm.dist.watchdog import Watchdog
+from hpcllm.dist.world import World
+
+ReduceOp = Literal["sum", "avg", "max", "min"]
+REDUCE_OPS = ("sum", "avg", "max", "min")
+
+
+class Work:
+    """Handle of an asynchronous collective. `wait()` blocks until the tensor holds the result."""
+
+    def __init__(self, comm: "Communicator", what: str, tensor: torch.Tensor | None, wait_fn: Callable[[], None]):
+        self._comm, self._what, self._tensor, self._wait_fn = comm, what, tensor, wait_fn
+        self._done = False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        with self._comm.blocking(self._what, self._tensor):
+            self._wait_fn()
+        self._done = True
+
+
+class Communicator(ABC):
+    """rank/size/local_rank/device plus the collectives the trainer and the jobs need."""
+
+    name: str = "?"
+
+    def __init__(self, world: World, device: torch.device, timeout_s: float):
+        self.world = world
+        self.rank, self.size, self.local_rank = world.rank, world.size, world.local_rank
+        self.device = device
+        self.timeout_s = timeout_s
+        self.watchdog: Watchdog | None = None  # set by the backend once it can talk to its peers
+
+    # -- collectives -----------------------------------------------------------------------
+    @abstractmethod
+    def allreduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", async_op: bool = False) -> Work | None:
+        """Reduce `tensor` in place across ranks. With async_op, returns a Work to wait() on."""
+
+    @abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Overwrite `tensor` on every rank with rank `src`'s, in place."""
+
+    @abstractmethod
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Every rank's (small, picklable) object, in rank order, on every rank."""
+
+    @abstractmethod
+    def barrier(self) -> None: ...
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return self.allgather_object(obj if self.rank == src else None)[src]
+
+    def exscan(self, value: int) -> tuple[int, int]:
+        """(sum of `value` over lower ranks, total over all ranks): where my part starts and ends."""
+        values = self.allgather_object(int(value))
+        return sum(values[: self.rank]), sum(values)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is True on any rank (one small allreduce)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        self.allreduce(t, "max")
+        return bool(t.item() > 0)
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+    # -- helpers for backends --------------------------------------------------------------
+    @contextlib.contextmanager
+    def blocking(self, what: str, tensor: torch.Tensor | None = None) -> Iterator[None]:
+        """Mark a blocking point so the watchdog can time it (described only if it fires)."""
+        if self.watchdog is None:
+            yield
+            return
+        self.watchdog.enter(what, tensor)
+        try:
+            yield
+        finally:
+            self.watchdog.leave()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} rank {self.rank}/{self.size} on {self.device}>"
+
+
+class SingleProcess(Communicator):
+    """World of one: every collective is the identity. Used when nothing launched us in parallel."""
+
+    name = "single"
+
+    def allreduce(self, tensor, op="sum", async_op=False):
+        _check_op(op)
+        return Work(self, "allreduce", tensor, lambda: None) if async_op else None
+
+    def broadcast(self, tensor, src=0):
+        pass
+
+    def allgather_object(self, obj):
+        return [obj]
+
+    def barrier(self):
+        pass
+
+
+def _check_op(op: str) -> None:
+    if op not in REDUCE_OPS:
+        raise ValueError(f"unknown reduce op {op!r}; expected one of {REDUCE_OPS}")

@@ -1,0 +1,79 @@
+"""`horovod` backend: Horovod's MPI controller (build it with scripts/build_horovod.sh).
+
+Horovod runs its own background thread that fuses and reduces tensors; asynchronous allreduces map
+to `allreduce_async_` handles. Horovod is initialised on the same MPI world that mpi4py sees, so rank
+and size agree with the launcher by construction and the watchdog can ask peers over MPI.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+from hpcllm.dist.comm import Communicator, Work, _check_op
+from hpcllm.dist.watchdog import Watchdog
+from hpcllm.dist.world import World
+from hpcllm.errors import DistError
+
+
+def import_horovod():
+    try:
+        import horovod.torch as hvd
+    except ImportError as e:
+        raise DistError(
+            f"dist.backend=horovod but horovod.torch cannot be imported ({e}). Horovod 0.28.1 needs a "
+            "patch to build against torch >= 2.1: run `scripts/build_horovod.sh` (see docs/install.md)."
+        ) from None
+    return hvd
+
+
+class HorovodCommunicator(Communicator):
+    name = "horovod"
+
+    def __init__(self, world: World, device: torch.device, timeout_s: float, mpi_comm: Any = None):
+        super().__init__(world, device, timeout_s)
+        hvd = self.hvd = import_horovod()
+        if mpi_comm is not None:
+            hvd.init(comm=mpi_comm)
+        else:
+            hvd.init()
+        if (hvd.rank(), hvd.size()) != (world.rank, world.size):
+            raise DistError(
+                f"horovod says rank {hvd.rank()} of {hvd.size()}, launcher says {world.rank} of {world.size}"
+            )
+        self._ops = {"sum": hvd.Sum, "avg": hvd.Average, "max": hvd.Max, "min": hvd.Min}
+        # Horovod matches collectives across ranks by name: name them by a per-rank counter, which
+        # advances identically on every rank because every rank issues the same collectives.
+        self._names = itertools.count()
+        abort = mpi_comm.Abort if mpi_comm is not None else None
+        self.watchdog = Watchdog(self.rank, self.size, timeout_s, mpi_comm=mpi_comm, abort=abort)
+
+    def _name(self, what: str) -> str:
+        return f"hpcllm.{what}.{next(self._names)}"
+
+    def allreduce(self, tensor, op="sum", async_op=False):
+        _check_op(op)
+        handle = self.hvd.allreduce_async_(tensor, op=self._ops[op], name=self._name("allreduce"))
+        work = Work(self, f"allreduce {op}", tensor, lambda: self.hvd.synchronize(handle))
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def broadcast(self, tensor, src=0):
+        handle = self.hvd.broadcast_async_(tensor, root_rank=src, name=self._name("broadcast"))
+        Work(self, "broadcast", tensor, lambda: self.hvd.synchronize(handle)).wait()
+
+    def allgather_object(self, obj):
+        with self.blocking("allgather_object"):
+            return self.hvd.allgather_object(obj, name=self._name("allgather_object"))
+
+    def barrier(self):
+        with self.blocking("barrier"):
+            self.hvd.barrier()
+
+    def close(self):
+        super().close()
+        self.hvd.shutdown()

@@ -1,0 +1,122 @@
+"""Stall watchdog: a collective that has not completed within `dist.timeout_s` ends the job.
+
+The communicator marks each blocking point (`enter`/`leave`); a daemon thread checks how long the
+current one has lasted. When it passes the timeout, the thread finds out who is missing by a small
+point-to-point exchange on a private MPI communicator: every rank that is itself stuck sends its
+collective count to all others and listens for theirs for a short grace period. Ranks that do not
+answer (dead, hung, or busy outside communication) or answer with a lower count did not arrive. The
+message names them, then the job is aborted (MPI_Abort under MPI, so mpirun/srun tear down every
+rank) with exit code 4. Without MPI (torchrun) the message cannot name ranks but the exit still happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("hpcllm.dist")
+
+TIMEOUT_EXIT_CODE = 4
+_TAG = 7177
+
+
+class Watchdog:
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        timeout_s: float,
+        mpi_comm: Any = None,
+        abort: Callable[[int], None] | None = None,
+    ):
+        self.rank, self.size, self.timeout_s = rank, size, timeout_s
+        # Dup is collective: every rank constructs its watchdog at the same point of init.
+        self._comm = mpi_comm.Dup() if mpi_comm is not None else None
+        self._abort = abort or (lambda code: os._exit(code))
+        self._seq = 0
+        self._active: tuple[int, str, Any, float] | None = None
+        self._stop = threading.Event()
+        self._poll_s = min(1.0, max(0.05, timeout_s / 20))
+        self._thread = threading.Thread(target=self._run, name="hpcllm-watchdog", daemon=True)
+        self._thread.start()
+
+    def enter(self, what: str, tensor: Any = None) -> None:
+        self._seq += 1
+        self._active = (self._seq, what, tensor, time.monotonic())
+
+    def leave(self) -> None:
+        self._active = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            active = self._active
+            if active is not None and time.monotonic() - active[3] > self.timeout_s:
+                self._fire(*active)
+                return
+
+    def _fire(self, seq: int, what: str, tensor: Any, t0: float) -> None:
+        waited = time.monotonic() - t0
+        desc = what
+        if tensor is not None:
+            desc += f" of {tensor.numel() * tensor.element_size() / 2**20:.2f} MB {str(tensor.dtype)[6:]}"
+        msg = (
+            f"[hpcllm rank {self.rank}] collective #{seq} ({desc}) did not complete within "
+            f"dist.timeout_s={self.timeout_s:g} s (waited {waited:.1f} s)"
+        )
+        try:
+            missing, behind = self._who_is_missing(seq)
+        except Exception as e:  # diagnosis is best effort; the abort below is not
+            missing, behind = None, {}
+            msg += f"; could not ask the other ranks ({e})"
+        if missing is not None:
+            if missing or behind:
+                parts = []
+                if missing:
+                    parts.append(f"no answer from rank(s) {_ranks(missing)} (dead, hung, or busy outside communication)")
+                if behind:
+                    parts.append(
+                        "still before this collective: "
+                        + ", ".join(f"rank {r} (at #{s})" for r, s in sorted(behind.items()))
+                    )
+                msg += "; ranks that did not arrive: " + "; ".join(parts)
+            else:
+                msg += "; every rank answered and reached it: the communication layer itself is stuck"
+        msg += ". Aborting the job."
+        print(msg, file=sys.stderr, flush=True)
+        log.error(msg)
+        self._abort(TIMEOUT_EXIT_CODE)
+
+    def _who_is_missing(self, seq: int) -> tuple[list[int] | None, dict[int, int]]:
+        if self._comm is None or self.size == 1:
+            return None, {}
+        import numpy as np
+
+        others = [r for r in range(self.size) if r != self.rank]
+        mine = np.array([seq], dtype=np.int64)
+        bufs = {r: np.zeros(1, dtype=np.int64) for r in others}
+        recvs = {r: self._comm.Irecv(bufs[r], source=r, tag=_TAG) for r in others}
+        sends = [self._comm.Isend(mine, dest=r, tag=_TAG) for r in others]
+        # the other stuck ranks time out a little before or after us: give them a grace period
+        deadline = time.monotonic() + min(30.0, max(2.0, self.timeout_s / 5))
+        answered: dict[int, int] = {}
+        while time.monotonic() < deadline and len(answered) < len(others):
+            for r, req in recvs.items():
+                if r not in answered and req.Test():
+                    answered[r] = int(bufs[r][0])
+            time.sleep(0.01)
+        del sends  # never waited on: we abort next, and a dead peer would block us
+        missing = [r for r in others if r not in answered]
+        behind = {r: s for r, s in answered.items() if s < seq}
+        return missing, behind
+
+
+def _ranks(rs: list[int]) -> str:
+    return ", ".join(str(r) for r in rs)

@@ -49,41 +49,51 @@ def run(backends: list[str], sizes: list[int], rounds: int, timeout_s: float, de
 
     world = MPI.COMM_WORLD
     rank, n = world.Get_rank(), world.Get_size()
-    rows = []
-    comms = {}
-    for b in backends:
-        comms[b] = dist.init(dist.DistConfig(backend=b, timeout_s=timeout_s, device=device))
+    rows: list[dict] = []
     if rank == 0:
         print(f"# hpcllm bench allreduce: {n} ranks, float32, in place; median of {rounds} rounds", flush=True)
         print(f"# {'size':>6} {'count':>10} {'impl':>8} {'time(us)':>10} {'algbw(GB/s)':>12} "
               f"{'busbw(GB/s)':>12} {'vs mpi4py':>9}", flush=True)
-    for size in sizes:
-        count = max(1, size // 4)
-        iters = int(min(200, max(3, 2e8 / max(size, 1) / 4)))
-        raw = np.ones(count, dtype=np.float32)
-        tensors = {b: torch.ones(count, dtype=torch.float32, device=c.device) for b, c in comms.items()}
-        impls: dict[str, Callable[[], None]] = {"mpi4py": lambda: world.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM)}
-        for b, c in comms.items():
-            impls[b] = (lambda c=c, t=tensors[b]: c.allreduce(t, "sum"))
-        times: dict[str, list[float]] = {k: [] for k in impls}
-        for fn in impls.values():  # warm-up: connections, algorithm selection
-            _round(fn, 2, world.Barrier)
-        for _ in range(rounds):
-            for name, fn in impls.items():
-                # the slowest rank's time is the collective's time
-                times[name].append(world.allreduce(_round(fn, iters, world.Barrier), op=MPI.MAX))
-        base = statistics.median(times["mpi4py"])
-        for name, ts in times.items():
-            t = statistics.median(ts)
-            algbw = size / t / 1e9
-            row = dict(size=size, count=count, impl=name, time_us=t * 1e6, algbw=algbw,
-                       busbw=algbw * 2 * (n - 1) / n if n > 1 else 0.0, ratio=base / t)
-            rows.append(row)
-            if rank == 0:
-                print(f"  {_fmt_size(size):>6} {count:>10} {name:>8} {row['time_us']:>10.1f} {algbw:>12.3f} "
-                      f"{row['busbw']:>12.3f} {row['ratio']:>8.2f}x", flush=True)
-    for c in comms.values():
-        c.close()
+    # One backend at a time, each beside its own raw mpi4py reference: Horovod's background thread
+    # polls and would slow down whatever else runs in the process, so it always goes last.
+    for b in sorted(backends, key=lambda b: b == "horovod"):
+        comm = dist.init(dist.DistConfig(backend=b, timeout_s=timeout_s, device=device))
+        if rank == 0 and len(backends) > 1:
+            print(f"# backend {b}", flush=True)
+        for size in sizes:
+            rows += _measure(world, MPI, comm, b, size, rounds)
+        comm.close()
+    return rows
+
+
+def _measure(world, MPI, comm, backend: str, size: int, rounds: int) -> list[dict]:
+    rank, n = world.Get_rank(), world.Get_size()
+    rows = []
+    count = max(1, size // 4)
+    iters = int(min(200, max(3, 2e8 / max(size, 1) / 4)))
+    raw = np.ones(count, dtype=np.float32)
+    tensor = torch.ones(count, dtype=torch.float32, device=comm.device)
+    impls: dict[str, Callable[[], None]] = {
+        "mpi4py": lambda: world.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM),
+        backend: lambda: comm.allreduce(tensor, "sum"),
+    }
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    for fn in impls.values():  # warm-up: connections, algorithm selection
+        _round(fn, 2, world.Barrier)
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            # the slowest rank's time is the collective's time
+            times[name].append(world.allreduce(_round(fn, iters, world.Barrier), op=MPI.MAX))
+    base = statistics.median(times["mpi4py"])
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        algbw = size / t / 1e9
+        row = dict(size=size, count=count, impl=name, time_us=t * 1e6, algbw=algbw,
+                   busbw=algbw * 2 * (n - 1) / n if n > 1 else 0.0, ratio=base / t)
+        rows.append(row)
+        if rank == 0:
+            print(f"  {_fmt_size(size):>6} {count:>10} {name:>8} {row['time_us']:>10.1f} {algbw:>12.3f} "
+                  f"{row['busbw']:>12.3f} {row['ratio']:>8.2f}x", flush=True)
     return rows
 
 

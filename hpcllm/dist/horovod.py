@@ -44,8 +44,11 @@ class HorovodCommunicator(Communicator):
                 f"horovod says rank {hvd.rank()} of {hvd.size()}, launcher says {world.rank} of {world.size}"
             )
         self._ops = {"sum": hvd.Sum, "avg": hvd.Average, "max": hvd.Max, "min": hvd.Min}
-        # Horovod matches collectives across ranks by name: name them by a per-rank counter, which
-        # advances identically on every rank because every rank issues the same collectives.
+        # Horovod matches collectives across ranks by name and caches its negotiation per name, so
+        # names must agree across ranks and repeat from step to step. A name is the tensor's
+        # shape/dtype/op plus the lowest slot not used by such an op still in flight: program order
+        # is the same on every rank, so the names agree, and a step's names repeat at the next step.
+        self._in_flight: dict[str, set[int]] = {}
         self._names = itertools.count()
         abort = mpi_comm.Abort if mpi_comm is not None else None
         self.watchdog = Watchdog(self.rank, self.size, timeout_s, mpi_comm=mpi_comm, abort=abort)
@@ -55,8 +58,19 @@ class HorovodCommunicator(Communicator):
 
     def allreduce(self, tensor, op="sum", async_op=False):
         _check_op(op)
-        handle = self.hvd.allreduce_async_(tensor, op=self._ops[op], name=self._name("allreduce"))
-        work = Work(self, f"allreduce {op}", tensor, lambda: self.hvd.synchronize(handle))
+        key = f"allreduce.{op}.{str(tensor.dtype)[6:]}.{tensor.numel()}"
+        busy = self._in_flight.setdefault(key, set())
+        slot = next(i for i in itertools.count() if i not in busy)
+        busy.add(slot)
+        handle = self.hvd.allreduce_async_(tensor, op=self._ops[op], name=f"hpcllm.{key}.{slot}")
+
+        def wait() -> None:
+            try:
+                self.hvd.synchronize(handle)
+            finally:
+                busy.discard(slot)
+
+        work = Work(self, f"allreduce {op}", tensor, wait)
         if async_op:
             return work
         work.wait()

@@ -46,7 +46,7 @@ def test_name_defaults_to_file_stem(tmp_path):
         ("kind: train\n", ["dist.backend=mpii"], "must be one of 'auto' | 'mpi' | 'torch' | 'horovod' | 'single', got 'mpii' (did you mean 'mpi'?)"),
         ("kind: trian\n", [], "'kind' must be one of"),
         ("name: x\n", [], "missing required key 'kind'"),
-        ("kind: train\ndist: 3\n", [], "'dist' must be DistConfig"),
+        ("kind: train\ndist: 3\n", [], "dist: expected a mapping, got int"),
         ("kind: train\n", ["dist.timeout_s=-1"], "dist: timeout_s must be > 0"),
         ("kind: train\n", ["nonsense"], "must look like key=value"),
         ("- a\n- b\n", [], "expected a mapping at top level"),

@@ -45,6 +45,8 @@ def _round(fn: Callable[[], None], iters: int, barrier: Callable[[], None]) -> f
 
 
 def run(backends: list[str], sizes: list[int], rounds: int, timeout_s: float, device: str) -> list[dict]:
+    # checks the launcher (srun without PMIx, rank disagreement) before MPI_Init can abort cryptically
+    dist.mpi_comm_world(dist.detect_world())
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD

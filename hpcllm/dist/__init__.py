@@ -17,7 +17,7 @@ import torch
 
 from hpcllm.dist.comm import Communicator, SingleProcess, Work
 from hpcllm.dist.config import DistConfig
-from hpcllm.dist.world import World, check_mpi_agrees, detect_world
+from hpcllm.dist.world import World, check_mpi_agrees, check_srun_pmi, detect_world
 from hpcllm.errors import DistError
 
 __all__ = ["Communicator", "DistConfig", "SingleProcess", "Work", "World", "detect_world", "init", "pick_device"]
@@ -49,10 +49,11 @@ def resolve_backend(cfg: DistConfig, device: torch.device) -> str:
     return "torch" if device.type == "cuda" else "mpi"
 
 
-def _mpi_world(world: World):
+def mpi_comm_world(world: World):
     """Initialise MPI (mpi4py) when the launcher set one up, and check it agrees with the launcher."""
     if not world.mpi_launched:
         return None
+    check_srun_pmi(world)
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -82,7 +83,7 @@ def init(cfg: DistConfig | None = None) -> Communicator:
     world = detect_world()
     device = pick_device(cfg, world)
     backend = resolve_backend(cfg, device)
-    mpi_comm = _mpi_world(world)
+    mpi_comm = mpi_comm_world(world)
     if mpi_comm is not None and world.size > 1:
         _abort_on_uncaught_exception(mpi_comm)
     if backend == "single" or (world.size == 1 and backend == "mpi" and mpi_comm is None):

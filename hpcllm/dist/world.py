@@ -98,6 +98,23 @@ def detect_world(env: Mapping[str, str] | None = None) -> World:
     return World(0, 1, 0, 1, 0, host, "single")
 
 
+def check_srun_pmi(world: World, env: Mapping[str, str] | None = None) -> None:
+    """Before MPI_Init: under srun, Open MPI only finds its peers through PMIx. Without it,
+    MPI_Init either aborts with a page of text or every task runs as a world of one."""
+    from hpcllm.errors import DistError
+
+    env = os.environ if env is None else env
+    if world.launcher != "srun" or world.size == 1 or "PMIX_RANK" in env:
+        return
+    plugin = "pmi2" if "PMI_FD" in env else "none"
+    raise DistError(
+        f"srun started {world.size} tasks without PMIx (srun --mpi={plugin}?): MPI cannot connect the "
+        "tasks and every task would think it is rank 0. srun without --mpi=pmix? Debian's Open MPI needs "
+        "`srun --mpi=pmix` (pmi2 and none fail): set MpiDefault=pmix in slurm.conf or keep "
+        "--mpi=pmix in the job spec's slurm.srun_args."
+    )
+
+
 def check_mpi_agrees(world: World, mpi_rank: int, mpi_size: int) -> None:
     """Fail at start, with the likely cause, when MPI and the launcher disagree about the ranks."""
     from hpcllm.errors import DistError

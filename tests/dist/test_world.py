@@ -2,7 +2,7 @@
 
 import pytest
 
-from hpcllm.dist.world import check_mpi_agrees, detect_world
+from hpcllm.dist.world import check_mpi_agrees, check_srun_pmi, detect_world
 from hpcllm.errors import DistError
 
 
@@ -44,3 +44,12 @@ def test_srun_without_pmix_is_diagnosed():
     with pytest.raises(DistError, match="rank/size disagree"):
         check_mpi_agrees(w, 0, 3)
     check_mpi_agrees(w, 1, 2)
+
+
+def test_srun_without_pmix_is_refused_before_mpi_init():
+    w = detect_world({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"})
+    with pytest.raises(DistError, match=r"srun --mpi=none\?"):
+        check_srun_pmi(w, {})
+    with pytest.raises(DistError, match=r"srun --mpi=pmi2\?"):
+        check_srun_pmi(w, {"PMI_FD": "5"})
+    check_srun_pmi(w, {"PMIX_RANK": "0"})

@@ -1,0 +1,76 @@
+"""The local Slurm test cluster is real: MPI jobs under srun --mpi=pmix, accounting in sacct."""
+
+import sys
+
+import pytest
+
+from tests.slurm_util import quote, require_slurm, sacct_rows, sbatch, wait_job
+
+pytestmark = pytest.mark.slurm
+
+ALLREDUCE = (
+    "from mpi4py import MPI; import numpy as np; c = MPI.COMM_WORLD; y = np.zeros(1); "
+    "c.Allreduce(np.array([c.rank + 1.0]), y); print('rank', c.rank, 'size', c.size, 'sum', y[0])"
+)
+
+
+def test_two_task_mpi_allreduce_under_srun(tmp_path):
+    require_slurm()
+    script = f"""#!/bin/bash
+#SBATCH --job-name=hpcllm-test-allreduce
+#SBATCH --ntasks=2
+#SBATCH --time=00:02:00
+#SBATCH --output={tmp_path}/out-%j.txt
+srun {quote(sys.executable, "-c", ALLREDUCE)}
+"""
+    job = sbatch(script, tmp_path)
+    assert wait_job(job, 120) == "COMPLETED"
+    lines = sorted((tmp_path / f"out-{job}.txt").read_text().split("\n"))
+    assert [line for line in lines if line] == ["rank 0 size 2 sum 3.0", "rank 1 size 2 sum 3.0"]
+    rows = {r["JobID"]: r for r in sacct_rows(job)}
+    assert rows[str(job)]["State"] == "COMPLETED" and rows[str(job)]["ExitCode"] == "0:0"
+    step = rows[f"{job}.0"]
+    assert step["State"] == "COMPLETED" and step["NTasks"] == "2"
+
+
+def test_failing_job_is_accounted_as_failed(tmp_path):
+    require_slurm()
+    job = sbatch(f"#!/bin/bash\n#SBATCH -n 1\n#SBATCH -t 1\n#SBATCH -o {tmp_path}/o.txt\nexit 3\n", tmp_path)
+    assert wait_job(job, 60) == "FAILED"
+    row = [r for r in sacct_rows(job) if r["JobID"] == str(job)][0]
+    assert row["ExitCode"] == "3:0"
+
+
+def test_srun_without_pmix_is_diagnosed(tmp_path):
+    """Every task would think it is rank 0: hpcllm must say so and exit, not train N copies."""
+    require_slurm()
+    hpcllm = quote(sys.executable, "-m", "hpcllm.cli", "bench", "allreduce", "--sizes", "4K", "--rounds", "1")
+    script = f"""#!/bin/bash
+#SBATCH -n 2
+#SBATCH -t 2
+#SBATCH -o {tmp_path}/o.txt
+cd {quote(str(__import__('pathlib').Path(__file__).resolve().parents[2]))}
+srun --mpi=none {hpcllm}
+"""
+    job = sbatch(script, tmp_path)
+    assert wait_job(job, 120) == "FAILED"
+    out = (tmp_path / "o.txt").read_text()
+    assert "srun without --mpi=pmix?" in out, out[-2000:]
+    assert "Traceback" not in out
+
+
+@pytest.mark.horovod
+def test_bench_allreduce_under_srun_all_backends(tmp_path):
+    require_slurm()
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    hpcllm = quote(sys.executable, "-m", "hpcllm.cli", "bench", "allreduce", "--backend", "mpi,torch,horovod",
+                   "--sizes", "4K,1M", "--rounds", "1")
+    script = f"#!/bin/bash\n#SBATCH -n 2\n#SBATCH -t 3\n#SBATCH -o {tmp_path}/o.txt\ncd {quote(str(repo))}\nsrun {hpcllm}\n"
+    job = sbatch(script, tmp_path)
+    assert wait_job(job, 180) == "COMPLETED", (tmp_path / "o.txt").read_text()[-3000:]
+    out = (tmp_path / "o.txt").read_text()
+    assert "2 ranks" in out
+    for impl in ("mpi", "torch", "horovod"):
+        assert f"# backend {impl}" in out
+        rows = [line.split() for line in out.splitlines() if not line.startswith("#") and line.split()[2:3] == [impl]]
+        assert len(rows) == 2 and all(float(r[5]) > 0 for r in rows), out

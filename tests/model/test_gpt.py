@@ -1,0 +1,93 @@
+"""hpcllm's GPT against transformers' GPT2LMHeadModel as the numerical oracle (random weights, no download)."""
+
+import pytest
+import torch
+
+from hpcllm.model import GPT, KVCache, ModelConfig, load_hf_gpt2, save_hf_gpt2
+from hpcllm.model.gpt import PaddedBatch, padded_positions_and_mask
+from hpcllm.model.hf import WeightsError
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(seed=0, vocab=300):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=vocab, n_positions=64,
+                                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    hf = hf_model()
+    hf.save_pretrained(d, safe_serialization=True)
+    ours, cfg = load_hf_gpt2(d)
+    return hf, ours.eval(), d
+
+
+def test_logits_and_loss_match_hf(pair):
+    hf, ours, _ = pair
+    idx = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx, labels=idx)
+        logits, _ = ours(idx)
+        _, loss = ours(idx[:, :-1], idx[:, 1:])
+    assert (logits - ref.logits).abs().max().item() <= 1e-4
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5
+
+
+def test_export_roundtrip_through_transformers(pair, tmp_path):
+    _, ours, _ = pair
+    torch.manual_seed(3)
+    fresh = GPT(ModelConfig(size="custom", n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=300)).init_weights(5)
+    save_hf_gpt2(fresh.eval(), tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert (fresh(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+def test_kv_cache_decode_matches_full_forward_with_ragged_rows(pair):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    steps = 6
+    cont = [torch.randint(0, 300, (steps,), generator=g).tolist() for _ in prompts]
+    batch = PaddedBatch.build(prompts, pad_id=0, device="cpu")
+    L = batch.tokens.shape[1]
+    cache = KVCache(ours.config, 3, L + steps, "cpu")
+    with torch.no_grad():
+        pos, mask = padded_positions_and_mask(batch.pad, 0, L)
+        ours(batch.tokens, cache=cache, positions=pos, mask=mask)
+        for t in range(steps):
+            tok = torch.tensor([[c[t]] for c in cont])
+            pos, mask = padded_positions_and_mask(batch.pad, L + t, 1)
+            step_logits, _ = ours(tok, cache=cache, start=L + t, positions=pos, mask=mask)
+            for r in range(3):
+                full, _ = ours(torch.tensor([prompts[r] + cont[r][: t + 1]]))
+                assert (step_logits[r, -1] - full[0, -1]).abs().max().item() <= 1e-4, (r, t)
+
+
+def test_bad_weight_files_are_named(pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, _, d = pair
+    tensors = load_file(str(d / "model.safetensors"))
+    missing = {k: v for k, v in tensors.items() if "h.1.mlp.c_fc.weight" not in k}
+    (tmp_path / "a").mkdir()
+    save_file(missing, str(tmp_path / "a" / "model.safetensors"))
+    (tmp_path / "a" / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(WeightsError, match=r"a/model.safetensors: missing tensor 'transformer.h.1.mlp.c_fc.weight'"):
+        load_hf_gpt2(tmp_path / "a")
+    wrong = dict(tensors)
+    key = [k for k in tensors if k.endswith("h.0.attn.c_proj.weight")][0]
+    wrong[key] = torch.zeros(3, 3)
+    (tmp_path / "b").mkdir()
+    save_file(wrong, str(tmp_path / "b" / "model.safetensors"))
+    (tmp_path / "b" / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(WeightsError, match=r"'transformer.h.0.attn.c_proj.weight' has shape \(3, 3\), expected \(64, 64\)"):
+        load_hf_gpt2(tmp_path / "b")
+    (tmp_path / "c.safetensors").write_bytes(b"\x80\x04 this is a pickle, not safetensors")
+    with pytest.raises(WeightsError, match="c.safetensors: not a readable safetensors file"):
+        load_hf_gpt2(tmp_path / "c.safetensors")

@@ -39,11 +39,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, layer: int = 0, cache: KVCache | None = None, start: int = 0, mask=None):
+    def forward(self, x, layer: int = 0, cache: KVCache | None = None, start=0, mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):
+            # slot indices as a tensor and attention over the whole cache: no Python-side shapes
+            # change from step to step, so a CUDA graph can capture the decode step
+            cache.k[layer, :B].index_copy_(2, start, k)
+            cache.v[layer, :B].index_copy_(2, start, v)
+            k, v = cache.k[layer, :B], cache.v[layer, :B]
+        elif cache is not None:
             cache.k[layer, :B, :, start : start + T] = k
             cache.v[layer, :B, :, start : start + T] = v
             k = cache.k[layer, :B, :, : start + T]
@@ -129,7 +135,9 @@ class GPT(nn.Module):
 
         With `cache`, keys/values go to cache slots start..start+T-1 and attention covers slots
         0..start+T-1; `positions` (B, T) and a boolean `mask` (B, 1, T, start+T; True = attend) then
-        describe the left-padded rows. Without them, rows are unpadded and causal."""
+        describe the left-padded rows. Without them, rows are unpadded and causal. `start` may also
+        be a tensor of the T slot indices: attention then spans the whole cache and `mask` must be
+        (B, 1, T, cache.max_len) — the fixed-shape form CUDA graphs need."""
         B, T = idx.shape
         if positions is None:
             if start + T > self.config.block_size:

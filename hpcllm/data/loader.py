@@ -1,0 +1,244 @@
+"""Reading token datasets: `open_dataset` (validated at open) and `TokenLoader` (rank-aware batches).
+
+Windows of seq_len+1 tokens sit on a grid of slots (slot k starts at epoch_shift + k*(seq_len+1)).
+Each epoch visits the slots in an order fixed by (seed, epoch) — a permutation in `random` mode, in
+order in `sequential` mode — and global step s takes the next world_size*batch_size slots: rank r
+the r-th block of batch_size. So windows are disjoint across ranks (and within an epoch), the union
+over ranks is exactly what one process with the global batch would read, and the position
+(epoch, slots consumed) is the whole loader state: resume continues at exactly the next batch.
+
+Shards are contiguous uncompressed HDF5 datasets, memory-mapped at their file offset: a random
+1025-token window is one memcpy, as fast as a raw .bin memmap.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from hpcllm.data.shards import check_shard, read_manifest
+from hpcllm.errors import DataError
+
+log = logging.getLogger("hpcllm.data")
+
+# h5py chunk cache for the fallback (chunked) read path: 64 MiB, a prime number of slots
+RDCC_NBYTES = 64 << 20
+RDCC_NSLOTS = 10007
+
+
+@dataclass
+class _Shard:
+    path: Path
+    start: int  # global offset in the split
+    n_tokens: int
+    array: np.ndarray | None = None
+
+
+class Dataset:
+    """A prepared token dataset, checked when opened: manifest, every shard's presence, size, dtype,
+    vocab and token count — so a bad dataset fails here, naming the file, not mid-training."""
+
+    def __init__(self, path: str | Path, *, checksum: bool = False):
+        self.path = Path(path)
+        self.manifest = man = read_manifest(self.path)
+        if man.get("kind") != "tokens":
+            raise DataError(f"{self.path}: a '{man.get('kind')}' dataset, expected token shards (for training)")
+        problems = [p for e in man["shards"] for p in check_shard(self.path, e, man, checksum=checksum)]
+        if problems:
+            raise DataError("bad dataset:\n  " + "\n  ".join(problems))
+        self.vocab_size, self.eos_id, self.pad_id = man["vocab_size"], man["eos_id"], man["pad_id"]
+        self.tokenizer_id, self.dtype = man["tokenizer"], np.dtype(man["dtype"])
+        self._shards: dict[str, list[_Shard]] = {}
+        for e in man["shards"]:
+            self._shards.setdefault(e["split"], []).append(_Shard(self.path / e["path"], e["token_offset"], e["n_tokens"]))
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s, v in self.manifest["splits"].items() if v["n_tokens"] > 0]
+
+    def num_tokens(self, split: str) -> int:
+        return self.manifest["splits"].get(split, {}).get("n_tokens", 0)
+
+    def read(self, split: str, start: int, length: int) -> np.ndarray:
+        """tokens[start:start+length] of a split's stream (may span shards)."""
+        out = np.empty(length, dtype=self.dtype)
+        pos, end, filled = start, start + length, 0
+        for sh in self._shards[split]:
+            if sh.start + sh.n_tokens <= pos or sh.start >= end:
+                continue
+            lo, hi = pos - sh.start, min(end, sh.start + sh.n_tokens) - sh.start
+            out[filled : filled + hi - lo] = self._array(sh)[lo:hi]
+            filled += hi - lo
+            pos = sh.start + hi
+            if pos >= end:
+                break
+        return out
+
+    def _array(self, sh: _Shard) -> np.ndarray:
+        # opened lazily, in the process (and thread) that reads: nothing h5py crosses a fork
+        if sh.array is None:
+            import h5py
+
+            with h5py.File(sh.path, "r") as f:
+                d = f["tokens"]
+                offset = d.id.get_offset()
+                contiguous = d.chunks is None and d.compression is None and offset is not None
+            if contiguous:
+                sh.array = np.memmap(sh.path, dtype=self.dtype, mode="r", offset=offset, shape=(sh.n_tokens,))
+            else:  # a shard rewritten chunked/compressed by another tool: slower, still correct
+                f = h5py.File(sh.path, "r", rdcc_nbytes=RDCC_NBYTES, rdcc_nslots=RDCC_NSLOTS)
+                sh.array = f["tokens"]
+        return sh.array
+
+
+def open_dataset(path: str | Path, *, checksum: bool = False) -> Dataset:
+    return path if isinstance(path, Dataset) else Dataset(path, checksum=checksum)
+
+
+def load_tokenizer(dataset: str | Path):
+    """The tokenizer a dataset was made with (checked against the manifest's identity)."""
+    from hpcllm.data.tokenizer import load_tokenizer_file
+
+    d = Path(dataset.path if isinstance(dataset, Dataset) else dataset)
+    man = read_manifest(d)
+    tok = load_tokenizer_file(d / man["tokenizer_file"])
+    if tok.identity != man["tokenizer"]:
+        raise DataError(f"{d / man['tokenizer_file']}: tokenizer is {tok.identity}, manifest says {man['tokenizer']}")
+    return tok
+
+
+class TokenLoader:
+    def __init__(self, dataset, split: str = "train", *, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, mode: str = "random", device="cpu", prefetch: int = 2):
+        self.ds = open_dataset(dataset)
+        if split not in self.ds.manifest["splits"] or self.ds.num_tokens(split) == 0:
+            raise DataError(f"{self.ds.path}: split '{split}' is empty or missing (splits: {self.ds.splits})")
+        if mode not in ("random", "sequential"):
+            raise ValueError(f"mode must be random or sequential, got {mode!r}")
+        self.split, self.seq_len, self.B = split, seq_len, batch_size
+        self.rank, self.world, self.seed, self.mode = rank, world_size, seed, mode
+        self.device = torch.device(device)
+        self.window = seq_len + 1
+        self.per_step = world_size * batch_size
+        n = self.ds.num_tokens(split)
+        self.slots = (n - 1) // self.window if mode == "random" else n // self.window
+        if self.slots < self.per_step:
+            raise DataError(
+                f"{self.ds.path}: split '{split}' has {n} tokens, too few for {world_size} rank(s) x batch "
+                f"{batch_size} x {self.window}-token windows"
+            )
+        self.steps_per_epoch = self.slots // self.per_step
+        self.epoch, self.step_in_epoch = 0, 0
+        self.prefetch = prefetch
+        self._order: tuple[int, np.ndarray | None, int] | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- position and state ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, seed=self.seed, world_size=self.world,
+                    batch_size=self.B, seq_len=self.seq_len, split=self.split, mode=self.mode)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("world_size", "batch_size", "seq_len", "split", "mode", "seed"):
+            mine = getattr(self, {"world_size": "world", "batch_size": "B"}.get(k, k))
+            if state.get(k) != mine:
+                raise DataError(f"cannot resume the loader: checkpoint has {k}={state.get(k)!r}, this run {mine!r}")
+        self._stop_prefetch()
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+
+    # -- batches ------------------------------------------------------------------------------
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray | None, int]:
+        if self._order is None or self._order[0] != epoch:
+            if self.mode == "random":
+                rng = np.random.default_rng([self.seed, epoch])
+                # move the slot grid by a random offset each epoch, within the tokens left over
+                spare = self.ds.num_tokens(self.split) - self.slots * self.window
+                shift = int(rng.integers(0, min(spare, self.window - 1) + 1))
+                self._order = (epoch, rng.permutation(self.slots), shift)
+            else:
+                self._order = (epoch, None, 0)
+        return self._order[1], self._order[2]
+
+    def _make_batch(self, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        perm, shift = self._epoch_order(epoch)
+        first = step * self.per_step + self.rank * self.B
+        if perm is None:  # consecutive slots: one contiguous read
+            buf = self.ds.read(self.split, first * self.window, self.B * self.window).reshape(self.B, self.window)
+        else:
+            buf = np.stack([self.ds.read(self.split, shift + int(s) * self.window, self.window)
+                            for s in perm[first : first + self.B]])
+        t = torch.from_numpy(buf.astype(np.int64))
+        x, y = t[:, :-1], t[:, 1:]
+        if self.device.type == "cuda":
+            x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    def _advance(self, epoch: int, step: int) -> tuple[int, int]:
+        step += 1
+        return (epoch + 1, 0) if step >= self.steps_per_epoch else (epoch, step)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefetch <= 0:
+            batch = self._make_batch(self.epoch, self.step_in_epoch)
+        else:
+            if self._thread is None:
+                self._start_prefetch()
+            batch = self._queue.get()
+            if isinstance(batch, BaseException):
+                raise batch
+        self.epoch, self.step_in_epoch = self._advance(self.epoch, self.step_in_epoch)
+        return batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Random mode: forever. Sequential mode: the rest of the current epoch."""
+        start_epoch = self.epoch
+        while self.mode == "random" or self.epoch == start_epoch:
+            yield self.next_batch()
+
+    def batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first n batches of the split (sequential evaluation), independent of the position."""
+        n = min(n, self.steps_per_epoch)
+        return [self._make_batch(0, s) for s in range(n)]
+
+    # -- background prefetch ------------------------------------------------------------------
+    def _start_prefetch(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        epoch, step = self.epoch, self.step_in_epoch
+
+        def work() -> None:
+            e, s = epoch, step
+            try:
+                while not self._stop.is_set():
+                    batch = self._make_batch(e, s)
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    e, s = self._advance(e, s)
+            except BaseException as exc:  # surfaces in next_batch on the main thread
+                self._queue.put(exc)
+
+        self._thread = threading.Thread(target=work, name="hpcllm-prefetch", daemon=True)
+        self._thread.start()
+
+    def _stop_prefetch(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self._queue = None
+
+    def close(self) -> None:
+        self._stop_prefetch()

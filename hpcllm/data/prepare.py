@@ -1,0 +1,265 @@
+"""`hpcllm prepare`: text -> tokens -> sharded HDF5, on one process or N MPI ranks, same bytes out.
+
+How N ranks produce the dataset one process would:
+  1. rank 0 lists the input files (sorted) and broadcasts the list; rank r takes a contiguous block
+     of files balanced by size, so concatenating the ranks' documents in rank order is the global
+     order;
+  2. each rank tokenizes its documents (eos after each) and sorts them into train/val by a seeded
+     hash of (file key, document index) — not by rank;
+  3. an exclusive scan of the per-rank token and document counts says where each rank's tokens
+     start in each split's stream; every rank writes its tokens at that offset into one raw staging
+     file per split (a shared filesystem is what clusters have);
+  4. shards are cut at fixed global offsets (shard_tokens) and written round-robin by the ranks from
+     the staging file, each to a temporary name, renamed when complete;
+  5. after a barrier rank 0 writes the tokenizer file and, last, manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hpcllm.data.config import DataConfig
+from hpcllm.data.inputs import InputFile, find_inputs, iter_documents, iter_jsonl, is_jsonl
+from hpcllm.data.shards import (FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, token_dtype, write_json_atomic,
+                                write_prompt_shard, write_token_shard)
+from hpcllm.data.tokenizer import ByteTokenizer, load_tokenizer_file
+from hpcllm.dist import Communicator
+from hpcllm.errors import DataError
+
+log = logging.getLogger("hpcllm.data")
+SPLITS = ("train", "val")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def split_of(key: str, index: int, seed: int, val_fraction: float) -> str:
+    h = hashlib.sha256(f"{seed}\0{key}\0{index}".encode()).digest()
+    return "val" if int.from_bytes(h[:8], "little") / 2**64 < val_fraction else "train"
+
+
+def _my_block(files: list[InputFile], rank: int, size: int) -> list[InputFile]:
+    """Contiguous block of files for `rank`, balanced by bytes (the same answer on every rank)."""
+    total = sum(f.size for f in files) or 1
+    out, acc = [], 0
+    for f in files:
+        owner = min(size - 1, acc * size // total)
+        acc += f.size
+        if owner == rank:
+            out.append(f)
+    return out
+
+
+def _progress(comm: Communicator, total: int, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=True, disable=comm.rank != 0, desc="prepare", mininterval=1.0)
+
+
+def prepare(cfg: DataConfig, comm: Communicator) -> dict:
+    """Build the dataset at cfg.dataset; returns the summary (same on every rank)."""
+    if not cfg.dataset:
+        raise DataError("data.dataset (the output directory) is not set")
+    if cfg.output == "prompts":
+        return prepare_prompts(cfg, comm)
+    t0 = time.perf_counter()
+    out = Path(cfg.dataset)
+    tok = load_tokenizer_file(cfg.tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    files = comm.broadcast_object(find_inputs(cfg) if comm.rank == 0 else None)
+    if comm.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is "unfinished"
+        for stale in out.glob("*.tmp"):
+            stale.unlink()
+    comm.barrier()
+
+    # 1-2: tokenize my documents
+    mine = _my_block(files, comm.rank, comm.size)
+    streams: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
+    empty = replaced = 0
+    bar = _progress(comm, sum(f.size for f in mine), "B")
+    for f in mine:
+        for i, doc in enumerate(iter_documents(f, cfg)):
+            if len(doc) == 0:
+                empty += 1
+                continue
+            if isinstance(doc, bytes):
+                if not isinstance(tok, ByteTokenizer):
+                    try:
+                        doc.decode("utf-8")
+                    except UnicodeDecodeError:
+                        replaced += 1
+                ids = tok.encode_bytes(doc)
+            else:
+                ids = tok.encode(doc)
+            ids.append(tok.eos_id)
+            split = split_of(f.key, i, cfg.split_seed, cfg.val_fraction)
+            streams[split].append(np.asarray(ids, dtype=dtype))
+            lengths[split].append(len(ids))
+        bar.update(f.size)
+    bar.close()
+
+    # 3: place my tokens in each split's global stream
+    shard_entries = []
+    totals = {}
+    for split in SPLITS:
+        n_tok = sum(lengths[split])
+        tok_off, tok_total = comm.exscan(n_tok)
+        doc_off, doc_total = comm.exscan(len(lengths[split]))
+        totals[split] = (tok_total, doc_total)
+        if tok_total == 0:
+            continue
+        raw, docs = out / f".{split}.tokens.tmp", out / f".{split}.docs.tmp"
+        if comm.rank == 0:
+            for path, nbytes in ((raw, tok_total * dtype.itemsize), (docs, doc_total * 8)):
+                with open(path, "wb") as fh:
+                    fh.truncate(nbytes)
+        comm.barrier()
+        if n_tok:
+            mm = np.memmap(raw, dtype=dtype, mode="r+", offset=tok_off * dtype.itemsize, shape=(n_tok,))
+            mm[:] = np.concatenate(streams[split])
+            mm.flush()
+            starts = tok_off + np.concatenate([[0], np.cumsum(lengths[split][:-1])]).astype(np.int64)
+            dm = np.memmap(docs, dtype=np.int64, mode="r+", offset=doc_off * 8, shape=(len(starts),))
+            dm[:] = starts
+            dm.flush()
+            del mm, dm
+        comm.barrier()
+        # 4: shards at fixed global offsets, round-robin over ranks
+        tokens = np.memmap(raw, dtype=dtype, mode="r", shape=(tok_total,))
+        doc_starts = np.memmap(docs, dtype=np.int64, mode="r", shape=(doc_total,))
+        n_shards = -(-tok_total // cfg.shard_tokens)
+        for i in range(comm.rank, n_shards, comm.size):
+            lo, hi = i * cfg.shard_tokens, min((i + 1) * cfg.shard_tokens, tok_total)
+            d_lo, d_hi = np.searchsorted(doc_starts, [lo, hi])
+            name = f"{split}-{i:05d}.h5"
+            attrs = dict(split=split, shard_index=i, token_offset=lo, n_tokens=hi - lo, n_docs=int(d_hi - d_lo),
+                         dtype=dtype.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer=tok.identity)
+            write_token_shard(out / name, np.asarray(tokens[lo:hi]), np.asarray(doc_starts[d_lo:d_hi]) - lo, attrs)
+            shard_entries.append(dict(path=name, split=split, index=i, token_offset=lo, n_tokens=hi - lo,
+                                      n_docs=int(d_hi - d_lo), bytes=(out / name).stat().st_size,
+                                      sha256=sha256_file(out / name)))
+        del tokens, doc_starts
+    all_entries = sorted((e for part in comm.allgather_object(shard_entries) for e in part),
+                         key=lambda e: (SPLITS.index(e["split"]), e["index"]))
+    counts = comm.allgather_object((empty, replaced))
+    comm.barrier()
+
+    # 5: tokenizer, manifest last
+    summary = dict(documents=sum(totals[s][1] for s in SPLITS), tokens=sum(totals[s][0] for s in SPLITS),
+                   shards=len(all_entries), empty_documents=sum(c[0] for c in counts),
+                   non_utf8_documents=sum(c[1] for c in counts), files=len(files),
+                   seconds=time.perf_counter() - t0)
+    if comm.rank == 0:
+        for split in SPLITS:
+            for p in (out / f".{split}.tokens.tmp", out / f".{split}.docs.tmp"):
+                p.unlink(missing_ok=True)
+        listed = {e["path"] for e in all_entries}
+        for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9].h5"):
+            if old.name not in listed:
+                old.unlink()  # left by an earlier run with another shard layout
+        tok.save(out / TOKENIZER_FILE)
+        manifest = dict(
+            format=FORMAT, format_version=FORMAT_VERSION, kind="tokens", tokenizer=tok.identity,
+            tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
+            vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,
+            shard_tokens=cfg.shard_tokens, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+            splits={s: dict(n_tokens=totals[s][0], n_docs=totals[s][1]) for s in SPLITS},
+            shards=all_entries,
+        )
+        write_json_atomic(out / MANIFEST, manifest)
+        rate = summary["tokens"] / max(summary["seconds"], 1e-9)
+        log.info("prepared %s: %d documents (%d empty skipped%s), %d tokens, %d shards, %.0f tokens/s on %d rank(s)",
+                 out, summary["documents"], summary["empty_documents"],
+                 f", {summary['non_utf8_documents']} with invalid UTF-8 replaced" if summary["non_utf8_documents"] else "",
+                 summary["tokens"], summary["shards"], rate, comm.size)
+        for s in SPLITS:
+            if totals[s][0] == 0:
+                log.warning("split '%s' is empty (val_fraction=%g, %d documents)", s, cfg.val_fraction, summary["documents"])
+    comm.barrier()
+    return summary
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def read_records(cfg: DataConfig) -> list[dict]:
+    """Prompt records in input order: {'id', 'text', 'continuation'?}. Text files: one prompt per
+    line (doc_split=line) or per blank-line block, ids numbered from 0 across all files."""
+    records, seen = [], {}
+    for f in find_inputs(cfg):
+        if is_jsonl(f.path, cfg):
+            for lineno, obj in iter_jsonl(f.path):
+                text = obj.get(cfg.text_field)
+                if not isinstance(text, str):
+                    raise DataError(f"{f.path}:{lineno}: field '{cfg.text_field}' missing or not a string")
+                rid = obj.get(cfg.id_field) if cfg.id_field else len(records)
+                if isinstance(rid, bool) or not isinstance(rid, int):
+                    raise DataError(f"{f.path}:{lineno}: id field '{cfg.id_field}' must be an integer, got {rid!r}")
+                if rid in seen:
+                    raise DataError(f"{f.path}:{lineno}: duplicate record id {rid} (first at {seen[rid]})")
+                seen[rid] = f"{f.path}:{lineno}"
+                rec = dict(id=rid, text=text)
+                if cfg.continuation_field:
+                    cont = obj.get(cfg.continuation_field)
+                    if not isinstance(cont, str):
+                        raise DataError(f"{f.path}:{lineno}: field '{cfg.continuation_field}' missing or not a string")
+                    rec["continuation"] = cont
+                records.append(rec)
+        else:
+            for doc in iter_documents(f, cfg):
+                text = doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc
+                if cfg.doc_split == "line" and not text.strip():
+                    continue
+                records.append(dict(id=len(records), text=text))
+    return records
+
+
+def prepare_prompts(cfg: DataConfig, comm: Communicator) -> dict:
+    """Prompt shards (`prompts-NNNNN.h5`, `prompts_per_shard` records each). Rank 0 does the work —
+    prompt sets are small next to training corpora — while the other ranks wait."""
+    t0 = time.perf_counter()
+    summary = None
+    if comm.rank == 0:
+        out = Path(cfg.dataset)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        tok = load_tokenizer_file(cfg.tokenizer)
+        dtype = token_dtype(tok.vocab_size)
+        records = read_records(cfg)
+        if not records:
+            raise DataError(f"data.inputs {cfg.inputs}: no prompt records found")
+        per = cfg.prompts_per_shard
+        entries = []
+        for i in range(0, len(records), per):
+            chunk = records[i : i + per]
+            name = f"prompts-{i // per:05d}.h5"
+            conts = [tok.encode(r["continuation"]) for r in chunk] if cfg.continuation_field else None
+            write_prompt_shard(out / name, [tok.encode(r["text"]) for r in chunk], [r["id"] for r in chunk], dtype,
+                               dict(shard_index=i // per, n_records=len(chunk), dtype=dtype.name,
+                                    vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer=tok.identity),
+                               texts=[r["text"] for r in chunk] if cfg.keep_text else None, continuations=conts)
+            entries.append(dict(path=name, split="prompts", index=i // per, n_records=len(chunk),
+                                bytes=(out / name).stat().st_size, sha256=sha256_file(out / name)))
+        listed = {e["path"] for e in entries}
+        for old in out.glob("prompts-*.h5"):
+            if old.name not in listed:
+                old.unlink()
+        tok.save(out / TOKENIZER_FILE)
+        write_json_atomic(out / MANIFEST, dict(
+            format=FORMAT, format_version=FORMAT_VERSION, kind="prompts", tokenizer=tok.identity,
+            tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
+            vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,
+            n_records=len(records), has_text=cfg.keep_text, has_continuations=bool(cfg.continuation_field),
+            shards=entries))
+        summary = dict(records=len(records), shards=len(entries), seconds=time.perf_counter() - t0,
+                       empty_prompts=sum(1 for r in records if not r["text"]))
+        log.info("prepared %s: %d prompt records in %d shards%s", out, summary["records"], summary["shards"],
+                 f" ({summary['empty_prompts']} empty)" if summary["empty_prompts"] else "")
+    return comm.broadcast_object(summary)

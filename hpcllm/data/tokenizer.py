@@ -99,7 +99,8 @@ def train_bpe(files: list[str], vocab_size: int, output: str | Path) -> BPEToken
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train(files, trainer)
+    # read the files ourselves: invalid UTF-8 is replaced (U+FFFD) instead of aborting the training
+    tok.train_from_iterator((Path(f).read_bytes().decode("utf-8", errors="replace") for f in files), trainer)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

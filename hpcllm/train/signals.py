@@ -1,0 +1,45 @@
+"""Stop requests: SIGUSR2 (submitit's and sbatch --signal's default), SIGUSR1 and SIGTERM set a flag,
+and so does getting within `margin` seconds of SLURM_JOB_END_TIME. The trainer checks the flag at
+each step boundary; all ranks agree through one allreduce, checkpoint, and exit with EXIT_REQUEUE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+log = logging.getLogger("hpcllm.train")
+
+# exit status of a run that checkpointed because it was asked to stop (signal, time limit): the
+# sbatch templates and the submitit wrapper requeue on it
+EXIT_REQUEUE = 85
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class StopRequest:
+    def __init__(self, margin_s: float = 120.0, end_time: float | None = None):
+        self.reason: str | None = None
+        env_end = os.environ.get("SLURM_JOB_END_TIME")
+        self.end_time = end_time if end_time is not None else (float(env_end) if env_end else None)
+        self.margin_s = margin_s
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.reason = f"signal {signal.Signals(signum).name}"
+
+    def requested(self) -> bool:
+        if self.reason is None and self.end_time is not None and time.time() > self.end_time - self.margin_s:
+            self.reason = f"within {self.margin_s:g} s of the Slurm time limit"
+        return self.reason is not None

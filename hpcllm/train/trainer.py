@@ -1,0 +1,231 @@
+"""The training job, top to bottom: `train(spec, comm)`.
+
+    setup   dataset, model (fresh, HF weights, or the latest checkpoint), optimizer, gradient sync;
+            every rank starts from rank 0's parameters (and optimizer state, on resume)
+    loop    for each step: grad_accum micro-steps (communication only on the last), one small
+            allreduce of [stop requested, loss not finite], clip, AdamW step; log, eval, checkpoint
+    end     final checkpoint; a stop request (signal, time limit) ends with EXIT_REQUEUE
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+
+import torch
+
+from hpcllm.config import JobSpec, to_dict
+from hpcllm.data import TokenLoader, open_dataset
+from hpcllm.dist import Communicator
+from hpcllm.errors import HpcllmError
+from hpcllm.model import GPT
+from hpcllm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hpcllm.train.grad_sync import GradSync
+from hpcllm.train.metrics import MetricsLog, device_peak
+from hpcllm.train.schedule import lr_at
+from hpcllm.train.signals import EXIT_REQUEUE, StopRequest
+
+log = logging.getLogger("hpcllm.train")
+
+
+class TrainingError(HpcllmError):
+    exit_code = 7
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    stopped: str | None  # why the run stopped early (then exit status EXIT_REQUEUE), or None
+    last_loss: float | None
+    val_loss: float | None
+    checkpoint: str | None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_REQUEUE if self.stopped else 0
+
+
+def build_model(spec: JobSpec, vocab_size: int, device) -> GPT:
+    if spec.model.init:
+        from hpcllm.model import load_hf_gpt2
+
+        model, _ = load_hf_gpt2(spec.model.init)
+        if model.config.vocab_size != vocab_size:
+            raise TrainingError(f"model.init {spec.model.init}: vocab {model.config.vocab_size}, dataset {vocab_size}")
+    else:
+        cfg = spec.model.resolve(vocab_size)
+        if cfg.vocab_size != vocab_size:
+            raise TrainingError(f"model.vocab_size={cfg.vocab_size} but the dataset's tokenizer has {vocab_size}")
+        model = GPT(cfg).init_weights(spec.train.seed)
+    if spec.train.seq_len > model.config.block_size:
+        raise TrainingError(f"train.seq_len={spec.train.seq_len} exceeds the model context ({model.config.block_size})")
+    return model.to(device)
+
+
+def _amp(device, dtype_cfg: str):
+    use_bf16 = dtype_cfg == "bf16" or (dtype_cfg == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(spec: JobSpec, comm: Communicator) -> TrainResult:
+    tc, device = spec.train, comm.device
+    torch.manual_seed(tc.seed)
+    ds = open_dataset(spec.data.dataset)
+    model = build_model(spec, ds.vocab_size, device)
+    optimizer = model.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas), fused=device.type == "cuda")
+    loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank,
+                         world_size=comm.size, seed=tc.seed, device=device)
+    has_val = tc.eval_interval > 0 and "val" in ds.splits
+    gsync = GradSync(list(model.parameters()), comm, spec.dist.bucket_mb)
+    metrics = MetricsLog(spec.run_dir, comm.rank == 0)
+
+    step = 0
+    ckpt = latest_checkpoint(spec.run_dir) if tc.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model)
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        step = int(state["step"])
+        metrics.truncate_after(step)
+        log.info("resumed from %s (step %d)", ckpt, step)
+    # identical start on every rank: rank 0's parameters and optimizer state
+    opt_tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    gsync.broadcast_parameters(list(model.parameters()) + opt_tensors)
+    fwd = torch.compile(model) if tc.compile else model
+
+    stop = StopRequest(tc.end_time_margin_s).install()
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * comm.size
+    dev_name, peak = device_peak(device)
+    flops_per_token = model.estimate_flops_per_token(tc.seq_len)
+    log.info("model %.2fM params, %d tokens/step over %d rank(s), device %s%s", model.num_params() / 1e6,
+             tokens_per_step, comm.size, dev_name, "" if peak else " (peak FLOP/s unknown: no MFU)")
+    bar = None
+    if comm.rank == 0 and tc.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.max_steps, initial=step, unit="step", desc="train", mininterval=1.0)
+
+    last_loss = val_loss = None
+    t_data = t_compute = 0.0
+    gsync.comm_wait_s = 0.0
+    t_log = time.perf_counter()
+    steps_since_log = 0
+    loss_acc = torch.zeros((), device=device)
+    stopped = None
+    saved_at = step if ckpt is not None else -1
+    model.train()
+    try:
+        while step < tc.max_steps:
+            lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for micro in range(tc.grad_accum):
+                t0 = time.perf_counter()
+                x, y = loader.next_batch()
+                t1 = time.perf_counter()
+                last = micro == tc.grad_accum - 1
+                with (contextlib.nullcontext() if last else gsync.no_sync()), _amp(device, tc.dtype):
+                    _, loss = fwd(x, y)
+                    (loss / tc.grad_accum).backward()
+                step_loss += loss.detach() / tc.grad_accum
+                t_data += t1 - t0
+                t_compute += time.perf_counter() - t1
+            gsync.finish()
+            # one small allreduce: does any rank want to stop, or see a non-finite loss?
+            flags = torch.tensor([float(stop.requested()), float(not torch.isfinite(step_loss))], device=device)
+            comm.allreduce(flags, "max")
+            if flags[1] > 0:
+                if tc.nan_policy == "abort":
+                    raise TrainingError(f"loss is not finite at step {step} (on at least one rank); no checkpoint "
+                                        "written after it. train.nan_policy=skip skips such steps instead")
+                log.warning("step %d: non-finite loss, step skipped", step)
+                gsync.zero_grad()
+            else:
+                if tc.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                gsync.zero_grad()
+            step += 1
+            steps_since_log += 1
+            loss_acc += step_loss
+            if bar is not None:
+                bar.update(1)
+
+            if step % tc.log_interval == 0 or step == tc.max_steps:
+                comm.allreduce(loss_acc, "avg")
+                last_loss = loss_acc.item() / steps_since_log
+                dt = time.perf_counter() - t_log
+                tps = tokens_per_step * steps_since_log / dt
+                rec = dict(step=step, loss=last_loss, lr=lr, tokens_per_s=tps, dt_s=dt,
+                           mfu=(flops_per_token * tps / (peak * comm.size)) if peak else None,
+                           t_data_s=t_data, t_compute_s=t_compute, t_comm_s=gsync.comm_wait_s)
+                if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
+                    rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm)
+                metrics.write(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.3f}", **({"val": f"{val_loss:.3f}"} if "val_loss" in rec else {}))
+                else:
+                    log.info("step %d loss %.4f%s lr %.2e %.0f tok/s", step, last_loss,
+                             f" val {rec['val_loss']:.4f}" if "val_loss" in rec else "", lr, tps)
+                loss_acc.zero_()
+                steps_since_log = 0
+                t_data = t_compute = gsync.comm_wait_s = 0.0
+                t_log = time.perf_counter()
+
+            if flags[0] > 0:
+                stopped = stop.reason or "another rank was asked to stop"
+                break
+            if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps:
+                _save(spec, comm, step, model, optimizer, loader)
+                saved_at = step
+    finally:
+        stop.uninstall()
+        loader.close()
+        if bar is not None:
+            bar.close()
+
+    path = _save(spec, comm, step, model, optimizer, loader) if saved_at != step else latest_checkpoint(spec.run_dir)
+    if stopped:
+        log.warning("stopping at step %d (%s): checkpoint %s; exit %d so the job can be requeued", step, stopped,
+                    path, EXIT_REQUEUE)
+    else:
+        log.info("done: %d steps, loss %s, val loss %s, checkpoint %s", step,
+                 f"{last_loss:.4f}" if last_loss is not None else "-",
+                 f"{val_loss:.4f}" if val_loss is not None else "-", path)
+    return TrainResult(step, stopped, last_loss, val_loss, str(path) if path else None)
+
+
+@torch.no_grad()
+def evaluate(model: GPT, ds, spec: JobSpec, comm: Communicator) -> float:
+    tc = spec.train
+    model.eval()
+    ld = TokenLoader(ds, "val", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank, world_size=comm.size,
+                     seed=tc.seed, mode="sequential", device=comm.device, prefetch=0)
+    total = torch.zeros(2, device=comm.device)
+    n_batches = min(tc.eval_batches, ld.steps_per_epoch)
+    for x, y in ld.batches(n_batches):
+        with _amp(comm.device, tc.dtype):
+            _, loss = model(x, y)
+        total += torch.stack([loss.float(), torch.ones((), device=comm.device)])
+    comm.allreduce(total, "sum")
+    model.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else math.nan
+
+
+def _save(spec, comm, step, model, optimizer, loader):
+    comm.barrier()
+    path = None
+    if comm.rank == 0:
+        state = dict(step=step, optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=torch.get_rng_state())
+        path = save_checkpoint(spec.run_dir, step, model, state, {"spec": to_dict(spec), "world_size": comm.size},
+                               spec.train.keep_checkpoints)
+        log.info("checkpoint %s", path)
+    comm.barrier()
+    return path

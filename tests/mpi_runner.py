@@ -5,6 +5,7 @@ writes what it returned (JSON) to OUTDIR/rank<R>.json, or its traceback to OUTDI
 exits 1, so the test can assert on the result of every rank.
 """
 
+import faulthandler
 import importlib
 import json
 import os
@@ -17,6 +18,10 @@ from hpcllm.dist.world import detect_world
 def main() -> None:
     target, outdir, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     rank = detect_world().rank
+    # a hung body prints every thread's stack and exits before the test's own timeout
+    dump_after = float(os.environ.get("HPCLLM_TEST_DUMP_AFTER", "0"))
+    if dump_after > 0:
+        faulthandler.dump_traceback_later(dump_after, exit=True)
     mod, func = target.split(":")
     try:
         result = getattr(importlib.import_module(mod), func)(**kwargs)

@@ -47,6 +47,7 @@ def run_on_ranks(n: int, target: str, *, timeout: float = 120, env: dict | None 
 
     Fails the test with every rank's traceback if any rank raised or the job exited non-zero."""
     with tempfile.TemporaryDirectory(prefix="hpcllm-mpi-") as out:
+        env = {"HPCLLM_TEST_DUMP_AFTER": str(max(5.0, timeout - 10)), **(env or {})}
         proc = run_mpi(n, [sys.executable, "-m", "tests.mpi_runner", target, out, json.dumps(kwargs)], timeout, env)
         errs = sorted(Path(out).glob("rank*.err"))
         if proc.returncode != 0 or errs:

@@ -48,6 +48,16 @@ def rendezvous(world: World, mpi_comm: Any = None, port: int = 0) -> tuple[str, 
     raise DistError("torch backend: no MASTER_ADDR/MASTER_PORT, no MPI and no Slurm step to rendezvous through")
 
 
+def release_gloo_work(wait_s: float = 0.1) -> None:
+    """Give torch's communication threads the GIL so finished work objects are freed before
+    destroy_process_group joins those threads (which it does without releasing the GIL)."""
+    import gc
+    import time
+
+    gc.collect()
+    time.sleep(wait_s)
+
+
 class TorchCommunicator(Communicator):
     name = "torch"
 
@@ -109,6 +119,11 @@ class TorchCommunicator(Communicator):
             tdist.barrier()
 
     def close(self):
+        # Leave together, then let gloo's worker threads drop their finished work: destroying a
+        # work releases a Python object, which needs the GIL, while destroy_process_group joins
+        # those threads *holding* the GIL — a deadlock seen here in about 1 run in 5 without this.
+        self.barrier()
         super().close()
         if tdist.is_initialized():
+            release_gloo_work()
             tdist.destroy_process_group()

@@ -1,0 +1,169 @@
+"""The training job end to end: CLI on 1 and 2 ranks, exact resume, signal checkpoint + requeue
+status, NaN abort, a killed rank ends the job."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.mpi_util import mpi_env, mpirun_cmd, run_mpi
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    import email
+
+    src = Path(email.__file__).parent  # real Python source: ~30 files, a few hundred KB
+    for p in sorted(src.glob("*.py")):
+        (corpus / p.name).write_text(p.read_text())
+    spec = root / "prep.yaml"
+    spec.write_text(json.dumps({"kind": "prepare", "run_dir": str(root / "prep"),
+                                "data": {"inputs": [str(corpus)], "dataset": str(root / "ds"), "val_fraction": 0.2}}))
+    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(spec)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return root / "ds"
+
+
+def train_spec(tmp_path, dataset, name="t", **train):
+    t = {"max_steps": 12, "batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "eval_interval": 6,
+         "eval_batches": 2, "log_interval": 1, "ckpt_interval": 4, "progress": False, **train}
+    spec = {"kind": "train", "name": name, "run_dir": str(tmp_path / name),
+            "dist": {"timeout_s": 30, "bucket_mb": 0.05}, "data": {"dataset": str(dataset)},
+            "model": {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}, "train": t}
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(json.dumps(spec))
+    return p
+
+
+def hpcllm(*args, n=1, timeout=180, env=None):
+    cmd = [sys.executable, "-m", "hpcllm.cli", *args]
+    if n == 1:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return run_mpi(n, cmd, timeout=timeout, env=env)
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir):
+    from safetensors.torch import load_file
+
+    ckpts = sorted((Path(run_dir) / "checkpoints").iterdir())
+    return load_file(str(ckpts[-1] / "model.safetensors")), ckpts[-1].name
+
+
+@pytest.mark.mpi
+def test_two_ranks_train_falling_loss_metrics_plot(tmp_path, dataset):
+    spec = train_spec(tmp_path, dataset, max_steps=24, lr=1e-2)
+    p = hpcllm("train", str(spec), n=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "t"
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 25))
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.5
+    vals = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert len(vals) == 4 and vals[-1] < vals[0]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in recs)  # CPU: peak unknown, no MFU
+    assert sorted(x.name for x in (run / "checkpoints").iterdir()) == ["step_00000020", "step_00000024"]  # keep 2
+    assert (run / "logs" / "rank0.log").exists() and (run / "logs" / "rank1.log").exists()
+    png = hpcllm("plot", str(run))
+    assert png.returncode == 0 and (run / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_crash_then_exact_resume_bitwise(tmp_path, dataset):
+    full = train_spec(tmp_path, dataset, name="full", max_steps=40)
+    assert hpcllm("train", str(full)).returncode == 0
+    part = train_spec(tmp_path, dataset, name="part", max_steps=40)
+    proc = subprocess.Popen([sys.executable, "-m", "hpcllm.cli", "train", str(part)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 10):
+        time.sleep(0.05)
+    proc.kill()  # a crash: no goodbye, no final checkpoint
+    proc.wait()
+    crashed_at = len(metrics.read_text().splitlines())
+    assert 10 <= crashed_at < 40, "the run finished before it could be killed"
+    r = hpcllm("train", str(part))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")  # bitwise, and metrics read as one run
+    (wa, na), (wb, nb) = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert na == nb == "step_00000040"
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.mpi
+def test_signal_checkpoints_and_exits_for_requeue_then_resumes_exactly(tmp_path, dataset):
+    ref = train_spec(tmp_path, dataset, name="ref", max_steps=300, ckpt_interval=0, eval_interval=100)
+    assert hpcllm("train", str(ref), n=2).returncode == 0
+    sig = train_spec(tmp_path, dataset, name="sig", max_steps=300, ckpt_interval=0, eval_interval=100)
+    proc = subprocess.Popen(mpirun_cmd(2, sys.executable, "-m", "hpcllm.cli", "train", str(sig)), env=mpi_env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    pids = subprocess.run(["pgrep", "-f", f"hpcllm.cli train {sig}"], capture_output=True, text=True).stdout.split()
+    ranks = [p for p in pids if int(p) != proc.pid]
+    assert ranks, "no rank processes found"
+    os.kill(int(ranks[-1]), signal.SIGUSR2)  # one rank only: the others must agree to stop too
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 85, err[-3000:]
+    assert "stopping at step" in err and "signal SIGUSR2" in err
+    stopped_at = int(sorted((tmp_path / "sig" / "checkpoints").iterdir())[-1].name.split("_")[1])
+    assert 5 <= stopped_at < 300
+    again = hpcllm("train", str(sig), n=2)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert losses(tmp_path / "sig") == losses(tmp_path / "ref")
+    (wa, _), (wb, _) = weights(tmp_path / "ref"), weights(tmp_path / "sig")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_loss_aborts_naming_the_step_without_checkpoint(tmp_path, dataset):
+    spec = train_spec(tmp_path, dataset, name="nan", lr=1e6, warmup_steps=1, grad_clip=0.0, ckpt_interval=1)
+    p = hpcllm("train", str(spec))
+    assert p.returncode == 7
+    assert "loss is not finite at step" in p.stderr and "Traceback" not in p.stderr
+    bad_step = int(p.stderr.split("loss is not finite at step ")[1].split()[0])
+    ckpts = sorted(x.name for x in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert all(int(c.split("_")[1]) <= bad_step for c in ckpts)
+    skip = hpcllm("train", str(spec), "train.nan_policy=skip", "train.resume=false", "run_dir=" + str(tmp_path / "skip"))
+    assert skip.returncode == 0 and "non-finite loss, step skipped" in skip.stderr
+
+
+@pytest.mark.mpi
+def test_killed_rank_ends_the_job(tmp_path, dataset):
+    spec = train_spec(tmp_path, dataset, name="kill", max_steps=100000, ckpt_interval=0, log_interval=1)
+    proc = subprocess.Popen(mpirun_cmd(2, sys.executable, "-m", "hpcllm.cli", "train", str(spec), "dist.timeout_s=10"),
+                            env=mpi_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "kill" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    pids = subprocess.run(["pgrep", "-f", f"hpcllm.cli train {spec}"], capture_output=True, text=True).stdout.split()
+    ranks = [int(p) for p in pids if int(p) != proc.pid]
+    t0 = time.time()
+    os.kill(ranks[-1], signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 10 + 20  # within dist.timeout_s (plus the watchdog's grace)
+
+
+def test_wrong_kind_and_missing_dataset_are_clear(tmp_path, dataset):
+    spec = train_spec(tmp_path, dataset)
+    p = hpcllm("train", str(spec), "data.dataset=/nope")
+    assert p.returncode == 5 and "dataset '/nope' not found" in p.stderr
+    p = hpcllm("train", str(spec), "kind=infer")
+    assert p.returncode == 2 and "runs kind: train" in p.stderr

@@ -97,9 +97,36 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except (OSError, SafetensorError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+    load_checkpoint_weights(path, model, tensors)
+    return state
+
+
+def load_trained_model(path: str | Path):
+    """(model, ModelConfig, dataset path) from a run dir (its latest checkpoint) or a checkpoint dir."""
+    from hpcllm.model import GPT, ModelConfig
+
+    path = Path(path)
+    ckpt = path if (path / "model.safetensors").is_file() else latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no checkpoint (neither a checkpoint dir nor a run dir with checkpoints/)")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    spec_model = meta["spec"]["model"]
+    cfg = ModelConfig(**{k: v for k, v in spec_model.items() if k in ModelConfig.__dataclass_fields__})
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    cfg = cfg.resolve(tensors["transformer.wte.weight"].shape[0])
+    model = GPT(cfg)
+    load_checkpoint_weights(ckpt, model, tensors)
+    return model, cfg, meta["spec"]["data"]["dataset"]
+
+
+def load_checkpoint_weights(ckpt: Path, model: torch.nn.Module, tensors: dict | None = None) -> None:
+    from safetensors.torch import load_file
+
+    tensors = tensors if tensors is not None else load_file(str(ckpt / "model.safetensors"))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
-        raise CheckpointError(f"{path}/model.safetensors: does not match the model "
+        raise CheckpointError(f"{ckpt}/model.safetensors: does not match the model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}) — was model.* changed?")
-    return state

@@ -1,0 +1,145 @@
+"""The inference job: same outputs from 1/2 ranks, static/dynamic schedules, batch sizes and an
+interrupted-and-resumed run; bad inputs give clear errors and nothing marked done that isn't."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from tests.mpi_util import run_mpi
+
+N_PROMPTS = 13
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+
+    root = tmp_path_factory.mktemp("infer")
+    model = GPT(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=258)).init_weights(3)
+    save_hf_gpt2(model, root / "model")
+    lines = [{"id": 500 + i, "prompt": "x = " * (1 + i % 5) + str(i), "cont": f" # {i}"} for i in range(N_PROMPTS)]
+    (root / "p.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    prep = root / "prep.yaml"
+    prep.write_text(json.dumps({"kind": "prepare", "run_dir": str(root / "prep"), "data": {
+        "inputs": [str(root / "p.jsonl")], "output": "prompts", "text_field": "prompt", "id_field": "id",
+        "continuation_field": "cont", "prompts_per_shard": 3, "dataset": str(root / "prompts")}}))
+    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return root
+
+
+def spec(root, name, **infer):
+    i = {"model": str(root / "model"), "prompts": str(root / "prompts"), "max_new_tokens": 12, "temperature": 0.9,
+         "top_k": 20, "seed": 4, "batch_size": 4, **infer}
+    p = root / f"{name}.yaml"
+    p.write_text(json.dumps({"kind": "infer", "name": name, "run_dir": str(root / name), "infer": i}))
+    return p
+
+
+def infer(*args, n=1, env=None):
+    cmd = [sys.executable, "-m", "hpcllm.cli", "infer", *args]
+    if n == 1:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    return run_mpi(n, cmd, timeout=120, env=env)
+
+
+def outputs(run_dir):
+    out = {}
+    man = json.loads((Path(run_dir) / "outputs" / "manifest.json").read_text())
+    for e in man["shards"]:
+        with h5py.File(Path(run_dir) / "outputs" / e["path"]) as f:
+            off = f["offsets"][:]
+            for j, rid in enumerate(f["ids"][:]):
+                if "tokens" in f:
+                    out[int(rid)] = f["tokens"][off[j]:off[j + 1]].tolist()
+                else:
+                    out[int(rid)] = round(float(f["logprob_sum"][j]), 4)
+    return out
+
+
+@pytest.mark.mpi
+def test_same_outputs_whatever_ranks_schedule_and_batch(setup):
+    ref = infer(str(spec(setup, "one", batch_size=8)))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    want = outputs(setup / "one")
+    assert sorted(want) == [500 + i for i in range(N_PROMPTS)]
+    assert all(0 < len(v) <= 12 for v in want.values())
+    for name, n, kw in (("two_dyn", 2, {}), ("two_static", 2, {"schedule": "static"}), ("bs1", 1, {"batch_size": 1})):
+        p = infer(str(spec(setup, name, **kw)), n=n)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert outputs(setup / name) == want, name
+
+
+def test_resume_skips_done_shards_and_matches(setup):
+    s = spec(setup, "resume")
+    assert infer(str(s)).returncode == 0
+    want = outputs(setup / "resume")
+    outd = setup / "resume" / "outputs"
+    # an interrupted run: one shard never finished (output but no marker), one half-written
+    (outd / "out-00002.h5.done").unlink()
+    (outd / "out-00003.h5").write_bytes(b"partial")
+    (outd / "manifest.json").unlink()
+    again = infer(str(s))
+    assert again.returncode == 0 and "2 of 5 shards" not in again.stderr
+    assert "resuming: 3 of 5 shards already done" in again.stderr
+    assert outputs(setup / "resume") == want
+
+
+def test_score_and_export(setup, tmp_path):
+    s = spec(setup, "score", mode="score")
+    assert infer(str(s)).returncode == 0
+    scores = outputs(setup / "score")
+    assert len(scores) == N_PROMPTS and all(v < 0 for v in scores.values())
+    out = tmp_path / "s.jsonl"
+    p = infer("export", str(setup / "score"), "--jsonl", str(out))
+    assert p.returncode == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["id"] for r in rows} == set(scores) and all(len(r["token_logprobs"]) == r["n_tokens"] for r in rows)
+
+
+def test_bad_inputs(setup, tmp_path):
+    import shutil
+
+    # corrupt prompt shard: named, nothing marked done for it
+    bad = tmp_path / "prompts"
+    shutil.copytree(setup / "prompts", bad)
+    (bad / "prompts-00001.h5").write_bytes((bad / "prompts-00001.h5").read_bytes()[:200])
+    p = infer(str(spec(setup, "corrupt", prompts=str(bad))))
+    assert p.returncode == 5 and "prompts-00001.h5" in p.stderr and "Traceback" not in p.stderr
+    # prompt longer than the context
+    p = infer(str(spec(setup, "long", max_new_tokens=60)))
+    assert p.returncode == 5 and "exceeds the model's context of 64" in p.stderr and "record 5" in p.stderr
+    # tokenizer/vocabulary mismatch
+    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+
+    save_hf_gpt2(GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=300)),
+                 tmp_path / "m300")
+    p = infer(str(spec(setup, "vocab", model=str(tmp_path / "m300"))))
+    assert p.returncode == 8 and "vocabulary mismatch" in p.stderr
+    # output dir not writable
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "outputs").write_text("a file where the output dir should be")
+    s = spec(setup, "ro")
+    p = infer(str(s), f"run_dir={ro}")
+    assert p.returncode == 8 and "is not writable" in p.stderr
+    # missing model
+    p = infer(str(spec(setup, "nomodel", model="/nope")))
+    assert p.returncode == 8 and "infer.model '/nope' not found" in p.stderr
+
+
+def test_empty_prompt_is_named(setup, tmp_path):
+    (tmp_path / "e.jsonl").write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": ""}\n')
+    prep = tmp_path / "prep.yaml"
+    prep.write_text(json.dumps({"kind": "prepare", "run_dir": str(tmp_path / "r"), "data": {
+        "inputs": [str(tmp_path / "e.jsonl")], "output": "prompts", "text_field": "prompt", "id_field": "id",
+        "dataset": str(tmp_path / "ep")}}))
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    p = infer(str(spec(setup, "empty", prompts=str(tmp_path / "ep"))))
+    assert p.returncode == 5 and "record 2: empty prompt" in p.stderr
+    assert not list((setup / "empty" / "outputs").glob("*.done"))

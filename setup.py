@@ -38,7 +38,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hpcllm", "hpcllm.*"]),
     include_package_data=True,
-    package_data={"hpcllm": ["launch/templates/*.j2"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["hpcllm = hpcllm.cli:main_exit"]},

@@ -1,12 +1,50 @@
-"""The `slurm` section of a job spec (filled in by the launch layer)."""
+"""The `slurm` section of a job spec: resources, site setup, srun options."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+_TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
+_MEM = re.compile(r"^\d+[KMGT]?$")
+_WORD = re.compile(r"^[A-Za-z0-9_.,:&|\-\[\]]*$")  # partition / account / qos / constraint
 
 
 @dataclass
 class SlurmConfig:
     nodes: int = 1
-    tasks_per_node: int = 1
-    time: str = "01:00:00"
+    tasks_per_node: int = 1  # = MPI ranks per node
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem: str = ""  # per node, e.g. "64G"; "" = the partition's default
+    time: str = "01:00:00"  # [D-]HH:MM:SS
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclusive: bool = False
+    extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. ["--mail-type=END"]
+    setup: list[str] = field(default_factory=list)  # shell lines run first: module load, conda activate
+    srun_args: list[str] = field(default_factory=lambda: ["--mpi=pmix"])
+    signal_delay_s: int = 120  # training: USR2 this long before the time limit -> checkpoint + requeue
+    max_requeues: int = 3
+    python: str = ""  # interpreter inside the job; "" = the one running hpcllm render/submit
+
+    def validate(self) -> None:
+        if min(self.nodes, self.tasks_per_node, self.cpus_per_task) < 1 or self.gpus_per_node < 0:
+            raise ValueError("nodes, tasks_per_node, cpus_per_task must be >= 1 and gpus_per_node >= 0")
+        if not _TIME.match(self.time):
+            raise ValueError(f"time must look like [D-]HH:MM:SS, got {self.time!r}")
+        if self.mem and not _MEM.match(self.mem):
+            raise ValueError(f"mem must look like 64G or 4000M, got {self.mem!r}")
+        for k in ("partition", "account", "qos", "constraint"):
+            if not _WORD.match(getattr(self, k)):
+                raise ValueError(f"{k} {getattr(self, k)!r} has characters Slurm does not accept there")
+        for opt in self.extra:
+            if not opt.startswith("--") or any(c in opt for c in "\n\r\0"):
+                raise ValueError(f"extra: {opt!r} is not a single --option[=value]")
+        for line in self.setup + self.srun_args:
+            if any(c in line for c in "\n\r\0"):
+                raise ValueError(f"{line!r}: one line per item (no newlines)")
+        if self.signal_delay_s < 0 or self.max_requeues < 0:
+            raise ValueError("signal_delay_s and max_requeues must be >= 0")

@@ -74,3 +74,41 @@ def test_bench_allreduce_under_srun_all_backends(tmp_path):
         assert f"# backend {impl}" in out
         rows = [line.split() for line in out.splitlines() if not line.startswith("#") and line.split()[2:3] == [impl]]
         assert len(rows) == 2 and all(float(r[5]) > 0 for r in rows), out
+
+
+def test_train_under_srun_two_tasks(tmp_path):
+    """`hpcllm train` as 2 Slurm tasks (srun --mpi=pmix): ranks from Slurm, MPI backend, a checkpoint."""
+    require_slurm()
+    import json
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i}.txt").write_text(f"document {i} " + "abc def ghi " * (200 + i))
+    prep = tmp_path / "prep.yaml"
+    prep.write_text(json.dumps({"kind": "prepare", "run_dir": str(tmp_path / "p"),
+                                "data": {"inputs": [str(corpus)], "dataset": str(tmp_path / "ds"), "val_fraction": 0.2}}))
+    train = tmp_path / "train.yaml"
+    train.write_text(json.dumps({
+        "kind": "train", "name": "srun", "run_dir": str(tmp_path / "run"), "data": {"dataset": str(tmp_path / "ds")},
+        "model": {"size": "custom", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64},
+        "train": {"max_steps": 6, "batch_size": 2, "seq_len": 32, "log_interval": 2, "eval_interval": 3,
+                  "progress": False}}))
+    py = quote(sys.executable)
+    script = f"""#!/bin/bash
+#SBATCH -n 2
+#SBATCH -t 3
+#SBATCH -o {tmp_path}/o.txt
+cd {quote(str(repo))}
+srun -n 2 {py} -m hpcllm.cli prepare {quote(str(prep))}
+srun {py} -m hpcllm.cli train {quote(str(train))}
+"""
+    job = sbatch(script, tmp_path)
+    assert wait_job(job, 180) == "COMPLETED", (tmp_path / "o.txt").read_text()[-3000:]
+    out = (tmp_path / "o.txt").read_text()
+    assert "2 rank(s), backend mpi" in out
+    assert (tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors").exists()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+    assert {r["State"] for r in sacct_rows(job)} == {"COMPLETED"}

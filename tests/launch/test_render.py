@@ -1,0 +1,133 @@
+"""sbatch templates: golden files, no shell injection through spec values, and the rendered scripts
+really run under sbatch — including a training job that is signalled, checkpoints, requeues itself
+and finishes with the same parameters as an uninterrupted run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcllm.config import load_spec
+from hpcllm.errors import ConfigError
+from hpcllm.launch.render import render
+from tests.slurm_util import job_state, require_slurm, run, sacct_rows, sbatch, wait_job
+
+GOLDEN = Path(__file__).parent / "golden"
+REPO = Path(__file__).resolve().parents[2]
+
+SLURM = {"nodes": 1, "tasks_per_node": 2, "cpus_per_task": 1, "time": "00:05:00", "mem": "2G",
+         "partition": "debug", "extra": ["--mail-type=NONE"], "setup": ["echo setting up", "export FOO=bar"],
+         "max_requeues": 2, "signal_delay_s": 60}
+
+
+def make_spec(tmp_path, kind, name="golden", **extra):
+    body = {"kind": kind, "name": name, "run_dir": str(tmp_path / "run"), "slurm": {**SLURM, **extra.pop("slurm", {})},
+            **extra}
+    p = tmp_path / f"{kind}.yaml"
+    p.write_text(json.dumps(body))
+    return load_spec(p, [f"slurm.python={sys.executable}"]), p
+
+
+@pytest.mark.parametrize("kind", ["train", "infer", "prepare"])
+def test_golden(tmp_path, kind):
+    spec, p = make_spec(tmp_path, kind)
+    text, spec_file = render(spec, "jobs/golden.yaml")
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    text = text.replace(str(tmp_path), "<TMP>").replace(sys.executable, "<PYTHON>")
+    golden = GOLDEN / f"{kind}.sbatch"
+    if os.environ.get("HPCLLM_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+    assert load_spec(spec_file) == spec  # the script runs exactly the resolved spec
+
+
+def test_values_cannot_inject_commands(tmp_path):
+    pwned = tmp_path / "pwned"
+    evil = f"x; touch {pwned}; $(touch {pwned}) `touch {pwned}`"
+    spec, _ = make_spec(tmp_path, "train", name=evil, slurm={"srun_args": ["--mpi=pmix", f"; touch {pwned}"]})
+    text, _ = render(spec)
+    # run the script with srun/scontrol replaced by stubs that only print their arguments
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for cmd in ("srun", "scontrol"):
+        (stubs / cmd).write_text('#!/bin/bash\nprintf "%s|" "$@"\n')
+        (stubs / cmd).chmod(0o755)
+    p = subprocess.run(["bash"], input=text, text=True, capture_output=True,
+                       env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+    assert not pwned.exists(), text
+    assert "#SBATCH --job-name=x__touch_" in text
+    assert f"; touch {pwned}" in p.stdout  # passed to srun as one literal argument
+    with pytest.raises(ConfigError, match="control characters"):
+        render(make_spec(tmp_path, "train", name="a\n#SBATCH --wrap=evil")[0])
+    with pytest.raises(ConfigError, match="cannot go into an #SBATCH line"):
+        s, _ = make_spec(tmp_path, "train")
+        s.run_dir = str(tmp_path / "a dir; touch x")
+        render(s)
+    with pytest.raises(ConfigError, match="one line per item"):
+        make_spec(tmp_path, "train", slurm={"setup": ["ok\nevil"]})
+    with pytest.raises(ConfigError, match="time must look like"):
+        make_spec(tmp_path, "train", slurm={"time": "1h; rm"})
+
+
+def _prepare_small(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i}.txt").write_text(f"document {i} " + "lorem ipsum dolor " * (150 + 7 * i))
+    prep = tmp_path / "prep.yaml"
+    prep.write_text(json.dumps({"kind": "prepare", "run_dir": str(tmp_path / "p"),
+                                "data": {"inputs": [str(corpus)], "dataset": str(tmp_path / "ds"), "val_fraction": 0.2}}))
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    return tmp_path / "ds"
+
+
+def _train_spec(tmp_path, ds, name, steps):
+    return {"kind": "train", "name": name, "run_dir": str(tmp_path / name), "data": {"dataset": str(ds)},
+            "dist": {"timeout_s": 60},
+            "model": {"size": "custom", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64},
+            "train": {"max_steps": steps, "batch_size": 2, "seq_len": 32, "log_interval": 1, "eval_interval": 0,
+                      "ckpt_interval": 0, "progress": False},
+            "slurm": {"tasks_per_node": 2, "time": "00:05:00", "max_requeues": 2}}
+
+
+@pytest.mark.slurm
+def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_path):
+    require_slurm()
+    from safetensors.torch import load_file
+
+    ds = _prepare_small(tmp_path)
+    # reference: the same job on 2 ranks, uninterrupted
+    (tmp_path / "ref.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "ref", 400)))
+    from tests.mpi_util import run_mpi
+
+    ref = run_mpi(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    (tmp_path / "job.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "job", 400)))
+    script = tmp_path / "job.sbatch"
+    r = subprocess.run([sys.executable, "-m", "hpcllm.cli", "render", str(tmp_path / "job.yaml"), "-o", str(script)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    job = sbatch(script.read_text(), tmp_path)
+    metrics = tmp_path / "job" / "metrics.jsonl"
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.5)
+    assert job_state(job) == "RUNNING"
+    # what Slurm does before the time limit (--signal=USR2@...): signal the job's tasks
+    assert run(["scancel", "--signal=USR2", str(job)]).returncode == 0
+    state = wait_job(job, 240)
+    assert state == "COMPLETED", (tmp_path / "job" / "logs").glob("*")
+    log = "".join(p.read_text() for p in (tmp_path / "job" / "logs").glob("*.out"))
+    assert "checkpointed, requeueing job" in log and "resumed from" in log
+    restarts = run(["sacct", "-j", str(job), "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
+    assert "REQUEUED" in restarts, restarts
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    assert losses("job") == losses("ref")
+    a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_00000400" / "model.safetensors"))
+    b = load_file(str(tmp_path / "job" / "checkpoints" / "step_00000400" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)

@@ -1,4 +1,4 @@
-"""Slurm commands: render (sbatch scripts from job specs)."""
+"""Slurm commands: render (sbatch scripts from job specs), submit (submitit)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,18 @@ def register(sub, bench) -> None:
     add_spec_args(p)
     p.add_argument("-o", "--output", help="script file to write (default: print it)")
     p.set_defaults(func=_render)
+
+    p = sub.add_parser("submit", help="submit job specs to Slurm through submitit (--dry-run prints the sbatch script)")
+    p.add_argument("specs", nargs="+", metavar="SPEC|key=value", help="job specs, then overrides for all of them")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
+    p.add_argument("--chain", action="store_true", help="each job starts after the previous one succeeded (afterok)")
+    p.set_defaults(func=_submit)
+
+
+def _submit(args) -> int:
+    from hpcllm.launch.submit import main
+
+    return main(args)
 
 
 def _render(args) -> int:

@@ -1,0 +1,142 @@
+"""`hpcllm submit SPEC... [--dry-run] [--chain]`: submit job specs to Slurm through submitit.
+
+The job spec's `slurm` section becomes a submitit executor; the submitted callable (`JobRunner`)
+runs the job in every task — rank from Slurm, MPI through `srun --mpi=pmix`. A training job that
+checkpoints on the time-limit signal (exit 85) requeues itself (up to slurm.max_requeues) and the
+next start resumes from the checkpoint. `--chain` makes each job depend on the previous one
+(`afterok`). Submitting from inside a job drops the inherited SLURM_* variables (SLURM_CONF kept).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+
+import time
+from pathlib import Path
+
+from hpcllm.config import JobSpec, from_dict, load_spec, to_dict
+from hpcllm.errors import ConfigError, HpcllmError
+from hpcllm.launch.render import job_name
+
+
+def minutes(slurm_time: str) -> int:
+    days, _, hms = slurm_time.rpartition("-")
+    parts = [int(p) for p in hms.split(":")]
+    h, m, s = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
+    return int(days or 0) * 1440 + h * 60 + m + math.ceil(s / 60)
+
+
+def executor_for(spec: JobSpec, dependency: str | None = None):
+    import submitit
+
+    s = spec.slurm
+    ex = submitit.AutoExecutor(folder=str(Path(spec.run_dir) / "submitit" / "%j"), cluster="slurm",
+                               slurm_max_num_timeout=s.max_requeues)
+    extra = {}
+    for opt in s.extra:
+        key, _, value = opt[2:].partition("=")
+        extra[key.replace("-", "_")] = value or True
+    if dependency:
+        extra["dependency"] = dependency
+    params = dict(name=job_name(spec), timeout_min=minutes(s.time), nodes=s.nodes, tasks_per_node=s.tasks_per_node,
+                  cpus_per_task=s.cpus_per_task, slurm_setup=list(s.setup), slurm_srun_args=list(s.srun_args),
+                  slurm_signal_delay_s=s.signal_delay_s, slurm_additional_parameters=extra)
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint", "mem"):
+        if getattr(s, key):
+            params[f"slurm_{key}"] = getattr(s, key)
+    if s.exclusive:
+        params["slurm_exclusive"] = True
+    ex.update_parameters(**params)
+    return ex
+
+
+class JobRunner:
+    """What runs in every Slurm task: the job of the (resolved) spec."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec_dict = to_dict(spec)
+
+    def __call__(self):
+        spec = from_dict(JobSpec, self.spec_dict, source="<submitted spec>")
+        if spec.kind == "train":
+            from hpcllm.train.cli import run_train_job
+            from hpcllm.train.signals import EXIT_REQUEUE
+
+            if run_train_job(spec) == EXIT_REQUEUE:
+                self._requeue(spec)
+            return {"kind": "train", "run_dir": spec.run_dir}
+        from hpcllm import runtime
+
+        comm = runtime.start(spec)
+        try:
+            if spec.kind == "prepare":
+                from hpcllm.data.prepare import prepare
+
+                return prepare(spec.data, comm)
+            from hpcllm.infer.job import run_infer
+
+            return run_infer(spec, comm)
+        finally:
+            comm.close()
+
+    def _requeue(self, spec: JobSpec) -> None:
+        job, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if job is None or restarts >= spec.slurm.max_requeues:
+            raise HpcllmError(f"checkpointed and stopped; not requeued (restart {restarts}, max_requeues "
+                              f"{spec.slurm.max_requeues}): resubmit to continue from the checkpoint")
+        if os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"hpcllm: checkpointed, requeueing job {job} (restart {restarts})", flush=True)
+            subprocess.run(["scontrol", "requeue", job], check=True)
+        time.sleep(300)  # Slurm ends this task when it requeues the job
+        raise HpcllmError(f"job {job} was not requeued within 300 s")
+
+
+def submit(spec_paths: list[str], overrides: list[str], dry_run: bool = False, chain: bool = False) -> list[str]:
+    import submitit
+
+    specs = [load_spec(p, overrides) for p in spec_paths]
+    ids: list[str] = []
+    previous = None
+    for path, spec in zip(spec_paths, specs):
+        dep = f"afterok:{previous}" if chain and previous else None
+        ex = executor_for(spec, dep)
+        if dry_run:
+            inner = ex._executor
+            text = inner._make_submission_file_text(inner._submitit_command_str, uid="dry-run")
+            print(f"# ---- {path}: would submit (dry run, nothing submitted) ----")
+            print(text)
+            print(f"# ---- resolved spec ----")
+            from hpcllm.config import dump_spec
+
+            print(dump_spec(spec))
+            previous = "<previous job id>"
+            continue
+        Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+        conf = os.environ.get("SLURM_CONF")
+        with submitit.helpers.clean_env():  # drops SLURM_*: a job submitted from a job must not inherit them
+            if conf:  # ... except where the cluster's configuration is
+                os.environ["SLURM_CONF"] = conf
+            job = ex.submit(JobRunner(spec))
+        ids.append(job.job_id)
+        print(f"submitted {spec.kind} job '{spec.name}' as {job.job_id}"
+              f"{f' (after {previous})' if dep else ''}: logs in {Path(spec.run_dir) / 'submitit' / job.job_id}")
+        previous = job.job_id
+    return ids
+
+
+def main(args) -> int:
+    if args.chain and len(args.specs) < 2:
+        raise ConfigError("--chain needs at least two job specs")
+    specs = [a for a in args.specs if "=" not in a]
+    overrides = [a for a in args.specs if "=" in a]
+    if not specs:
+        raise ConfigError("no job spec given")
+    submit(specs, overrides, args.dry_run, args.chain)
+    return 0
+
+
+__all__ = ["submit", "JobRunner", "executor_for", "minutes"]

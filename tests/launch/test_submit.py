@@ -1,0 +1,75 @@
+"""`hpcllm submit` through submitit on the local Slurm: a 2-task training job, a chain, a dry run."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpcllm.launch.submit import minutes
+from tests.slurm_util import require_slurm, run, sacct_rows, slurm_env, wait_job
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_minutes():
+    assert [minutes(t) for t in ("30", "01:00:00", "1-00:00:00", "00:00:30", "2:30")] == [30, 60, 1440, 1, 3]
+
+
+def specs(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"{i}.txt").write_text(f"document {i} " + "alpha beta gamma " * (150 + 9 * i))
+    prep = {"kind": "prepare", "name": "chain-prep", "run_dir": str(tmp_path / "prep"),
+            "data": {"inputs": [str(corpus)], "dataset": str(tmp_path / "ds"), "val_fraction": 0.2},
+            "slurm": {"tasks_per_node": 2, "time": "00:03:00"}}
+    train = {"kind": "train", "name": "chain-train", "run_dir": str(tmp_path / "train"),
+             "data": {"dataset": str(tmp_path / "ds")}, "dist": {"timeout_s": 60},
+             "model": {"size": "custom", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64},
+             "train": {"max_steps": 6, "batch_size": 2, "seq_len": 32, "log_interval": 2, "eval_interval": 0,
+                       "progress": False},
+             "slurm": {"tasks_per_node": 2, "time": "00:03:00"}}
+    (tmp_path / "prep.yaml").write_text(json.dumps(prep))
+    (tmp_path / "train.yaml").write_text(json.dumps(train))
+    return tmp_path / "prep.yaml", tmp_path / "train.yaml"
+
+
+def hpcllm_submit(*args):
+    return subprocess.run([sys.executable, "-m", "hpcllm.cli", "submit", *args], capture_output=True, text=True,
+                          env=slurm_env(), cwd=REPO, timeout=120)
+
+
+def test_dry_run_submits_nothing(tmp_path):
+    prep, train = specs(tmp_path)
+    p = hpcllm_submit(str(prep), str(train), "--chain", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("would submit (dry run, nothing submitted)") == 2
+    assert "#SBATCH --ntasks-per-node=2" in p.stdout and "--mpi=pmix" in p.stdout
+    assert "#SBATCH --dependency='afterok:<previous job id>'" in p.stdout
+    assert "#SBATCH --signal=USR2@120" in p.stdout
+    assert not (tmp_path / "train" / "submitit").exists()
+
+
+@pytest.mark.slurm
+def test_chain_prepare_then_train_through_submitit(tmp_path):
+    require_slurm()
+    prep, train = specs(tmp_path)
+    p = hpcllm_submit(str(prep), str(train), "--chain")
+    assert p.returncode == 0, p.stderr
+    ids = re.findall(r"submitted \w+ job '[^']+' as (\d+)", p.stdout)
+    assert len(ids) == 2 and f"(after {ids[0]})" in p.stdout
+    assert wait_job(ids[0], 120) == "COMPLETED"
+    assert wait_job(ids[1], 180) == "COMPLETED", list((tmp_path / "train" / "submitit").rglob("*.err"))
+    assert (tmp_path / "ds" / "manifest.json").exists()
+    assert (tmp_path / "train" / "checkpoints" / "step_00000006" / "model.safetensors").exists()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+    start = run(["sacct", "-X", "-n", "-P", "-j", ids[1], "-o", "Start"]).stdout.strip()
+    end = run(["sacct", "-X", "-n", "-P", "-j", ids[0], "-o", "End"]).stdout.strip()
+    assert start >= end  # ISO timestamps: the train job started after prepare ended
+    assert {r["State"] for r in sacct_rows(ids[1])} == {"COMPLETED"}
+    log = (tmp_path / "train" / "submitit" / ids[1] / f"{ids[1]}_0_log.err").read_text()
+    assert "2 rank(s), backend mpi" in log

@@ -68,5 +68,4 @@ def main(args) -> int:
             print(f"  {name:<11} {p:>16,.0f} {o:>14,.0f} {o / p:>6.2f}x")
         for ld in loaders.values():
             ld.close()
-        del mm
     return 0

@@ -45,7 +45,8 @@ def _worker(args: dict) -> None:
 
     ddp_model = None
     if comm.size > 1:
-        tcomm = TorchCommunicator(comm.world, comm.device, 300.0, comm.comm)
+        # creates the gloo process group DDP uses (rendezvous over MPI)
+        TorchCommunicator(comm.world, comm.device, 300.0, comm.comm)
         ddp_model = torch.nn.parallel.DistributedDataParallel(GPT(cfg).init_weights(0),
                                                               bucket_cap_mb=args["bucket_mb"])
         opt_b = ddp_model.module.configure_optimizer(0.1, 1e-4, fused=False)

@@ -69,14 +69,14 @@ def write_prompt_shard(path: Path, prompts: list[list[int]], ids: list[int], dty
 
     tmp = path.with_name(path.name + ".tmp")
     with _h5file(tmp, "w") as f:
-        flat, offsets = _ragged(prompts, dtype)
+        flat, offsets = ragged(prompts, dtype)
         _dataset(f, "tokens", flat)
         _dataset(f, "offsets", offsets)
         _dataset(f, "ids", np.asarray(ids, dtype=np.int64))
         if texts is not None:
             f.create_dataset("text", data=texts, dtype=h5py.string_dtype("utf-8"), track_times=False)
         if continuations is not None:
-            cflat, coff = _ragged(continuations, dtype)
+            cflat, coff = ragged(continuations, dtype)
             _dataset(f, "cont_tokens", cflat)
             _dataset(f, "cont_offsets", coff)
         for k, v in sorted({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "prompts", **attrs}.items()):
@@ -84,7 +84,8 @@ def write_prompt_shard(path: Path, prompts: list[list[int]], ids: list[int], dty
     _fsync_replace(tmp, path)
 
 
-def _ragged(seqs: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+def ragged(seqs: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Flat values + offsets (n+1, int64) of a list of sequences."""
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(s) for s in seqs])
     flat = np.fromiter((t for s in seqs for t in s), dtype=dtype, count=int(offsets[-1]))

@@ -22,7 +22,7 @@ import torch
 
 from hpcllm.config import JobSpec
 from hpcllm.data.prompts import PromptDataset, PromptShard, open_prompt_dataset
-from hpcllm.data.shards import sha256_file, write_json_atomic
+from hpcllm.data.shards import ragged, sha256_file, write_json_atomic
 from hpcllm.dist import Communicator
 from hpcllm.errors import DataError, HpcllmError
 from hpcllm.infer.engine import Engine, GenResult, ScoreResult
@@ -128,12 +128,6 @@ def is_done(out_dir: Path, shard: PromptShard) -> bool:
         return False
 
 
-def _ragged(seqs, dtype):
-    off = np.zeros(len(seqs) + 1, dtype=np.int64)
-    off[1:] = np.cumsum([len(s) for s in seqs])
-    return np.asarray([t for s in seqs for t in s], dtype=dtype), off
-
-
 def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: list, mode: str, texts: list[str] | None,
                  seconds: float) -> dict:
     import h5py
@@ -143,7 +137,7 @@ def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: lis
     with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
         f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64), track_times=False)
         if mode == "generate":
-            tokens, off = _ragged([r.tokens for r in results], np.int64)
+            tokens, off = ragged([r.tokens for r in results], np.int64)
             f.create_dataset("tokens", data=tokens, track_times=False)
             f.create_dataset("offsets", data=off, track_times=False)
             f.create_dataset("text", data=texts, dtype=h5py.string_dtype("utf-8"), track_times=False)
@@ -151,10 +145,10 @@ def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: lis
                              dtype=h5py.string_dtype("utf-8"), track_times=False)
             f.create_dataset("truncated", data=np.asarray([r.truncated for r in results], np.int64), track_times=False)
             if results and results[0].logprobs is not None:
-                lp, _ = _ragged([r.logprobs for r in results], np.float32)
+                lp, _ = ragged([r.logprobs for r in results], np.float32)
                 f.create_dataset("logprobs", data=lp, track_times=False)
         else:
-            lp, off = _ragged([r.token_logprobs for r in results], np.float32)
+            lp, off = ragged([r.token_logprobs for r in results], np.float32)
             f.create_dataset("token_logprobs", data=lp, track_times=False)
             f.create_dataset("offsets", data=off, track_times=False)
             f.create_dataset("logprob_sum", data=np.asarray([r.logprob_sum for r in results]), track_times=False)

@@ -109,7 +109,7 @@ def submit(spec_paths: list[str], overrides: list[str], dry_run: bool = False, c
             text = inner._make_submission_file_text(inner._submitit_command_str, uid="dry-run")
             print(f"# ---- {path}: would submit (dry run, nothing submitted) ----")
             print(text)
-            print(f"# ---- resolved spec ----")
+            print("# ---- resolved spec ----")
             from hpcllm.config import dump_spec
 
             print(dump_spec(spec))

@@ -13,7 +13,7 @@ import pytest
 from hpcllm.config import load_spec
 from hpcllm.errors import ConfigError
 from hpcllm.launch.render import render
-from tests.slurm_util import job_state, require_slurm, run, sacct_rows, sbatch, wait_job
+from tests.slurm_util import job_state, require_slurm, run, sbatch, wait_job
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]

@@ -140,7 +140,6 @@ def test_gradient_accumulation_three_ranks():
 
 
 def _body_no_comm_on_micro_steps():
-    import torch
 
     from hpcllm import dist
     from hpcllm.train.grad_sync import GradSync

@@ -27,6 +27,10 @@ class InferConfig:
     return_logprobs: bool = False
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU
     cuda_graphs: bool = True  # replay the decode step as a CUDA graph (GPU only)
+    # this job is task `array_task` of `array_tasks` (set by `hpcllm submit` for job arrays; in a
+    # hand-written `sbatch --array` job SLURM_ARRAY_TASK_ID/COUNT are used): shards i % tasks == task
+    array_task: int = 0
+    array_tasks: int = 0
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:

@@ -180,6 +180,17 @@ def cut_at_stop_strings(tokens: list[int], decode, stops: list[str]) -> tuple[li
 # ------------------------------------------------------------------------------------ the job
 
 
+def array_slot(ic) -> tuple[int, int]:
+    """(task, tasks) of a job array, or (0, 1) for a plain job."""
+    if ic.array_tasks > 1:
+        return ic.array_task, ic.array_tasks
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
 def run_infer(spec: JobSpec, comm: Communicator) -> dict:
     ic = spec.infer
     prompts = open_prompt_dataset(ic.prompts)
@@ -205,12 +216,14 @@ def run_infer(spec: JobSpec, comm: Communicator) -> dict:
                     overflow=ic.overflow, use_cuda_graphs=ic.cuda_graphs)
     params = SamplingParams(max_new_tokens=ic.max_new_tokens, temperature=ic.temperature, top_k=ic.top_k,
                             top_p=ic.top_p, stop_token_ids=sorted(set(ic.stop_token_ids) | {tok.eos_id}), seed=ic.seed)
-    # rank 0 decides what is left, so every rank works from the same list
-    todo = comm.broadcast_object([i for i, s in enumerate(prompts.shards) if not is_done(out_dir, s)]
+    # rank 0 decides what is left (of this array task's share), so every rank works from one list
+    task, tasks = array_slot(ic)
+    mine_idx = [i for i in range(len(prompts.shards)) if i % tasks == task]
+    todo = comm.broadcast_object([i for i in mine_idx if not is_done(out_dir, prompts.shards[i])]
                                  if comm.rank == 0 else None)
-    skipped = len(prompts.shards) - len(todo)
+    skipped = len(mine_idx) - len(todo)
     if comm.rank == 0 and skipped:
-        log.info("resuming: %d of %d shards already done", skipped, len(prompts.shards))
+        log.info("resuming: %d of %d shards already done", skipped, len(mine_idx))
     total_records = sum(prompts.shards[i].n_records for i in todo)
     bar = None
     if comm.rank == 0:
@@ -261,7 +274,11 @@ def run_infer(spec: JobSpec, comm: Communicator) -> dict:
     summary = {k: sum(t[k] for t in totals) for k in mine} | {"skipped_shards": skipped,
                                                               "seconds": time.perf_counter() - t0}
     comm.barrier()
-    if comm.rank == 0:
+    missing = [s.path.name for s in prompts.shards if not is_done(out_dir, s)]
+    if comm.rank == 0 and missing:  # other array tasks still have shards to do
+        log.info("array task %d/%d done; %d shard(s) left to other tasks, no output manifest yet", task, tasks,
+                 len(missing))
+    elif comm.rank == 0:
         entries = [json.loads((out_dir / (out_name(s) + ".done")).read_text()) for s in prompts.shards]
         write_json_atomic(out_dir / "manifest.json", dict(format="hpcllm-outputs", format_version=1, mode=ic.mode,
                                                           prompts=str(prompts.path), model=ic.model,

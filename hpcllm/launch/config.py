@@ -29,6 +29,9 @@ class SlurmConfig:
     signal_delay_s: int = 120  # training: USR2 this long before the time limit -> checkpoint + requeue
     max_requeues: int = 3
     python: str = ""  # interpreter inside the job; "" = the one running hpcllm render/submit
+    # inference: split the prompt shards over a job array of this many tasks (0/1: one job)
+    array_tasks: int = 0
+    array_parallelism: int = 0  # array tasks running at once (0: all)
 
     def validate(self) -> None:
         if min(self.nodes, self.tasks_per_node, self.cpus_per_task) < 1 or self.gpus_per_node < 0:
@@ -46,5 +49,7 @@ class SlurmConfig:
         for line in self.setup + self.srun_args:
             if any(c in line for c in "\n\r\0"):
                 raise ValueError(f"{line!r}: one line per item (no newlines)")
+        if self.array_tasks < 0 or self.array_parallelism < 0:
+            raise ValueError("array_tasks and array_parallelism must be >= 0")
         if self.signal_delay_s < 0 or self.max_requeues < 0:
             raise ValueError("signal_delay_s and max_requeues must be >= 0")

@@ -54,11 +54,25 @@ def executor_for(spec: JobSpec, dependency: str | None = None):
     return ex
 
 
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (array indices must stay below it); Slurm's default if unknown."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1001
+    for line in out.splitlines():
+        if line.split("=")[0].strip() == "MaxArraySize":
+            return int(line.split("=", 1)[1])
+    return 1001
+
+
 class JobRunner:
     """What runs in every Slurm task: the job of the (resolved) spec."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, array_task: int = 0, array_tasks: int = 0):
         self.spec_dict = to_dict(spec)
+        if array_tasks > 1:
+            self.spec_dict["infer"].update(array_task=array_task, array_tasks=array_tasks)
 
     def __call__(self):
         spec = from_dict(JobSpec, self.spec_dict, source="<submitted spec>")
@@ -95,6 +109,22 @@ class JobRunner:
         raise HpcllmError(f"job {job} was not requeued within 300 s")
 
 
+def _submit_array(ex, spec: JobSpec) -> list:
+    """An inference job as job arrays: task i does shards i, i+n, ... (finished shards are skipped,
+    so retrying a failed task is safe). Arrays longer than the cluster's MaxArraySize are split."""
+    from hpcllm.data.prompts import open_prompt_dataset
+
+    n = min(spec.slurm.array_tasks, len(open_prompt_dataset(spec.infer.prompts).shards))
+    ex.update_parameters(slurm_array_parallelism=spec.slurm.array_parallelism or n)
+    chunk = max(1, max_array_size() - 1)
+    jobs = []
+    for start in range(0, n, chunk):
+        with ex.batch():
+            part = [ex.submit(JobRunner(spec, i, n)) for i in range(start, min(n, start + chunk))]
+        jobs += part
+    return jobs
+
+
 def submit(spec_paths: list[str], overrides: list[str], dry_run: bool = False, chain: bool = False) -> list[str]:
     import submitit
 
@@ -120,11 +150,16 @@ def submit(spec_paths: list[str], overrides: list[str], dry_run: bool = False, c
         with submitit.helpers.clean_env():  # drops SLURM_*: a job submitted from a job must not inherit them
             if conf:  # ... except where the cluster's configuration is
                 os.environ["SLURM_CONF"] = conf
-            job = ex.submit(JobRunner(spec))
-        ids.append(job.job_id)
-        print(f"submitted {spec.kind} job '{spec.name}' as {job.job_id}"
-              f"{f' (after {previous})' if dep else ''}: logs in {Path(spec.run_dir) / 'submitit' / job.job_id}")
-        previous = job.job_id
+            if spec.kind == "infer" and spec.slurm.array_tasks > 1:
+                jobs = _submit_array(ex, spec)
+            else:
+                jobs = [ex.submit(JobRunner(spec))]
+        job_ids = sorted({j.job_id.split("_")[0] for j in jobs}, key=int)  # array tasks are ID_i
+        ids += job_ids
+        print(f"submitted {spec.kind} job '{spec.name}' as {', '.join(job_ids)}"
+              f"{f' ({len(jobs)} array tasks)' if len(jobs) > 1 else ''}{f' (after {previous})' if dep else ''}: "
+              f"logs in {Path(spec.run_dir) / 'submitit'}")
+        previous = ":".join(job_ids)
     return ids
 
 

@@ -73,3 +73,53 @@ def test_chain_prepare_then_train_through_submitit(tmp_path):
     assert {r["State"] for r in sacct_rows(ids[1])} == {"COMPLETED"}
     log = (tmp_path / "train" / "submitit" / ids[1] / f"{ids[1]}_0_log.err").read_text()
     assert "2 rank(s), backend mpi" in log
+
+
+@pytest.mark.slurm
+def test_inference_job_array_with_a_failed_task_retried(tmp_path):
+    """5 prompt shards over 3 array tasks; one shard is corrupt at first, so its task fails and no
+    output manifest is written; after the shard is repaired, resubmitting finishes only what is left,
+    and the outputs equal a single-process run."""
+    require_slurm()
+    import shutil
+
+    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from tests.infer.test_job import outputs
+
+    save_hf_gpt2(GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
+                                 vocab_size=258)).init_weights(1), tmp_path / "model")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"id": i, "text": f"prompt {i} " * (1 + i % 3)})
+                                                for i in range(10)) + "\n")
+    (tmp_path / "prep.yaml").write_text(json.dumps({"kind": "prepare", "run_dir": str(tmp_path / "pr"), "data": {
+        "inputs": [str(tmp_path / "p.jsonl")], "output": "prompts", "id_field": "id", "prompts_per_shard": 2,
+        "dataset": str(tmp_path / "prompts")}}))
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(tmp_path / "prep.yaml")],
+                          capture_output=True).returncode == 0
+    infer = {"mode": "generate", "model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts"),
+             "max_new_tokens": 6, "temperature": 0.7, "seed": 2, "batch_size": 4}
+    (tmp_path / "ref.yaml").write_text(json.dumps({"kind": "infer", "name": "ref", "run_dir": str(tmp_path / "ref"),
+                                                   "infer": infer}))
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "infer", str(tmp_path / "ref.yaml")],
+                          capture_output=True).returncode == 0
+    spec = tmp_path / "arr.yaml"
+    spec.write_text(json.dumps({"kind": "infer", "name": "arr", "run_dir": str(tmp_path / "arr"), "infer": infer,
+                                "slurm": {"array_tasks": 3, "array_parallelism": 2, "time": "00:03:00"}}))
+    shard = tmp_path / "prompts" / "prompts-00001.h5"
+    good = shard.read_bytes()
+    shutil.copy(shard, tmp_path / "keep.h5")
+    shard.write_bytes(good[:300] + b"\0" * (len(good) - 300))  # same size, corrupt content
+    p = hpcllm_submit(str(spec))
+    assert p.returncode == 0, p.stderr
+    job = re.findall(r"as (\d+) \(3 array tasks\)", p.stdout)[0]
+    states = {i: wait_job(f"{job}_{i}", 120) for i in range(3)}
+    assert states == {0: "COMPLETED", 1: "FAILED", 2: "COMPLETED"}, states
+    out = tmp_path / "arr" / "outputs"
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.glob("*.done")) == ["out-00000.h5.done", "out-00002.h5.done",
+                                                          "out-00003.h5.done"]
+    shard.write_bytes(good)  # repaired: retry
+    p = hpcllm_submit(str(spec))
+    job = re.findall(r"as (\d+) \(3 array tasks\)", p.stdout)[0]
+    assert all(wait_job(f"{job}_{i}", 120) == "COMPLETED" for i in range(3))
+    assert (out / "manifest.json").exists()
+    assert outputs(tmp_path / "arr") == outputs(tmp_path / "ref")

@@ -18,6 +18,9 @@ log = logging.getLogger("hpcllm")
 
 
 def start(spec: JobSpec) -> dist.Communicator:
+    from hpcllm.launch.preflight import preflight
+
+    preflight(spec)  # before joining the other ranks: a missing input fails every rank at once
     comm = dist.init(spec.dist)
     if comm.rank == 0:
         os.makedirs(spec.run_dir, exist_ok=True)

@@ -17,6 +17,22 @@ def register(sub, bench) -> None:
     p.add_argument("--chain", action="store_true", help="each job starts after the previous one succeeded (afterok)")
     p.set_defaults(func=_submit)
 
+    p = sub.add_parser("debug", help="print (--run: run) the salloc/srun commands that reproduce a job interactively")
+    add_spec_args(p)
+    p.add_argument("--run", action="store_true", help="allocate and run the job under srun now")
+    p.set_defaults(func=_debug)
+
+
+def _debug(args) -> int:
+    from hpcllm.config import load_spec
+    from hpcllm.launch.debug import commands, run
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.run:
+        return run(spec, args.spec)
+    print("\n".join(commands(spec, args.spec)))
+    return 0
+
 
 def _submit(args) -> int:
     from hpcllm.launch.submit import main

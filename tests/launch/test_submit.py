@@ -123,3 +123,24 @@ def test_inference_job_array_with_a_failed_task_retried(tmp_path):
     assert all(wait_job(f"{job}_{i}", 120) == "COMPLETED" for i in range(3))
     assert (out / "manifest.json").exists()
     assert outputs(tmp_path / "arr") == outputs(tmp_path / "ref")
+
+
+@pytest.mark.slurm
+def test_debug_prints_and_runs_the_job_interactively(tmp_path):
+    require_slurm()
+    prep, train = specs(tmp_path)
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "debug", str(train)], capture_output=True, text=True)
+    assert p.returncode == 0
+    assert "salloc --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --time=00:03:00" in p.stdout
+    assert "--pty" in p.stdout and "-m pdb" in p.stdout and "HPCLLM_LOG_LEVEL=debug srun --mpi=pmix" in p.stdout
+    r = subprocess.run([sys.executable, "-m", "hpcllm.cli", "debug", str(train), "--run"], capture_output=True,
+                       text=True, env=slurm_env(), cwd=REPO, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "train" / "checkpoints" / "step_00000006").is_dir()
+
+
+def test_preflight_fails_fast_on_missing_inputs(tmp_path):
+    _, train = specs(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "train", str(train)], capture_output=True, text=True)
+    assert p.returncode == 2 and "data.dataset:" in p.stderr and "does not exist" in p.stderr

@@ -17,10 +17,33 @@ def register(sub, bench) -> None:
     p.add_argument("--chain", action="store_true", help="each job starts after the previous one succeeded (afterok)")
     p.set_defaults(func=_submit)
 
+    p = sub.add_parser("jobs", help="submitted jobs and their Slurm state (sacct)")
+    p.add_argument("run_dirs", nargs="*", help="run dirs (default: runs/*)")
+    p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds (at least 10)")
+    p.set_defaults(func=_jobs)
+    p = sub.add_parser("logs", help="a rank's stdout (or --err) of a submitted job")
+    p.add_argument("job", help="job id (array task: ID_i)")
+    p.add_argument("run_dirs", nargs="*", help="run dirs to look in (default: runs/*)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--err", action="store_true", help="stderr instead of stdout")
+    p.set_defaults(func=_logs)
+
     p = sub.add_parser("debug", help="print (--run: run) the salloc/srun commands that reproduce a job interactively")
     add_spec_args(p)
     p.add_argument("--run", action="store_true", help="allocate and run the job under srun now")
     p.set_defaults(func=_debug)
+
+
+def _jobs(args) -> int:
+    from hpcllm.launch.jobs import list_jobs
+
+    return list_jobs(args.run_dirs, args.watch)
+
+
+def _logs(args) -> int:
+    from hpcllm.launch.jobs import show_logs
+
+    return show_logs(args.job, args.rank, args.err, args.run_dirs)
 
 
 def _debug(args) -> int:

@@ -76,6 +76,13 @@ class JobRunner:
 
     def __call__(self):
         spec = from_dict(JobSpec, self.spec_dict, source="<submitted spec>")
+        # one thread per allocated CPU, as the rendered sbatch scripts do (submitit exports nothing)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:
+            import torch
+
+            os.environ["OMP_NUM_THREADS"] = cpus
+            torch.set_num_threads(int(cpus))
         if spec.kind == "train":
             from hpcllm.train.cli import run_train_job
             from hpcllm.train.signals import EXIT_REQUEUE
@@ -104,7 +111,9 @@ class JobRunner:
                               f"{spec.slurm.max_requeues}): resubmit to continue from the checkpoint")
         if os.environ.get("SLURM_PROCID", "0") == "0":
             print(f"hpcllm: checkpointed, requeueing job {job} (restart {restarts})", flush=True)
-            subprocess.run(["scontrol", "requeue", job], check=True)
+            p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if p.returncode != 0:  # e.g. `scontrol requeue` by someone else is what stopped us
+                print(f"hpcllm: scontrol requeue {job}: {p.stderr.strip()} (already being requeued?)", flush=True)
         time.sleep(300)  # Slurm ends this task when it requeues the job
         raise HpcllmError(f"job {job} was not requeued within 300 s")
 
@@ -156,6 +165,10 @@ def submit(spec_paths: list[str], overrides: list[str], dry_run: bool = False, c
                 jobs = [ex.submit(JobRunner(spec))]
         job_ids = sorted({j.job_id.split("_")[0] for j in jobs}, key=int)  # array tasks are ID_i
         ids += job_ids
+        from hpcllm.launch.jobs import record_submission
+
+        for jid in job_ids:
+            record_submission(spec.run_dir, jid, spec.kind, spec.name, len(jobs))
         print(f"submitted {spec.kind} job '{spec.name}' as {', '.join(job_ids)}"
               f"{f' ({len(jobs)} array tasks)' if len(jobs) > 1 else ''}{f' (after {previous})' if dep else ''}: "
               f"logs in {Path(spec.run_dir) / 'submitit'}")

@@ -73,6 +73,19 @@ def test_chain_prepare_then_train_through_submitit(tmp_path):
     assert {r["State"] for r in sacct_rows(ids[1])} == {"COMPLETED"}
     log = (tmp_path / "train" / "submitit" / ids[1] / f"{ids[1]}_0_log.err").read_text()
     assert "2 rank(s), backend mpi" in log
+    # hpcllm jobs / logs
+    j = subprocess.run([sys.executable, "-m", "hpcllm.cli", "jobs", str(tmp_path / "prep"), str(tmp_path / "train")],
+                       capture_output=True, text=True, env=slurm_env())
+    assert j.returncode == 0, j.stderr
+    lines = {line.split()[0]: line.split() for line in j.stdout.splitlines()[1:]}
+    assert lines[ids[0]][1:2] == ["prepare"] and "COMPLETED" in lines[ids[0]]
+    assert lines[ids[1]][1:2] == ["train"] and "COMPLETED" in lines[ids[1]]
+    lg = subprocess.run([sys.executable, "-m", "hpcllm.cli", "logs", ids[1], str(tmp_path / "train"), "--err"],
+                        capture_output=True, text=True)
+    assert lg.returncode == 0 and "2 rank(s), backend mpi" in lg.stdout
+    lg = subprocess.run([sys.executable, "-m", "hpcllm.cli", "logs", ids[1], str(tmp_path / "train"), "--rank", "7"],
+                        capture_output=True, text=True)
+    assert lg.returncode == 1 and "rank 7 does not exist" in lg.stderr
 
 
 @pytest.mark.slurm
@@ -144,3 +157,43 @@ def test_preflight_fails_fast_on_missing_inputs(tmp_path):
     _, train = specs(tmp_path)
     p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "train", str(train)], capture_output=True, text=True)
     assert p.returncode == 2 and "data.dataset:" in p.stderr and "does not exist" in p.stderr
+
+
+@pytest.mark.slurm
+def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path):
+    """scontrol requeue kills the job without warning: it restarts from its last periodic checkpoint
+    and still ends with the parameters of an uninterrupted run. scancel ends it as CANCELLED."""
+    require_slurm()
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.mpi_util import run_mpi
+
+    prep, train = specs(tmp_path)
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    t = json.loads(train.read_text())
+    t["train"].update(max_steps=300, log_interval=1, ckpt_interval=50)
+    ref = dict(t, name="ref", run_dir=str(tmp_path / "ref"))
+    (tmp_path / "ref.yaml").write_text(json.dumps(ref))
+    assert run_mpi(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")]).returncode == 0
+    train.write_text(json.dumps(t))
+    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+    ckpts = tmp_path / "train" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.exists() and any(ckpts.iterdir())):
+        time.sleep(0.5)
+    assert run(["scontrol", "requeue", job]).returncode == 0
+    assert wait_job(job, 240) == "COMPLETED"
+    a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_00000300" / "model.safetensors"))
+    b = load_file(str(ckpts / "step_00000300" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    # cancel
+    t["train"]["max_steps"] = 100000
+    train.write_text(json.dumps(dict(t, run_dir=str(tmp_path / "long"))))
+    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "long" / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    assert run(["scancel", job]).returncode == 0
+    assert wait_job(job, 60) == "CANCELLED"

@@ -1,0 +1,79 @@
+"""`hpcllm jobs [RUN_DIR...]` and `hpcllm logs JOB [--rank N]`: what was submitted, its state (one
+`sacct` call per listing; `--watch` polls no faster than every 10 s), and each rank's output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from hpcllm.errors import HpcllmError
+
+RECORD = "jobs.jsonl"
+MIN_POLL_S = 10.0
+
+
+def record_submission(run_dir: str | Path, job_id: str, kind: str, name: str, tasks: int) -> None:
+    with open(Path(run_dir) / RECORD, "a") as f:
+        f.write(json.dumps({"job_id": job_id, "kind": kind, "name": name, "array_tasks": tasks,
+                            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def _records(run_dirs: list[str]) -> list[dict]:
+    dirs = [Path(d) for d in run_dirs] or sorted(p.parent for p in Path("runs").glob(f"*/{RECORD}"))
+    out = []
+    for d in dirs:
+        f = d / RECORD
+        if f.exists():
+            out += [dict(json.loads(line), run_dir=str(d)) for line in f.read_text().splitlines() if line.strip()]
+    return out
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, dict]:
+    if not job_ids:
+        return {}
+    p = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed,ExitCode"],
+                       capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise HpcllmError(f"sacct failed: {p.stderr.strip()} (is SLURM_CONF set / accounting enabled?)")
+    rows = {}
+    for line in p.stdout.splitlines():
+        jid, state, elapsed, code = line.split("|")
+        rows[jid] = dict(state=state.split()[0], elapsed=elapsed, exit=code)
+    return rows
+
+
+def list_jobs(run_dirs: list[str], watch: float = 0.0) -> int:
+    while True:
+        recs = _records(run_dirs)
+        if not recs:
+            print("no submitted jobs found (hpcllm submit records them in RUN_DIR/jobs.jsonl)")
+            return 0
+        states = sacct_states([r["job_id"] for r in recs])
+        print(f"{'JOBID':<14} {'KIND':<8} {'NAME':<24} {'STATE':<12} {'ELAPSED':<10} {'EXIT':<6} RUN_DIR")
+        for r in recs:
+            rows = {k: v for k, v in states.items() if k == r["job_id"] or k.startswith(r["job_id"] + "_")}
+            if not rows:
+                rows = {r["job_id"]: dict(state="UNKNOWN", elapsed="", exit="")}
+            for jid, st in sorted(rows.items()):
+                print(f"{jid:<14} {r['kind']:<8} {r['name'][:24]:<24} {st['state']:<12} {st['elapsed']:<10} "
+                      f"{st['exit']:<6} {r['run_dir']}")
+        if not watch:
+            return 0
+        time.sleep(max(MIN_POLL_S, watch))  # never hammer slurmctld/slurmdbd
+        print()
+
+
+def show_logs(job: str, rank: int, err: bool, run_dirs: list[str]) -> int:
+    base = job.split("_")[0]
+    for r in _records(run_dirs):
+        if r["job_id"] != base:
+            continue
+        folder = Path(r["run_dir"]) / "submitit" / job
+        path = folder / f"{job}_{rank}_log.{'err' if err else 'out'}"
+        if not path.exists():
+            raise HpcllmError(f"{path}: no such log (not started yet, or rank {rank} does not exist)")
+        print(path.read_text(), end="")
+        return 0
+    raise HpcllmError(f"job {job}: not found in any RUN_DIR/{RECORD} (pass the run dir: hpcllm logs JOB RUN_DIR)")

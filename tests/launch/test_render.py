@@ -131,3 +131,30 @@ def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_pat
     a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_00000400" / "model.safetensors"))
     b = load_file(str(tmp_path / "job" / "checkpoints" / "step_00000400" / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.slurm
+def test_rendered_prepare_and_infer_scripts_run_to_completion(tmp_path):
+    require_slurm()
+    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": f"prompt number {i}"}) for i in range(6)) + "\n")
+    save_hf_gpt2(GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
+                                 vocab_size=258)).init_weights(0), tmp_path / "model")
+    prep = {"kind": "prepare", "name": "rprep", "run_dir": str(tmp_path / "rprep"),
+            "data": {"inputs": [str(tmp_path / "p.jsonl")], "output": "prompts", "prompts_per_shard": 2,
+                     "dataset": str(tmp_path / "prompts")}, "slurm": {"tasks_per_node": 2, "time": "00:02:00"}}
+    inf = {"kind": "infer", "name": "rinfer", "run_dir": str(tmp_path / "rinfer"),
+           "infer": {"model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts"), "max_new_tokens": 4},
+           "slurm": {"tasks_per_node": 2, "time": "00:02:00"}}
+    for name, spec in (("prep", prep), ("infer", inf)):
+        (tmp_path / f"{name}.yaml").write_text(json.dumps(spec))
+        out = tmp_path / f"{name}.sbatch"
+        r = subprocess.run([sys.executable, "-m", "hpcllm.cli", "render", str(tmp_path / f"{name}.yaml"), "-o", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        job = sbatch(out.read_text(), tmp_path)
+        assert wait_job(job, 120) == "COMPLETED", [p.read_text()[-500:] for p in (tmp_path / spec["run_dir"]).rglob("*.out")]
+    assert (tmp_path / "prompts" / "manifest.json").exists()
+    man = json.loads((tmp_path / "rinfer" / "outputs" / "manifest.json").read_text())
+    assert man["n_records"] == 6 and len(man["shards"]) == 3

@@ -25,7 +25,7 @@ from hpcllm.data.prompts import PromptDataset, PromptShard, open_prompt_dataset
 from hpcllm.data.shards import ragged, sha256_file, write_json_atomic
 from hpcllm.dist import Communicator
 from hpcllm.errors import DataError, HpcllmError
-from hpcllm.infer.engine import Engine, GenResult, ScoreResult
+from hpcllm.infer.engine import Engine
 from hpcllm.infer.sampling import SamplingParams
 
 log = logging.getLogger("hpcllm.infer")
@@ -321,5 +321,3 @@ def export_jsonl(run_dir: str | Path, out: str | Path) -> int:
     os.replace(tmp, out)
     return n
 
-
-__all__ = ["run_infer", "export_jsonl", "GenResult", "ScoreResult"]

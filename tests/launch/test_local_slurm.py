@@ -73,7 +73,7 @@ def test_bench_allreduce_under_srun_all_backends(tmp_path):
     for impl in ("mpi", "torch", "horovod"):
         assert f"# backend {impl}" in out
         rows = [line.split() for line in out.splitlines() if not line.startswith("#") and line.split()[2:3] == [impl]]
-        assert len(rows) == 2 and all(float(r[3]) > 0 and float(r[6].rstrip("x")) > 0 for r in rows), out
+        assert len(rows) == 2 and all(len(r) == 7 and float(r[3]) > 0 and r[6].endswith("x") for r in rows), out
 
 
 def test_train_under_srun_two_tasks(tmp_path):

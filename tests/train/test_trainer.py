@@ -83,9 +83,9 @@ def test_two_ranks_train_falling_loss_metrics_plot(tmp_path, dataset):
 
 
 def test_crash_then_exact_resume_bitwise(tmp_path, dataset):
-    full = train_spec(tmp_path, dataset, name="full", max_steps=40)
+    full = train_spec(tmp_path, dataset, name="full", max_steps=200)
     assert hpcllm("train", str(full)).returncode == 0
-    part = train_spec(tmp_path, dataset, name="part", max_steps=40)
+    part = train_spec(tmp_path, dataset, name="part", max_steps=200)
     proc = subprocess.Popen([sys.executable, "-m", "hpcllm.cli", "train", str(part)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "part" / "metrics.jsonl"
@@ -94,13 +94,13 @@ def test_crash_then_exact_resume_bitwise(tmp_path, dataset):
     proc.kill()  # a crash: no goodbye, no final checkpoint
     proc.wait()
     crashed_at = len(metrics.read_text().splitlines())
-    assert 10 <= crashed_at < 40, "the run finished before it could be killed"
+    assert 10 <= crashed_at < 200, "the run finished before it could be killed"
     r = hpcllm("train", str(part))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr
     assert losses(tmp_path / "part") == losses(tmp_path / "full")  # bitwise, and metrics read as one run
     (wa, na), (wb, nb) = weights(tmp_path / "full"), weights(tmp_path / "part")
-    assert na == nb == "step_00000040"
+    assert na == nb == "step_00000200"
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

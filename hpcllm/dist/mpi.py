@@ -128,3 +128,4 @@ class MPICommunicator(Communicator):
                 fut.set_result(None)
             except Exception as e:  # surfaces in Work.wait() on the main thread
                 fut.set_exception(e)
+            del item, arr  # the buffer views a tensor: let the main thread hold its last reference

@@ -46,13 +46,19 @@ class Watchdog:
 
     def enter(self, what: str, tensor: Any = None) -> None:
         self._seq += 1
-        self._active = (self._seq, what, tensor, time.monotonic())
+        # keep the tensor's size, never the tensor: a reference held here could make this daemon
+        # thread free the last copy of it, and a torch tensor freed while the interpreter exits
+        # aborts the process ("terminate called without an active exception")
+        size = None if tensor is None else (tensor.numel() * tensor.element_size(), tensor.dtype)
+        self._active = (self._seq, what, size, time.monotonic())
 
     def leave(self) -> None:
         self._active = None
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
 
     # ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -62,11 +68,11 @@ class Watchdog:
                 self._fire(*active)
                 return
 
-    def _fire(self, seq: int, what: str, tensor: Any, t0: float) -> None:
+    def _fire(self, seq: int, what: str, size: tuple[int, Any] | None, t0: float) -> None:
         waited = time.monotonic() - t0
         desc = what
-        if tensor is not None:
-            desc += f" of {tensor.numel() * tensor.element_size() / 2**20:.2f} MB {str(tensor.dtype)[6:]}"
+        if size is not None:
+            desc += f" of {size[0] / 2**20:.2f} MB {str(size[1])[6:]}"
         msg = (
             f"[hpcllm rank {self.rank}] collective #{seq} ({desc}) did not complete within "
             f"dist.timeout_s={self.timeout_s:g} s (waited {waited:.1f} s)"

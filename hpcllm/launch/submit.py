@@ -108,6 +108,13 @@ class JobRunner:
         if job is None or restarts >= spec.slurm.max_requeues:
             raise HpcllmError(f"checkpointed and stopped; not requeued (restart {restarts}, max_requeues "
                               f"{spec.slurm.max_requeues}): resubmit to continue from the checkpoint")
+        # A stop asked for while the job runs (the time-limit signal, scancel --signal) is ours to requeue.
+        # If Slurm is already ending the job (scancel, scontrol requeue, time limit, preemption: all send
+        # SIGTERM), its own decision stands: a cancel must stay a cancel.
+        state = controller_state(job)
+        if state not in (None, "RUNNING"):
+            print(f"hpcllm: job {job} is {state} (Slurm is ending it): checkpointed, not requeueing", flush=True)
+            return
         if os.environ.get("SLURM_PROCID", "0") == "0":
             print(f"hpcllm: checkpointed, requeueing job {job} (restart {restarts})", flush=True)
             p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -115,6 +122,18 @@ class JobRunner:
                 print(f"hpcllm: scontrol requeue {job}: {p.stderr.strip()} (already being requeued?)", flush=True)
         time.sleep(300)  # Slurm ends this task when it requeues the job
         raise HpcllmError(f"job {job} was not requeued within 300 s")
+
+
+def controller_state(job: str) -> str | None:
+    """The job's state as slurmctld has it now (sacct lags behind), or None if it can't be asked."""
+    try:
+        p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for tok in p.stdout.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
+    return None
 
 
 def _submit_array(ex, spec: JobSpec) -> list:

@@ -93,6 +93,10 @@ def _train_spec(tmp_path, ds, name, steps):
             "slurm": {"tasks_per_node": 2, "time": "00:05:00", "max_requeues": 2}}
 
 
+# ~80 steps/s here: long enough (~20 s) that the signal sent after 20 steps always lands mid-run
+STEPS = 1500
+
+
 @pytest.mark.slurm
 def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_path):
     require_slurm()
@@ -100,12 +104,12 @@ def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_pat
 
     ds = _prepare_small(tmp_path)
     # reference: the same job on 2 ranks, uninterrupted
-    (tmp_path / "ref.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "ref", 400)))
+    (tmp_path / "ref.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "ref", STEPS)))
     from tests.mpi_util import run_mpi
 
     ref = run_mpi(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")])
     assert ref.returncode == 0, ref.stderr[-2000:]
-    (tmp_path / "job.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "job", 400)))
+    (tmp_path / "job.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "job", STEPS)))
     script = tmp_path / "job.sbatch"
     r = subprocess.run([sys.executable, "-m", "hpcllm.cli", "render", str(tmp_path / "job.yaml"), "-o", str(script)],
                        capture_output=True, text=True, cwd=REPO)
@@ -128,8 +132,8 @@ def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_pat
     assert "REQUEUED" in restarts, restarts
     losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
     assert losses("job") == losses("ref")
-    a = load_file(str(tmp_path / "ref" / "checkpoints" / "step_00000400" / "model.safetensors"))
-    b = load_file(str(tmp_path / "job" / "checkpoints" / "step_00000400" / "model.safetensors"))
+    a = load_file(str(tmp_path / "ref" / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
+    b = load_file(str(tmp_path / "job" / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from hpcllm.config import JobSpec, from_dict, load_spec, to_dict
-from hpcllm.errors import ConfigError, HpcllmError
+from hpcllm.errors import ConfigError
 from hpcllm.launch.render import job_name
+from hpcllm.train.signals import EXIT_REQUEUE
 
 
 def minutes(slurm_time: str) -> int:
@@ -84,7 +86,6 @@ class JobRunner:
             torch.set_num_threads(int(cpus))
         if spec.kind == "train":
             from hpcllm.train.cli import run_train_job
-            from hpcllm.train.signals import EXIT_REQUEUE
 
             if run_train_job(spec) == EXIT_REQUEUE:
                 self._requeue(spec)
@@ -106,8 +107,11 @@ class JobRunner:
     def _requeue(self, spec: JobSpec) -> None:
         job, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if job is None or restarts >= spec.slurm.max_requeues:
-            raise HpcllmError(f"checkpointed and stopped; not requeued (restart {restarts}, max_requeues "
-                              f"{spec.slurm.max_requeues}): resubmit to continue from the checkpoint")
+            # a plain message and the trainer's status, not a traceback through submitit
+            print(f"hpcllm: checkpointed and stopped; not requeued (restart {restarts}, max_requeues "
+                  f"{spec.slurm.max_requeues}): submit again to continue from the checkpoint in {spec.run_dir}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_REQUEUE)
         # A stop asked for while the job runs (the time-limit signal, scancel --signal) is ours to requeue.
         # If Slurm is already ending the job (scancel, scontrol requeue, time limit, preemption: all send
         # SIGTERM), its own decision stands: a cancel must stay a cancel.
@@ -121,7 +125,8 @@ class JobRunner:
             if p.returncode != 0:  # e.g. `scontrol requeue` by someone else is what stopped us
                 print(f"hpcllm: scontrol requeue {job}: {p.stderr.strip()} (already being requeued?)", flush=True)
         time.sleep(300)  # Slurm ends this task when it requeues the job
-        raise HpcllmError(f"job {job} was not requeued within 300 s")
+        print(f"hpcllm: job {job} was not requeued within 300 s", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_REQUEUE)
 
 
 def controller_state(job: str) -> str | None:

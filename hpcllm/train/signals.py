@@ -24,6 +24,14 @@ class StopRequest:
         env_end = os.environ.get("SLURM_JOB_END_TIME")
         self.end_time = end_time if end_time is not None else (float(env_end) if env_end else None)
         self.margin_s = margin_s
+        if self.end_time is not None:
+            # a margin longer than the time left would stop every restart before its first step: keep
+            # at least half of the run for training
+            left = self.end_time - time.time()
+            if margin_s > left / 2:
+                self.margin_s = max(left / 2, 0.0)
+                log.warning("train.end_time_margin_s=%g s but only %.0f s left before the Slurm time limit: "
+                            "stopping %.0f s before it instead", margin_s, left, self.margin_s)
         self._previous = {}
 
     def install(self) -> "StopRequest":

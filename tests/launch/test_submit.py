@@ -197,3 +197,30 @@ def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path):
         time.sleep(0.5)
     assert run(["scancel", job]).returncode == 0
     assert wait_job(job, 60) == "CANCELLED"
+
+
+@pytest.mark.slurm
+def test_training_job_stops_before_its_time_limit_requeues_and_resumes(tmp_path):
+    """A real 1-minute time limit: each start trains until end_time_margin_s before SLURM_JOB_END_TIME,
+    checkpoints, and requeues itself; the restart resumes from that checkpoint. With max_requeues=1 the
+    second stop is not requeued: the job fails with a message saying where to continue from."""
+    require_slurm()
+    prep, train = specs(tmp_path)
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    t = json.loads(train.read_text())
+    t["train"].update(max_steps=1_000_000, log_interval=50, ckpt_interval=0, end_time_margin_s=45)
+    t["slurm"].update(time="00:01:00", max_requeues=1)
+    train.write_text(json.dumps(t))
+    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+    assert wait_job(job, 150) == "FAILED"
+    logs = tmp_path / "train" / "submitit" / job
+    out = (logs / f"{job}_0_log.out").read_text() + (logs / f"{job}_0_log.err").read_text()
+    # Slurm's USR2 (--signal=USR2@120, sent at once for a 1-minute job) or our own margin: whichever first
+    stops = re.findall(r"stopping at step \d+ \((signal SIGUSR2|within 45 s of the Slurm time limit)\)", out)
+    assert len(stops) == 2, out[-3000:]
+    assert "requeueing job" in out and "resumed from" in out
+    assert "not requeued (restart 1, max_requeues 1): submit again" in out and "Traceback" not in out, out[-3000:]
+    states = run(["sacct", "-j", job, "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
+    assert states.count("REQUEUED") == 1, states
+    steps = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "train" / "checkpoints").iterdir())
+    assert len(steps) == 2 and 0 < steps[0] < steps[1], steps  # the second start went on from the first

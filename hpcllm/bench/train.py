@@ -1,9 +1,12 @@
 """`hpcllm bench train`: tokens/s of hpcllm's data-parallel step beside torch DDP, and scaling.
 
 Spawns its own runs: `mpirun -np N` (and 1 rank, for scaling efficiency) of this module's worker.
-In each run both implementations train the same model on the same synthetic batches — hpcllm's
-bucketed gradient sync on the mpi backend, and torch DistributedDataParallel on gloo — in
-alternating timed rounds; the median round of each is reported. One thread per rank.
+In each run the implementations train the same model on the same synthetic batches in alternating
+timed rounds — hpcllm's bucketed gradient sync on the mpi backend, torch DistributedDataParallel on
+gloo, and the same step with no communication at all (every rank trains alone) — and the median
+round of each is reported. The last one is the machine's own ceiling for scaling: N ranks sharing
+memory bandwidth and caches are slower per rank than one rank alone, with or without communication,
+so "hpcllm / no communication" is the share of it that data parallelism keeps. One thread per rank.
 """
 
 from __future__ import annotations
@@ -57,7 +60,16 @@ def _worker(args: dict) -> None:
             ddp_model(x[:, :-1], x[:, 1:])[1].backward()
             opt_b.step()
 
-    impls = {"hpcllm": step_ours} | ({"ddp": step_ddp} if ddp_model is not None else {})
+        alone = GPT(cfg).init_weights(0)
+        opt_c = alone.configure_optimizer(0.1, 1e-4, fused=False)
+
+        def step_alone(i):
+            x = data[i % 4]
+            opt_c.zero_grad()
+            alone(x[:, :-1], x[:, 1:])[1].backward()
+            opt_c.step()
+
+    impls = {"hpcllm": step_ours} | ({"ddp": step_ddp, "alone": step_alone} if ddp_model is not None else {})
     times = {k: [] for k in impls}
     for fn in impls.values():
         for i in range(2):
@@ -96,17 +108,22 @@ def _run(n: int, args: dict) -> dict:
 
 def main(args) -> int:
     conf = dict(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                bucket_mb=args.bucket_mb, rounds=3)
+                bucket_mb=args.bucket_mb, rounds=args.rounds)
     print(f"# hpcllm bench train: model {args.model}, {args.ranks} ranks x batch {args.batch_size} x seq "
-          f"{args.seq_len}, {args.steps} steps per round, median of 3 rounds, 1 thread per rank", flush=True)
+          f"{args.seq_len}, {args.steps} steps per round, median of {args.rounds} rounds, 1 thread per rank",
+          flush=True)
     multi = _run(args.ranks, conf)
     single = _run(1, conf)
     print(f"  params {multi['params'] / 1e6:.1f}M")
     print(f"  {args.ranks} ranks  hpcllm (mpi)  {multi['hpcllm']:>10,.0f} tokens/s")
     print(f"  {args.ranks} ranks  torch DDP     {multi['ddp']:>10,.0f} tokens/s")
     print(f"  ratio hpcllm / DDP            {multi['hpcllm'] / multi['ddp']:.2f}x")
+    print(f"  {args.ranks} ranks  no communication {multi['alone']:>7,.0f} tokens/s  (every rank trains alone)")
     print(f"  1 rank   hpcllm        {single['hpcllm']:>10,.0f} tokens/s")
-    print(f"  scaling efficiency {args.ranks} vs 1 rank  {multi['hpcllm'] / (args.ranks * single['hpcllm']):.2f}")
+    ideal = args.ranks * single["hpcllm"]
+    print(f"  scaling efficiency {args.ranks} vs 1 rank  hpcllm {multi['hpcllm'] / ideal:.2f}, DDP "
+          f"{multi['ddp'] / ideal:.2f}, ceiling without communication {multi['alone'] / ideal:.2f}")
+    print(f"  hpcllm / no communication     {multi['hpcllm'] / multi['alone']:.2f}x")
     return 0
 
 

@@ -80,6 +80,11 @@ class Communicator(ABC):
         self.allreduce(t, "max")
         return bool(t.item() > 0)
 
+    def progress(self) -> None:
+        """Let outstanding asynchronous collectives advance. The gradient sync calls it from its
+        hooks during backward; backends whose collectives progress on their own (a thread, NCCL,
+        gloo) have nothing to do."""
+
     def close(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()

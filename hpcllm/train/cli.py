@@ -28,7 +28,8 @@ def register(sub, bench) -> None:
     p.add_argument("--model", default="small", help="model preset (default small, ~10M params)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=6, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (the median is reported)")
     p.add_argument("--bucket-mb", type=float, default=4.0)
     p.set_defaults(func=_bench)
 

@@ -82,6 +82,7 @@ class GradSync:
     def _on_grad(self, p: torch.Tensor) -> None:
         if not self.sync:
             return
+        self.comm.progress()  # advance the buckets already in flight (MPI on CPU needs the calls)
         b = self.buckets[self._bucket_of[p]]
         b.ready += 1
         if b.ready == len(b.params):

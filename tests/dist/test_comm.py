@@ -34,6 +34,15 @@ def _body_collectives(backend: str) -> dict:
     for w in works:
         w.wait()
     out["async"] = [float(b[0]) for b in bufs] + [float(b[-1]) for b in bufs]
+    # averaging, and fp32 (non-blocking on the mpi backend) in flight together with bf16 (its comm thread)
+    mixed = [torch.full((3000,), float(r + 1)), torch.full((5,), float(r + 1))]
+    if backend != "horovod":
+        mixed.insert(1, torch.full((7,), float(r + 1), dtype=torch.bfloat16))
+    works = [comm.allreduce(m, "avg", async_op=True) for m in mixed]
+    comm.progress()
+    for w in works:
+        w.wait()
+    out["async_avg"] = sorted({float(x) for m in mixed for x in m.float()})
     # integer and bf16 tensors (bf16 is staged through fp32 on the mpi backend)
     i = torch.tensor([r + 1], dtype=torch.int64)
     comm.allreduce(i, "sum")
@@ -62,6 +71,7 @@ def _expected(r: int, n: int) -> dict:
         "avg": [sum(range(1, n + 1)) / n] * 3,
         "max": [float(n - 1), 0.0],
         "async": [float(sum(q + i for q in range(n))) for i in range(4)] * 2,
+        "async_avg": [(n + 1) / 2],
         "int": n * (n + 1) // 2,
         "bcast": [float(n - 1 + 10)] * 4,
         "gather": [{"r": q, "s": "x" * q} for q in range(n)],

@@ -33,6 +33,18 @@ class SlurmConfig:
     array_tasks: int = 0
     array_parallelism: int = 0  # array tasks running at once (0: all)
 
+    def seconds(self) -> int:
+        """The time limit in seconds."""
+        days, _, hms = self.time.rpartition("-")
+        parts = [int(p) for p in hms.split(":")]
+        h, m, sec = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
+        return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+    def warning_signal_s(self) -> int:
+        """signal_delay_s, cut to half the time limit: a warning longer than the job would come at
+        its start, on every start, and the job would requeue itself without making progress."""
+        return min(self.signal_delay_s, self.seconds() // 2)
+
     def validate(self) -> None:
         if min(self.nodes, self.tasks_per_node, self.cpus_per_task) < 1 or self.gpus_per_node < 0:
             raise ValueError("nodes, tasks_per_node, cpus_per_task must be >= 1 and gpus_per_node >= 0")

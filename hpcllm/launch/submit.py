@@ -43,7 +43,7 @@ def executor_for(spec: JobSpec, dependency: str | None = None):
         extra["dependency"] = dependency
     params = dict(name=job_name(spec), timeout_min=minutes(s.time), nodes=s.nodes, tasks_per_node=s.tasks_per_node,
                   cpus_per_task=s.cpus_per_task, slurm_setup=list(s.setup), slurm_srun_args=list(s.srun_args),
-                  slurm_signal_delay_s=s.signal_delay_s, slurm_additional_parameters=extra)
+                  slurm_signal_delay_s=s.warning_signal_s(), slurm_additional_parameters=extra)
     if s.gpus_per_node:
         params["gpus_per_node"] = s.gpus_per_node
     for key in ("partition", "account", "qos", "constraint", "mem"):
@@ -86,6 +86,9 @@ class JobRunner:
             torch.set_num_threads(int(cpus))
         if spec.kind == "train":
             from hpcllm.train.cli import run_train_job
+            from hpcllm.train.signals import catch_early_signals
+
+            catch_early_signals()  # replaces submitit's handlers: the trainer decides what a signal means
 
             if run_train_job(spec) == EXIT_REQUEUE:
                 self._requeue(spec)

@@ -36,8 +36,10 @@ def register(sub, bench) -> None:
 
 def run_train_job(spec) -> int:
     from hpcllm import runtime
+    from hpcllm.train.signals import catch_early_signals
     from hpcllm.train.trainer import train
 
+    catch_early_signals()
     if spec.kind != "train":
         raise ConfigError(f"kind is '{spec.kind}', `hpcllm train` runs kind: train")
     comm = runtime.start(spec)

@@ -18,6 +18,21 @@ EXIT_REQUEUE = 85
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
+_early: list[str] = []
+
+
+def catch_early_signals() -> None:
+    """Remember a stop signal that comes before the trainer installs its own handler — Slurm may send
+    the time-limit warning at the very start of a short job — instead of dying of it (or letting
+    submitit's handler end the job). The trainer's StopRequest picks it up."""
+
+    def remember(signum, frame) -> None:
+        _early.append(f"signal {signal.Signals(signum).name}")
+
+    for sig in SIGNALS:
+        signal.signal(sig, remember)
+
+
 class StopRequest:
     def __init__(self, margin_s: float = 120.0, end_time: float | None = None):
         self.reason: str | None = None
@@ -37,6 +52,9 @@ class StopRequest:
     def install(self) -> "StopRequest":
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        if _early and self.reason is None:
+            self.reason = _early[0]
+        _early.clear()
         return self
 
     def uninstall(self) -> None:

@@ -30,3 +30,27 @@ def test_margin_longer_than_the_job_is_cut_to_half_the_time_left():
     stop = StopRequest(margin_s=120, end_time=time.time() + 60)
     assert 29 <= stop.margin_s <= 30
     assert not stop.requested()
+
+
+def test_a_signal_before_the_trainer_starts_is_not_lost():
+    from hpcllm.train.signals import catch_early_signals
+
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        catch_early_signals()
+        os.kill(os.getpid(), signal.SIGUSR2)  # e.g. Slurm's warning while the job still imports torch
+        stop = StopRequest(end_time=None).install()
+        assert stop.requested() and stop.reason == "signal SIGUSR2"
+        stop.uninstall()
+        assert not StopRequest(end_time=None).install().requested()  # taken once
+    finally:
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, before if sig == signal.SIGUSR2 else signal.SIG_DFL)
+
+
+def test_warning_signal_is_cut_to_half_the_time_limit():
+    from hpcllm.launch.config import SlurmConfig
+
+    assert SlurmConfig(time="01:00:00").warning_signal_s() == 120
+    assert SlurmConfig(time="00:01:00").warning_signal_s() == 30
+    assert SlurmConfig(time="1-00:00:00", signal_delay_s=600).seconds() == 86400

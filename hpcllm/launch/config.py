@@ -10,6 +10,14 @@ _MEM = re.compile(r"^\d+[KMGT]?$")
 _WORD = re.compile(r"^[A-Za-z0-9_.,:&|\-\[\]]*$")  # partition / account / qos / constraint
 
 
+def time_seconds(slurm_time: str) -> int:
+    """Seconds in a Slurm time: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]."""
+    days, _, hms = slurm_time.rpartition("-")
+    parts = [int(p) for p in hms.split(":")]
+    h, m, sec = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
 @dataclass
 class SlurmConfig:
     nodes: int = 1
@@ -35,10 +43,7 @@ class SlurmConfig:
 
     def seconds(self) -> int:
         """The time limit in seconds."""
-        days, _, hms = self.time.rpartition("-")
-        parts = [int(p) for p in hms.split(":")]
-        h, m, sec = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
-        return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+        return time_seconds(self.time)
 
     def warning_signal_s(self) -> int:
         """signal_delay_s, cut to half the time limit: a warning longer than the job would come at

@@ -18,15 +18,13 @@ from pathlib import Path
 
 from hpcllm.config import JobSpec, from_dict, load_spec, to_dict
 from hpcllm.errors import ConfigError
+from hpcllm.launch.config import time_seconds
 from hpcllm.launch.render import job_name
 from hpcllm.train.signals import EXIT_REQUEUE
 
 
 def minutes(slurm_time: str) -> int:
-    days, _, hms = slurm_time.rpartition("-")
-    parts = [int(p) for p in hms.split(":")]
-    h, m, s = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (0, parts[0], 0)
-    return int(days or 0) * 1440 + h * 60 + m + math.ceil(s / 60)
+    return math.ceil(time_seconds(slurm_time) / 60)
 
 
 def executor_for(spec: JobSpec, dependency: str | None = None):

@@ -55,10 +55,11 @@ def sacct_rows(job_id: int | str, fields: str = "JobID,State,ExitCode,NTasks") -
 def job_state(job_id: int | str) -> str:
     # slurmctld is authoritative while it holds the job (MinJobAge=300); slurmdbd lags behind it by
     # seconds, so a job that is already running can still read PENDING in sacct
-    p = run(["scontrol", "show", "job", str(job_id), "-o"])
-    for tok in p.stdout.split():
-        if tok.startswith("JobState="):
-            return tok.split("=", 1)[1]
+    from hpcllm.launch.submit import controller_state
+
+    state = controller_state(str(job_id), env=slurm_env())
+    if state is not None:
+        return state
     rows = [r for r in sacct_rows(job_id, "JobID,State") if r["JobID"] == str(job_id)]
     if rows:
         return rows[0]["State"].split()[0]  # "CANCELLED by 0" -> CANCELLED

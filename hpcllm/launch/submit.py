@@ -115,12 +115,13 @@ class JobRunner:
             raise SystemExit(EXIT_REQUEUE)
         # A stop asked for while the job runs (the time-limit signal, scancel --signal) is ours to requeue.
         # If Slurm is already ending the job (scancel, scontrol requeue, time limit, preemption: all send
-        # SIGTERM), its own decision stands: a cancel must stay a cancel.
-        state = controller_state(job)
-        if state not in (None, "RUNNING"):
-            print(f"hpcllm: job {job} is {state} (Slurm is ending it): checkpointed, not requeueing", flush=True)
-            return
+        # SIGTERM), its own decision stands: a cancel must stay a cancel. Only rank 0 asks slurmctld
+        # (one query per job, not one per rank); the other ranks wait for Slurm to end them either way.
         if os.environ.get("SLURM_PROCID", "0") == "0":
+            state = controller_state(job)
+            if state not in (None, "RUNNING"):
+                print(f"hpcllm: job {job} is {state} (Slurm is ending it): checkpointed, not requeueing", flush=True)
+                return
             print(f"hpcllm: checkpointed, requeueing job {job} (restart {restarts})", flush=True)
             p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if p.returncode != 0:  # e.g. `scontrol requeue` by someone else is what stopped us
@@ -130,10 +131,11 @@ class JobRunner:
         raise SystemExit(EXIT_REQUEUE)
 
 
-def controller_state(job: str) -> str | None:
+def controller_state(job: str, env: dict | None = None) -> str | None:
     """The job's state as slurmctld has it now (sacct lags behind), or None if it can't be asked."""
     try:
-        p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+        p = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True, timeout=30,
+                           env=env)
     except (OSError, subprocess.TimeoutExpired):
         return None
     for tok in p.stdout.split():

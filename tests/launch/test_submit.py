@@ -215,7 +215,8 @@ def test_training_job_stops_before_its_time_limit_requeues_and_resumes(tmp_path)
     assert wait_job(job, 150) == "FAILED"
     logs = tmp_path / "train" / "submitit" / job
     out = (logs / f"{job}_0_log.out").read_text() + (logs / f"{job}_0_log.err").read_text()
-    # Slurm's USR2 (--signal=USR2@120, sent at once for a 1-minute job) or our own margin: whichever first
+    # Slurm's USR2 (--signal=USR2@30: the default 120 s cut to half the limit; Slurm may send it up to a
+    # minute early, so it comes before our own margin, which is cut to ~30 s before the limit)
     stops = re.findall(r"stopping at step \d+ \((signal SIGUSR2|within 45 s of the Slurm time limit)\)", out)
     assert len(stops) == 2, out[-3000:]
     assert "requeueing job" in out and "resumed from" in out

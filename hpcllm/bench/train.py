@@ -1,16 +1,25 @@
-"""`hpcllm bench train`: tokens/s of hpcllm's data-parallel step beside torch DDP, and scaling.
+"""`hpcllm bench train`: tokens/s of hpcllm's training step beside its peer, measured in the same run.
 
-Spawns its own runs: `mpirun -np N` (and 1 rank, for scaling efficiency) of this module's worker.
-In each run the implementations train the same model on the same synthetic batches in alternating
-timed rounds — hpcllm's bucketed gradient sync on the mpi backend, torch DistributedDataParallel on
-gloo, and the same step with no communication at all (every rank trains alone) — and the median
-round of each is reported. The last one is the machine's own ceiling for scaling: N ranks sharing
-memory bandwidth and caches are slower per rank than one rank alone, with or without communication,
-so "hpcllm / no communication" is the share of it that data parallelism keeps. One thread per rank.
+CPU (default): `mpirun -np N` ranks of this module's worker, one thread per rank, the same model and
+the same synthetic batches for every implementation, in timed rounds whose order rotates each round:
+    hpcllm   the trainer's own step (`TrainStep`): bucketed gradient sync over the mpi backend
+    ddp      torch DistributedDataParallel over gloo, the same optimizer and clipping
+    alone    hpcllm's step with no communication at all: every rank trains by itself
+    1 rank   the same on rank 0 while the other ranks sleep: the single-process reference
+"alone" is the machine's own ceiling for scaling: N ranks sharing memory bandwidth and caches are
+slower per rank than one rank alone whatever the communication. The 1-rank reference runs inside
+the same job, interleaved with the others, so the machine's drift (runs minutes apart differed by
+10% on the 2-core VM) stays out of the scaling figure.
+
+GPU (`--device cuda`): GPT-2 124M, bf16 autocast, torch.compile, fused AdamW, batch 32 x 1024 per
+GPU. The peer is nanoGPT's loop on the same model (compiled, autocast, fused AdamW,
+`zero_grad(set_to_none=True)`, clipping, `loss.item()` every step), in DDP over NCCL when N > 1.
+Reports tokens/s, MFU against the device's peak, and the ratio to nanoGPT's bench.py on one H100.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -18,112 +27,206 @@ import subprocess
 import sys
 import time
 
+from hpcllm.errors import HpcllmError
 
-def _worker(args: dict) -> None:
+# nanoGPT's bench.py, GPT-2 124M, batch 32 x 1024, bf16, compiled, on one H100 (the issue's anchor)
+NANOGPT_H100_TOKENS_PER_S = 484_000
+
+CPU_DEFAULTS = dict(ranks=2, model="small", batch_size=8, seq_len=256, vocab=258, dtype="fp32", compile=False,
+                    bucket_mb=4.0)
+GPU_DEFAULTS = dict(ranks=1, model="gpt2", batch_size=32, seq_len=1024, vocab=50304, dtype="bf16", compile=True,
+                    bucket_mb=64.0)
+
+
+def _idle_until_rank0_done(comm) -> None:
+    """A barrier that sleeps instead of spinning, so an idle rank leaves its core to rank 0."""
+    req = comm.comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.002)
+
+
+def _worker(a: dict) -> None:
     import torch
     import torch.distributed as tdist
 
     from hpcllm import dist
+    from hpcllm.dist import SingleProcess
     from hpcllm.dist.torchdist import TorchCommunicator, release_gloo_work
     from hpcllm.model import GPT, ModelConfig
+    from hpcllm.train.config import TrainConfig
     from hpcllm.train.grad_sync import GradSync
+    from hpcllm.train.trainer import TrainStep, _amp
 
-    torch.set_num_threads(1)
-    comm = dist.init(dist.DistConfig(backend="mpi", bucket_mb=args["bucket_mb"]))
-    cfg = ModelConfig(size=args["model"]).resolve(258)
-    B, T = args["batch_size"], args["seq_len"]
+    cuda = a["device"] == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(1)
+    backend = ("torch" if cuda else "mpi") if a["ranks"] > 1 else "single"
+    comm = dist.init(dist.DistConfig(backend=backend, device=a["device"], bucket_mb=a["bucket_mb"]))
+    device = comm.device
+    cfg = ModelConfig(size=a["model"], vocab_size=a["vocab"]).resolve()
+    B, T = a["batch_size"], a["seq_len"]
     g = torch.Generator().manual_seed(comm.rank)
-    data = [torch.randint(0, 258, (B, T + 1), generator=g) for _ in range(4)]
+    data = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(4)]
+    tc = TrainConfig(batch_size=B, seq_len=T, dtype=a["dtype"], compile=a["compile"])
 
-    ours = GPT(cfg).init_weights(0)
-    gs = GradSync(list(ours.parameters()), comm, args["bucket_mb"])
-    opt_a = ours.configure_optimizer(0.1, 1e-4, fused=False)
+    def make(wrap_ddp: bool = False):
+        model = GPT(cfg).init_weights(0).to(device)
+        opt = model.configure_optimizer(0.1, 1e-4, fused=cuda)
+        if wrap_ddp:
+            model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a["bucket_mb"])
+        return model, opt
 
-    def step_ours(i):
-        x = data[i % 4]
-        ours(x[:, :-1], x[:, 1:])[1].backward()
-        gs.finish()
-        opt_a.step()
-        gs.zero_grad()
+    batch = {"i": 0}
 
-    ddp_model = None
+    def next_batch():
+        x = data[batch["i"] % len(data)]
+        return x[:, :-1], x[:, 1:]
+
+    def hpcllm_step(step_comm):
+        """The trainer's step, exactly; over `step_comm` (a world of one: no communication at all)."""
+        model, opt = make()
+        run_step = TrainStep(model, opt, GradSync(list(model.parameters()), step_comm, a["bucket_mb"]), step_comm, tc)
+
+        def step(i):
+            batch["i"] = i
+            run_step(next_batch, i, False)
+
+        return step, model
+
+    def plain_step(model, opt):
+        fwd = torch.compile(model) if a["compile"] else model
+
+        def step(i):  # nanoGPT's loop: bench.py's, with train.py's gradient clipping as hpcllm clips
+            x = data[i % len(data)]
+            with _amp(device, a["dtype"]):
+                _, loss = fwd(x[:, :-1], x[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            loss.item()
+
+        return step
+
+    step_ours, ours = hpcllm_step(comm)
+    impls = {"hpcllm": step_ours}
     if comm.size > 1:
-        # creates the gloo process group DDP uses (rendezvous over MPI)
-        TorchCommunicator(comm.world, comm.device, 300.0, comm.comm)
-        ddp_model = torch.nn.parallel.DistributedDataParallel(GPT(cfg).init_weights(0),
-                                                              bucket_cap_mb=args["bucket_mb"])
-        opt_b = ddp_model.module.configure_optimizer(0.1, 1e-4, fused=False)
+        if not cuda:  # the gloo process group DDP uses (rendezvous over MPI); on GPU it is the comm's own
+            TorchCommunicator(comm.world, device, 300.0, comm.comm)
+        impls["ddp"] = plain_step(*make(wrap_ddp=True))
+    else:
+        impls["plain"] = plain_step(*make())
+    if not cuda and comm.size > 1:
+        alone = SingleProcess(dataclasses.replace(comm.world, rank=0, size=1), device, comm.timeout_s)
+        impls["alone"] = hpcllm_step(alone)[0]
+        impls["1 rank"] = hpcllm_step(alone)[0] if comm.rank == 0 else None
 
-        def step_ddp(i):
-            x = data[i % 4]
-            opt_b.zero_grad()
-            ddp_model(x[:, :-1], x[:, 1:])[1].backward()
-            opt_b.step()
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+        comm.barrier()
 
-        alone = GPT(cfg).init_weights(0)
-        opt_c = alone.configure_optimizer(0.1, 1e-4, fused=False)
-
-        def step_alone(i):
-            x = data[i % 4]
-            opt_c.zero_grad()
-            alone(x[:, :-1], x[:, 1:])[1].backward()
-            opt_c.step()
-
-    impls = {"hpcllm": step_ours} | ({"ddp": step_ddp, "alone": step_alone} if ddp_model is not None else {})
-    times = {k: [] for k in impls}
-    for fn in impls.values():
-        for i in range(2):
+    for name, fn in impls.items():  # warm-up (and compilation)
+        if fn is None or (name == "1 rank" and comm.rank != 0):
+            continue
+        for i in range(a["warmup"]):
             fn(i)
-    for _ in range(args["rounds"]):
-        for name, fn in impls.items():
-            comm.barrier()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    names = list(impls)
+    for r in range(a["rounds"]):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            sync()
+            if name == "1 rank" and comm.rank != 0:
+                _idle_until_rank0_done(comm)
+                continue
             t0 = time.perf_counter()
-            for i in range(args["steps"]):
-                fn(i)
+            for i in range(a["steps"]):
+                impls[name](i)
+            if cuda:
+                torch.cuda.synchronize()
+            if name == "1 rank":
+                times[name].append(time.perf_counter() - t0)
+                _idle_until_rank0_done(comm)
+                continue
             comm.barrier()
             times[name].append(time.perf_counter() - t0)
-    tokens = B * T * comm.size * args["steps"]
     if comm.rank == 0:
-        print("RESULT " + json.dumps({k: tokens / statistics.median(v) for k, v in times.items()}
-                                     | {"params": ours.num_params()}), flush=True)
-    if ddp_model is not None:
-        del ddp_model
+        per_rank = B * T * a["steps"]
+        tps = {k: per_rank * (1 if k == "1 rank" else comm.size) / statistics.median(v) for k, v in times.items()}
+        peer = "ddp" if "ddp" in impls else "plain"
+        paired = [p / q for p, q in zip(times[peer], times["hpcllm"])]
+        from hpcllm.train.metrics import device_peak
+
+        dev_name, peak = device_peak(device)
+        print("RESULT " + json.dumps({"tokens_per_s": tps, "paired_ratios": paired, "params": ours.num_params(),
+                                      "flops_per_token": ours.estimate_flops_per_token(T), "device": dev_name,
+                                      "peak": peak}), flush=True)
+    if "ddp" in impls:
+        del impls
         tdist.barrier()
-        release_gloo_work()
-        tdist.destroy_process_group()
+        if not cuda:
+            release_gloo_work()
+            tdist.destroy_process_group()
     comm.close()
 
 
-def _run(n: int, args: dict) -> dict:
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    # under mpirun even for 1 rank, so both runs pay the same MPI costs
-    cmd = ["mpirun", "-np", str(n), "--oversubscribe", "--bind-to", "none",
-           sys.executable, "-m", "hpcllm.bench.train", json.dumps(args)]
+def _launch(conf: dict) -> dict:
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if conf["device"] == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "hpcllm.bench.train", json.dumps(conf)]
+    if conf["ranks"] > 1:
+        cmd = ["mpirun", "-np", str(conf["ranks"]), "--oversubscribe", "--bind-to", "none"] + cmd
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"bench worker on {n} rank(s) failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    raise HpcllmError(f"bench worker on {conf['ranks']} rank(s) failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
 
 
 def main(args) -> int:
-    conf = dict(model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                bucket_mb=args.bucket_mb, rounds=args.rounds)
-    print(f"# hpcllm bench train: model {args.model}, {args.ranks} ranks x batch {args.batch_size} x seq "
-          f"{args.seq_len}, {args.steps} steps per round, median of {args.rounds} rounds, 1 thread per rank",
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HpcllmError("bench train --device cuda: no CUDA device is visible (CUDA_VISIBLE_DEVICES, --gpus?)")
+    defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
+    conf = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}
+    conf |= dict(device=args.device, steps=args.steps or (20 if args.device == "cuda" else 6), rounds=args.rounds,
+                 warmup=args.warmup or (5 if conf["compile"] else 2))
+    n = conf["ranks"]
+    print(f"# hpcllm bench train: {args.device}, model {conf['model']}, {n} rank(s) x batch {conf['batch_size']} x "
+          f"seq {conf['seq_len']}, {conf['dtype']}{', compiled' if conf['compile'] else ''}, {conf['steps']} steps "
+          f"per round, median of {conf['rounds']} rounds" + (", 1 thread per rank" if args.device == "cpu" else ""),
           flush=True)
-    multi = _run(args.ranks, conf)
-    single = _run(1, conf)
-    print(f"  params {multi['params'] / 1e6:.1f}M")
-    print(f"  {args.ranks} ranks  hpcllm (mpi)  {multi['hpcllm']:>10,.0f} tokens/s")
-    print(f"  {args.ranks} ranks  torch DDP     {multi['ddp']:>10,.0f} tokens/s")
-    print(f"  ratio hpcllm / DDP            {multi['hpcllm'] / multi['ddp']:.2f}x")
-    print(f"  {args.ranks} ranks  no communication {multi['alone']:>7,.0f} tokens/s  (every rank trains alone)")
-    print(f"  1 rank   hpcllm        {single['hpcllm']:>10,.0f} tokens/s")
-    ideal = args.ranks * single["hpcllm"]
-    print(f"  scaling efficiency {args.ranks} vs 1 rank  hpcllm {multi['hpcllm'] / ideal:.2f}, DDP "
-          f"{multi['ddp'] / ideal:.2f}, ceiling without communication {multi['alone'] / ideal:.2f}")
-    print(f"  hpcllm / no communication     {multi['hpcllm'] / multi['alone']:.2f}x")
+    res = _launch(conf)
+    tps = res["tokens_per_s"]
+    peer = "ddp" if "ddp" in tps else "plain"
+    peer_name = {"ddp": "torch DDP" + (" (gloo)" if args.device == "cpu" else " (NCCL)"),
+                 "plain": "nanoGPT-style loop"}[peer]
+    lo, hi = min(res["paired_ratios"]), max(res["paired_ratios"])
+    print(f"  params {res['params'] / 1e6:.1f}M, device {res['device']}")
+    print(f"  {n} rank(s)  hpcllm              {tps['hpcllm']:>12,.0f} tokens/s")
+    print(f"  {n} rank(s)  {peer_name:<19} {tps[peer]:>12,.0f} tokens/s")
+    print(f"  ratio hpcllm / {peer_name}  {tps['hpcllm'] / tps[peer]:.2f}x  (per round {lo:.2f}-{hi:.2f}x)")
+    if res["peak"]:
+        for k in ("hpcllm", peer):
+            mfu = res["flops_per_token"] * tps[k] / (res["peak"] * n)
+            print(f"  MFU {k:<7} {100 * mfu:.1f}% of {res['peak'] / 1e12:.0f} TFLOP/s per GPU")
+    if args.device == "cuda":
+        print(f"  ratio hpcllm / nanoGPT bench.py on one H100 ({NANOGPT_H100_TOKENS_PER_S:,} tokens/s): "
+              f"{tps['hpcllm'] / (n * NANOGPT_H100_TOKENS_PER_S):.2f}x per GPU")
+    if "1 rank" in tps:
+        ideal = n * tps["1 rank"]
+        print(f"  {n} ranks  no communication  {tps['alone']:>9,.0f} tokens/s  (every rank trains alone)")
+        print(f"  1 rank   alone             {tps['1 rank']:>9,.0f} tokens/s  (the other ranks idle)")
+        print(f"  scaling efficiency {n} vs 1 rank  hpcllm {tps['hpcllm'] / ideal:.2f}, DDP {tps['ddp'] / ideal:.2f}, "
+              f"ceiling without communication {tps['alone'] / ideal:.2f}")
+        print(f"  hpcllm / no communication     {tps['hpcllm'] / tps['alone']:.2f}x")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from hpcllm.errors import ConfigError
 
 
@@ -23,14 +25,21 @@ def register(sub, bench) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override the demo's train spec")
     p.set_defaults(func=_demo)
 
-    p = bench.add_parser("train", help="tokens/s of hpcllm's data-parallel step beside torch DDP (spawns mpirun)")
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--model", default="small", help="model preset (default small, ~10M params)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6, help="steps per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (the median is reported)")
-    p.add_argument("--bucket-mb", type=float, default=4.0)
+    p = bench.add_parser("train", help="tokens/s of hpcllm's training step beside torch DDP (CPU: spawns mpirun) "
+                         "or nanoGPT's loop (--device cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: 2 MPI ranks vs DDP/gloo, 10M model; cuda: GPT-2 124M, bf16, compiled, 1 GPU")
+    p.add_argument("--ranks", type=int, help="ranks (default 2 on cpu, 1 on cuda: one per GPU)")
+    p.add_argument("--model", help="model preset (default small on cpu, gpt2 on cuda)")
+    p.add_argument("--batch-size", type=int, help="sequences per rank (default 8 on cpu, 32 on cuda)")
+    p.add_argument("--seq-len", type=int, help="default 256 on cpu, 1024 on cuda")
+    p.add_argument("--vocab", type=int, help="default 258 (bytes) on cpu, 50304 on cuda (nanoGPT's)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="default fp32 on cpu, bf16 autocast on cuda")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default: on cuda only)")
+    p.add_argument("--steps", type=int, help="steps per timed round (default 6 on cpu, 20 on cuda)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds, order rotating (the median is reported)")
+    p.add_argument("--warmup", type=int, help="untimed steps per implementation first (default 2; 5 compiled)")
+    p.add_argument("--bucket-mb", type=float, help="gradient bucket size (default 4 on cpu, 64 on cuda)")
     p.set_defaults(func=_bench)
 
 

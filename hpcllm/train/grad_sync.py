@@ -6,7 +6,8 @@ A post-accumulate-grad hook counts each bucket's gradients; when a bucket is com
 is launched asynchronously through the communicator, in bucket order on every rank (collectives
 must be issued in the same order everywhere). `finish()` launches what is left, waits for all and
 averages once. On gradient-accumulation micro-steps (`sync=False`) the hooks do nothing: no
-communication until the last micro-step.
+communication until the last micro-step. With one rank there is nothing to synchronise: no
+buckets, no hooks, no collectives, and `zero_grad` frees the gradients as a plain training loop does.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ class _Bucket:
 class GradSync:
     def __init__(self, params: list[torch.nn.Parameter], comm: Communicator, bucket_mb: float):
         self.comm = comm
+        self.active = comm.size > 1
         self.sync = True
         self.comm_wait_s = 0.0  # time blocked in finish(): communication not hidden by backward
-        params = [p for p in params if p.requires_grad]
+        self.params = params = [p for p in params if p.requires_grad]
         limit = int(bucket_mb * 2**20)
         self.buckets: list[_Bucket] = []
         current: list[torch.nn.Parameter] = []
         size = 0
-        for p in reversed(params):
+        for p in reversed(params if self.active else []):
             current.append(p)
             size += p.numel() * p.element_size()
             if size >= limit:
@@ -97,6 +99,8 @@ class GradSync:
     def finish(self) -> None:
         """Wait for every bucket (launching those whose gradients never came, e.g. unused
         parameters, whose gradient is zero) and average once."""
+        if not self.active:
+            return
         t0 = time.perf_counter()
         for b in self.buckets[self._next :]:
             b.ready = len(b.params)
@@ -104,11 +108,14 @@ class GradSync:
         for b in self.buckets:
             b.work.wait()
             b.work, b.ready = None, 0
-            if self.comm.size > 1:
-                b.buffer.div_(self.comm.size)
+            b.buffer.div_(self.comm.size)
         self._next = 0
         self.comm_wait_s += time.perf_counter() - t0
 
     def zero_grad(self) -> None:
+        if not self.active:
+            for p in self.params:
+                p.grad = None
+            return
         for b in self.buckets:
             b.buffer.zero_()

@@ -23,6 +23,7 @@ from hpcllm.dist import Communicator
 from hpcllm.errors import HpcllmError
 from hpcllm.model import GPT
 from hpcllm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hpcllm.train.config import TrainConfig
 from hpcllm.train.grad_sync import GradSync
 from hpcllm.train.metrics import MetricsLog, device_peak
 from hpcllm.train.schedule import lr_at
@@ -72,6 +73,50 @@ def _amp(device, dtype_cfg: str):
     return contextlib.nullcontext()
 
 
+class TrainStep:
+    """One optimizer step: `grad_accum` micro-steps (gradients communicated on the last one only),
+    one small allreduce in which the ranks agree on [a stop was requested, the loss is not finite],
+    clipping, AdamW. `train` runs it every step, and `hpcllm bench train` times exactly this."""
+
+    def __init__(self, model: GPT, optimizer, gsync: GradSync, comm: Communicator, tc: TrainConfig):
+        self.model, self.optimizer, self.gsync, self.comm, self.tc = model, optimizer, gsync, comm, tc
+        self.fwd = torch.compile(model) if tc.compile else model
+        self.t_data = self.t_compute = 0.0  # seconds waiting for batches, in forward/backward
+
+    def __call__(self, next_batch, step: int, stop_requested: bool) -> tuple[torch.Tensor, bool]:
+        """Returns the step's mean loss and whether any rank asked to stop."""
+        tc, device, gsync = self.tc, self.comm.device, self.gsync
+        step_loss = torch.zeros((), device=device)
+        for micro in range(tc.grad_accum):
+            t0 = time.perf_counter()
+            x, y = next_batch()
+            t1 = time.perf_counter()
+            last = micro == tc.grad_accum - 1
+            with (contextlib.nullcontext() if last else gsync.no_sync()), _amp(device, tc.dtype):
+                _, loss = self.fwd(x, y)
+                (loss / tc.grad_accum).backward()
+            step_loss += loss.detach() / tc.grad_accum
+            self.t_data += t1 - t0
+            self.t_compute += time.perf_counter() - t1
+        gsync.finish()
+        # built on the device and read back once: one host-device synchronisation per step
+        flags = torch.stack([torch.full((), float(stop_requested), device=device),
+                             (~torch.isfinite(step_loss)).float()])
+        self.comm.allreduce(flags, "max")
+        stop_agreed, not_finite = (v > 0 for v in flags.tolist())
+        if not_finite:
+            if tc.nan_policy == "abort":
+                raise TrainingError(f"loss is not finite at step {step} (on at least one rank); no checkpoint "
+                                    "written after it. train.nan_policy=skip skips such steps instead")
+            log.warning("step %d: non-finite loss, step skipped", step)
+        else:
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.optimizer.step()
+        gsync.zero_grad()
+        return step_loss, stop_agreed
+
+
 def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     tc, device = spec.train, comm.device
     torch.manual_seed(tc.seed)
@@ -97,7 +142,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     # identical start on every rank: rank 0's parameters and optimizer state
     opt_tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     gsync.broadcast_parameters(list(model.parameters()) + opt_tensors)
-    fwd = torch.compile(model) if tc.compile else model
+    run_step = TrainStep(model, optimizer, gsync, comm, tc)
 
     stop = StopRequest(tc.end_time_margin_s).install()
     tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * comm.size
@@ -112,7 +157,6 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
         bar = tqdm(total=tc.max_steps, initial=step, unit="step", desc="train", mininterval=1.0)
 
     last_loss = val_loss = None
-    t_data = t_compute = 0.0
     gsync.comm_wait_s = 0.0
     t_log = time.perf_counter()
     steps_since_log = 0
@@ -125,33 +169,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
             lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum):
-                t0 = time.perf_counter()
-                x, y = loader.next_batch()
-                t1 = time.perf_counter()
-                last = micro == tc.grad_accum - 1
-                with (contextlib.nullcontext() if last else gsync.no_sync()), _amp(device, tc.dtype):
-                    _, loss = fwd(x, y)
-                    (loss / tc.grad_accum).backward()
-                step_loss += loss.detach() / tc.grad_accum
-                t_data += t1 - t0
-                t_compute += time.perf_counter() - t1
-            gsync.finish()
-            # one small allreduce: does any rank want to stop, or see a non-finite loss?
-            flags = torch.tensor([float(stop.requested()), float(not torch.isfinite(step_loss))], device=device)
-            comm.allreduce(flags, "max")
-            if flags[1] > 0:
-                if tc.nan_policy == "abort":
-                    raise TrainingError(f"loss is not finite at step {step} (on at least one rank); no checkpoint "
-                                        "written after it. train.nan_policy=skip skips such steps instead")
-                log.warning("step %d: non-finite loss, step skipped", step)
-                gsync.zero_grad()
-            else:
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                gsync.zero_grad()
+            step_loss, stop_agreed = run_step(loader.next_batch, step, stop.requested())
             step += 1
             steps_since_log += 1
             loss_acc += step_loss
@@ -165,7 +183,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                 tps = tokens_per_step * steps_since_log / dt
                 rec = dict(step=step, loss=last_loss, lr=lr, tokens_per_s=tps, dt_s=dt,
                            mfu=(flops_per_token * tps / (peak * comm.size)) if peak else None,
-                           t_data_s=t_data, t_compute_s=t_compute, t_comm_s=gsync.comm_wait_s)
+                           t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=gsync.comm_wait_s)
                 if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm)
                 metrics.write(rec)
@@ -176,10 +194,10 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                              f" val {rec['val_loss']:.4f}" if "val_loss" in rec else "", lr, tps)
                 loss_acc.zero_()
                 steps_since_log = 0
-                t_data = t_compute = gsync.comm_wait_s = 0.0
+                run_step.t_data = run_step.t_compute = gsync.comm_wait_s = 0.0
                 t_log = time.perf_counter()
 
-            if flags[0] > 0:
+            if stop_agreed:
                 stopped = stop.reason or "another rank was asked to stop"
                 break
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps:

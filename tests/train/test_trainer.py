@@ -167,3 +167,24 @@ def test_wrong_kind_and_missing_dataset_are_clear(tmp_path, dataset):
     assert p.returncode == 2 and "data.dataset: '/nope' does not exist" in p.stderr
     p = hpcllm("train", str(spec), "kind=infer")
     assert p.returncode == 2 and "runs kind: train" in p.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_bf16_training_learns_reports_mfu_and_resumes(tmp_path, dataset, compiled):
+    spec = train_spec(tmp_path, dataset, max_steps=40, lr=1e-2, ckpt_interval=20, compile=compiled)
+    p = hpcllm("train", str(spec), "dist.device=cuda", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "t"
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 41))
+    first, last = sum(r["loss"] for r in recs[:5]) / 5, sum(r["loss"] for r in recs[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    name = torch.cuda.get_device_name()
+    if any(k in name for k in ("H100", "H200", "A100")):  # a device in the peak table: MFU is reported
+        assert all(0 < r["mfu"] < 1 for r in recs), recs[-1]
+    r = hpcllm("train", str(spec), "dist.device=cuda", "train.max_steps=50", timeout=600)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 51))
+    w, ckpt = weights(run)
+    assert ckpt == "step_00000050" and all(torch.isfinite(v).all() for v in w.values())

@@ -4,9 +4,10 @@
 # Idempotent: installs only what is missing; `apt-get update` only when an install needs it.
 set -euo pipefail
 
+# python3-dev: Python.h, for building mpi4py against the system MPI and for torch.compile's CPU kernels
 PKGS=(openmpi-bin libopenmpi-dev libpmix2 hdf5-tools cmake g++ make
       slurmctld slurmd slurm-client slurm-wlm-basic-plugins slurmdbd slurm-wlm-mysql-plugin
-      munge mariadb-server python3-venv)
+      munge mariadb-server python3-venv python3-dev)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -169,6 +169,18 @@ def test_wrong_kind_and_missing_dataset_are_clear(tmp_path, dataset):
     assert p.returncode == 2 and "runs kind: train" in p.stderr
 
 
+def test_compiled_training_matches_eager(tmp_path, dataset):
+    # torch.compile is what a GPU run uses; on CPU (fp32) its losses must agree with eager ones
+    eager = train_spec(tmp_path, dataset, name="eager", max_steps=6, eval_interval=0)
+    compiled = train_spec(tmp_path, dataset, name="compiled", max_steps=6, eval_interval=0, compile=True)
+    assert hpcllm("train", str(eager)).returncode == 0
+    p = hpcllm("train", str(compiled), timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gpu_bf16_training_learns_reports_mfu_and_resumes(tmp_path, dataset, compiled):

@@ -55,7 +55,7 @@ def _worker(a: dict) -> None:
     from hpcllm.model import GPT, ModelConfig
     from hpcllm.train.config import TrainConfig
     from hpcllm.train.grad_sync import GradSync
-    from hpcllm.train.trainer import TrainStep, _amp
+    from hpcllm.train.trainer import TrainStep, autocast_for
 
     cuda = a["device"] == "cuda"
     if cuda:
@@ -101,7 +101,7 @@ def _worker(a: dict) -> None:
 
         def step(i):  # nanoGPT's loop: bench.py's, with train.py's gradient clipping as hpcllm clips
             x = data[i % len(data)]
-            with _amp(device, a["dtype"]):
+            with autocast_for(device, a["dtype"]):
                 _, loss = fwd(x[:, :-1], x[:, 1:])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -129,31 +129,32 @@ def _worker(a: dict) -> None:
             torch.cuda.synchronize()
         comm.barrier()
 
-    for name, fn in impls.items():  # warm-up (and compilation)
-        if fn is None or (name == "1 rank" and comm.rank != 0):
-            continue
-        for i in range(a["warmup"]):
+    def run_steps(fn) -> None:
+        for i in range(a["steps"]):
             fn(i)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for fn in impls.values():  # warm-up (and compilation); "1 rank" exists on rank 0 only
+        if fn is not None:
+            for i in range(a["warmup"]):
+                fn(i)
     sync()
     times: dict[str, list[float]] = {k: [] for k in impls}
     names = list(impls)
     for r in range(a["rounds"]):
         for name in names[r % len(names):] + names[: r % len(names)]:
             sync()
-            if name == "1 rank" and comm.rank != 0:
-                _idle_until_rank0_done(comm)
-                continue
             t0 = time.perf_counter()
-            for i in range(a["steps"]):
-                impls[name](i)
-            if cuda:
-                torch.cuda.synchronize()
-            if name == "1 rank":
-                times[name].append(time.perf_counter() - t0)
+            if name == "1 rank":  # rank 0 alone, timed by itself; the others sleep until it is done
+                if comm.rank == 0:
+                    run_steps(impls[name])
+                    times[name].append(time.perf_counter() - t0)
                 _idle_until_rank0_done(comm)
-                continue
-            comm.barrier()
-            times[name].append(time.perf_counter() - t0)
+            else:  # until the last rank is done
+                run_steps(impls[name])
+                comm.barrier()
+                times[name].append(time.perf_counter() - t0)
     if comm.rank == 0:
         per_rank = B * T * a["steps"]
         tps = {k: per_rank * (1 if k == "1 rank" else comm.size) / statistics.median(v) for k, v in times.items()}
@@ -196,8 +197,12 @@ def main(args) -> int:
             raise HpcllmError("bench train --device cuda: no CUDA device is visible (CUDA_VISIBLE_DEVICES, --gpus?)")
     defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     conf = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in defaults.items()}
-    conf |= dict(device=args.device, steps=args.steps or (20 if args.device == "cuda" else 6), rounds=args.rounds,
-                 warmup=args.warmup or (5 if conf["compile"] else 2))
+    conf |= dict(device=args.device, rounds=args.rounds,
+                 steps=args.steps if args.steps is not None else (20 if args.device == "cuda" else 6),
+                 warmup=args.warmup if args.warmup is not None else (5 if conf["compile"] else 2))
+    for key in ("ranks", "steps", "rounds", "batch_size", "seq_len"):
+        if conf[key] < 1:
+            raise HpcllmError(f"bench train: --{key.replace('_', '-')} must be >= 1, got {conf[key]}")
     n = conf["ranks"]
     print(f"# hpcllm bench train: {args.device}, model {conf['model']}, {n} rank(s) x batch {conf['batch_size']} x "
           f"seq {conf['seq_len']}, {conf['dtype']}{', compiled' if conf['compile'] else ''}, {conf['steps']} steps "

@@ -84,9 +84,6 @@ class JobRunner:
             torch.set_num_threads(int(cpus))
         if spec.kind == "train":
             from hpcllm.train.cli import run_train_job
-            from hpcllm.train.signals import catch_early_signals
-
-            catch_early_signals()  # replaces submitit's handlers: the trainer decides what a signal means
 
             if run_train_job(spec) == EXIT_REQUEUE:
                 self._requeue(spec)

@@ -48,7 +48,7 @@ def run_train_job(spec) -> int:
     from hpcllm.train.signals import catch_early_signals
     from hpcllm.train.trainer import train
 
-    catch_early_signals()
+    catch_early_signals()  # replaces submitit's handlers too: the trainer decides what a signal means
     if spec.kind != "train":
         raise ConfigError(f"kind is '{spec.kind}', `hpcllm train` runs kind: train")
     comm = runtime.start(spec)

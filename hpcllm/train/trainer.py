@@ -66,7 +66,8 @@ def build_model(spec: JobSpec, vocab_size: int, device) -> GPT:
     return model.to(device)
 
 
-def _amp(device, dtype_cfg: str):
+def autocast_for(device, dtype_cfg: str):
+    """train.dtype as a context: bf16 autocast (asked for, or `auto` on a GPU), else nothing."""
     use_bf16 = dtype_cfg == "bf16" or (dtype_cfg == "auto" and device.type == "cuda")
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -92,7 +93,7 @@ class TrainStep:
             x, y = next_batch()
             t1 = time.perf_counter()
             last = micro == tc.grad_accum - 1
-            with (contextlib.nullcontext() if last else gsync.no_sync()), _amp(device, tc.dtype):
+            with (contextlib.nullcontext() if last else gsync.no_sync()), autocast_for(device, tc.dtype):
                 _, loss = self.fwd(x, y)
                 (loss / tc.grad_accum).backward()
             step_loss += loss.detach() / tc.grad_accum
@@ -229,7 +230,7 @@ def evaluate(model: GPT, ds, spec: JobSpec, comm: Communicator) -> float:
     total = torch.zeros(2, device=comm.device)
     n_batches = min(tc.eval_batches, ld.steps_per_epoch)
     for x, y in ld.batches(n_batches):
-        with _amp(comm.device, tc.dtype):
+        with autocast_for(comm.device, tc.dtype):
             _, loss = model(x, y)
         total += torch.stack([loss.float(), torch.ones((), device=comm.device)])
     comm.allreduce(total, "sum")

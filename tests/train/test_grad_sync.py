@@ -168,3 +168,31 @@ def test_no_communication_on_micro_steps_and_launch_during_backward():
     for r in run_on_ranks(2, "tests.train.test_grad_sync:_body_no_comm_on_micro_steps"):
         assert r["micro"] == 0
         assert r["backward"] == r["buckets"] == r["total"]  # every bucket launched before finish()
+
+
+def test_one_rank_has_no_buckets_no_collectives_and_matches_a_plain_loop_bitwise():
+    import torch
+
+    from hpcllm import dist
+    from hpcllm.train.grad_sync import GradSync
+
+    comm = dist.init(dist.DistConfig(backend="single"))
+    calls = []
+    real = comm.allreduce
+    comm.allreduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    model = _tiny()
+    gs = GradSync(list(model.parameters()), comm, 0.01)
+    opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), fused=False)
+    for s in range(K_STEPS):
+        for m in range(2):  # accumulation still works with gradients freed between steps
+            x, y = _batch(s * 2 + m, 0)
+            with gs.no_sync() if m == 0 else torch.enable_grad():
+                (model(x, y)[1] / 2).backward()
+        gs.finish()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        gs.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    comm.close()
+    assert gs.buckets == [] and calls == []
+    assert torch.equal(_flat(model), _flat(_train_reference(1, K_STEPS, grad_accum=2)))

@@ -19,11 +19,12 @@ from hpcllm.errors import HpcllmError
 
 # packages that add subcommands: each has a `cli.register(subparsers, bench_subparsers)`
 COMMAND_MODULES = [
-    "hpcllm.dist.cli",
+    "hpcllm.comm.cli",
     "hpcllm.data.cli",
     "hpcllm.train.cli",
     "hpcllm.infer.cli",
     "hpcllm.launch.cli",
+    "hpcllm.jobs.cli",
 ]
 
 
@@ -61,14 +62,38 @@ def _config(args) -> int:
     return 0
 
 
-def _abort_other_ranks(code: int) -> None:
-    """Under MPI with several ranks, exiting one rank would leave the others waiting forever."""
+def _mpi_world():
+    """MPI's world communicator when MPI is running with several ranks, else None."""
     if "mpi4py.MPI" not in sys.modules:
-        return
+        return None
     from mpi4py import MPI
 
     if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-        MPI.COMM_WORLD.Abort(code)
+        return MPI.COMM_WORLD
+    return None
+
+
+def report_fatal(message: str) -> None:
+    """A fatal error goes to stderr and to the rank's log file, flushed, before anything aborts:
+    under mpirun an MPI_Abort right after a write can tear the job down before the launcher has
+    forwarded the line, so the abort waits a moment for it (and the log keeps it regardless)."""
+    from hpcllm.log import to_rank_log
+
+    world = _mpi_world()
+    if world is not None:
+        message = message.replace(": error: ", f": error (rank {world.Get_rank()}): ", 1)
+    print(message, file=sys.stderr, flush=True)
+    to_rank_log(message)
+
+
+def _abort_other_ranks(code: int) -> None:
+    """Under MPI with several ranks, exiting one rank would leave the others waiting forever."""
+    world = _mpi_world()
+    if world is not None:
+        import time
+
+        time.sleep(1.0)  # let the launcher forward the error line (see report_fatal)
+        world.Abort(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HpcllmError as e:
-        print(f"hpcllm {args.command}: error: {e}", file=sys.stderr, flush=True)
+        report_fatal(f"hpcllm {args.command}: error: {e}")
         _abort_other_ranks(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from hpcllm.data.config import DataConfig
-from hpcllm.dist.config import DistConfig
+from hpcllm.comm.config import DistConfig
 from hpcllm.errors import ConfigError
 from hpcllm.fields import path_field
 from hpcllm.infer.config import InferConfig

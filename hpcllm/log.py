@@ -42,3 +42,12 @@ def setup_logging(rank: int = 0, run_dir: str | os.PathLike | None = None) -> No
         root.addHandler(fh)
     root.setLevel(forced if forced is not None else logging.INFO)
     root.propagate = False
+
+
+def to_rank_log(message: str, exc_info=None) -> None:
+    """Write a fatal error into this rank's log file (not the console, which has it already), flushed."""
+    root = logging.getLogger("hpcllm")
+    for h in root.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(root.makeRecord("hpcllm", logging.ERROR, __file__, 0, message, None, exc_info))
+            h.flush()

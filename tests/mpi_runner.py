@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from hpcllm.dist.world import detect_world
+from hpcllm.comm.world import detect_world
 
 
 def main() -> None:

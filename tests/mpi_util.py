@@ -1,6 +1,6 @@
 """Run a test body on N MPI ranks and collect every rank's result.
 
-    results = run_on_ranks(2, "tests.dist.test_comm:_body_allreduce", backend="mpi")
+    results = run_on_ranks(2, "tests.comm.test_comm:_body_allreduce", backend="mpi")
     assert all(r["sum"] == 3 for r in results)
 
 The body is a plain function in a test module; it runs under `mpirun -np N` (Open MPI; root and

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hpcllm import dist
+from hpcllm.comm import DistConfig, detect_world, init_comm, mpi_comm_world
 from hpcllm.errors import HpcllmError
 
 
@@ -46,7 +46,7 @@ def _round(fn: Callable[[], None], iters: int, barrier: Callable[[], None]) -> f
 
 def run(backends: list[str], sizes: list[int], rounds: int, timeout_s: float, device: str) -> list[dict]:
     # checks the launcher (srun without PMIx, rank disagreement) before MPI_Init can abort cryptically
-    dist.mpi_comm_world(dist.detect_world())
+    mpi_comm_world(detect_world())
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -59,7 +59,7 @@ def run(backends: list[str], sizes: list[int], rounds: int, timeout_s: float, de
     # One backend at a time, each beside its own raw mpi4py reference: Horovod's background thread
     # polls and would slow down whatever else runs in the process, so it always goes last.
     for b in sorted(backends, key=lambda b: b == "horovod"):
-        comm = dist.init(dist.DistConfig(backend=b, timeout_s=timeout_s, device=device))
+        comm = init_comm(DistConfig(backend=b, timeout_s=timeout_s, device=device))
         if rank == 0 and len(backends) > 1:
             print(f"# backend {b}", flush=True)
         for size in sizes:
@@ -105,7 +105,7 @@ def main(args) -> int:
         if b not in ("mpi", "torch", "horovod"):
             raise HpcllmError(f"--backend: unknown backend '{b}' (mpi, torch, horovod)")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    world = dist.detect_world()
+    world = detect_world()
     if not world.mpi_launched:
         print("note: not started by mpirun/srun: measuring a world of 1 rank", flush=True)
     run(backends, sizes, args.rounds, args.timeout_s, args.device)

@@ -49,9 +49,8 @@ def _worker(a: dict) -> None:
     import torch
     import torch.distributed as tdist
 
-    from hpcllm import dist
-    from hpcllm.dist import SingleProcess
-    from hpcllm.dist.torchdist import TorchCommunicator, release_gloo_work
+    from hpcllm.comm import DistConfig, SingleProcess, init_comm
+    from hpcllm.comm.torchdist import TorchCommunicator, release_gloo_work
     from hpcllm.model import GPT, ModelConfig
     from hpcllm.train.config import TrainConfig
     from hpcllm.train.grad_sync import GradSync
@@ -64,7 +63,7 @@ def _worker(a: dict) -> None:
     else:
         torch.set_num_threads(1)
     backend = ("torch" if cuda else "mpi") if a["ranks"] > 1 else "single"
-    comm = dist.init(dist.DistConfig(backend=backend, device=a["device"], bucket_mb=a["bucket_mb"]))
+    comm = init_comm(DistConfig(backend=backend, device=a["device"], bucket_mb=a["bucket_mb"]))
     device = comm.device
     cfg = ModelConfig(size=a["model"], vocab_size=a["vocab"]).resolve()
     B, T = a["batch_size"], a["seq_len"]

@@ -1,20 +1,13 @@
-"""Commands of the data layer: prepare, data info/verify, tokenizer train, bench data."""
+"""Commands of the data layer: data info/verify, tokenizer train, bench data (`hpcllm prepare` is a job: hpcllm.jobs)."""
 
 from __future__ import annotations
 
 import json
 
-from hpcllm.errors import ConfigError, DataError
+from hpcllm.errors import DataError
 
 
 def register(sub, bench) -> None:
-    from hpcllm.cli import add_spec_args
-
-    p = sub.add_parser("prepare", help="tokenize inputs into a sharded HDF5 dataset (1 process, mpirun or srun)")
-    add_spec_args(p)
-    p.add_argument("--prompts", action="store_true", help="write prompt shards (same as data.output=prompts)")
-    p.set_defaults(func=_prepare)
-
     data = sub.add_parser("data", help="inspect datasets").add_subparsers(dest="data_cmd", metavar="CMD", required=True)
     p = data.add_parser("info", help="shards, tokens, tokenizer of a dataset")
     p.add_argument("dataset")
@@ -38,25 +31,6 @@ def register(sub, bench) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     p.set_defaults(func=_bench)
-
-
-def _prepare(args) -> int:
-    from hpcllm import runtime
-    from hpcllm.config import load_spec
-    from hpcllm.data.prepare import prepare
-
-    overrides = list(args.overrides) + (["data.output=prompts"] if args.prompts else [])
-    spec = load_spec(args.spec, overrides)
-    if spec.kind != "prepare":
-        raise ConfigError(f"{args.spec}: kind is '{spec.kind}', `hpcllm prepare` runs kind: prepare")
-    comm = runtime.start(spec)
-    try:
-        summary = prepare(spec.data, comm)
-    finally:
-        comm.close()
-    if comm.rank == 0:
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
-    return 0
 
 
 def _info(args) -> int:

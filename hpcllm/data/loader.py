@@ -18,8 +18,6 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 import torch
 
@@ -197,12 +195,6 @@ class TokenLoader:
                 raise batch
         self.epoch, self.step_in_epoch = self._advance(self.epoch, self.step_in_epoch)
         return batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Random mode: forever. Sequential mode: the rest of the current epoch."""
-        start_epoch = self.epoch
-        while self.mode == "random" or self.epoch == start_epoch:
-            yield self.next_batch()
 
     def batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first n batches of the split (sequential evaluation), independent of the position."""

@@ -25,10 +25,11 @@ import numpy as np
 
 from hpcllm.data.config import DataConfig
 from hpcllm.data.inputs import InputFile, find_inputs, iter_documents, iter_jsonl, is_jsonl
-from hpcllm.data.shards import (FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, token_dtype, write_json_atomic,
-                                write_prompt_shard, write_token_shard)
+from hpcllm.atomic import remove_stale_tmp, write_json
+from hpcllm.comm import Communicator
+from hpcllm.data.shards import (FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, token_dtype, write_prompt_shard,
+                                write_token_shard)
 from hpcllm.data.tokenizer import ByteTokenizer, load_tokenizer_file
-from hpcllm.dist import Communicator
 from hpcllm.errors import DataError
 
 log = logging.getLogger("hpcllm.data")
@@ -73,8 +74,7 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
     if comm.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is "unfinished"
-        for stale in out.glob("*.tmp"):
-            stale.unlink()
+        remove_stale_tmp(out)
     comm.barrier()
 
     # 1-2: tokenize my documents
@@ -172,7 +172,7 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
             splits={s: dict(n_tokens=totals[s][0], n_docs=totals[s][1]) for s in SPLITS},
             shards=all_entries,
         )
-        write_json_atomic(out / MANIFEST, manifest)
+        write_json(out / MANIFEST, manifest)
         rate = summary["tokens"] / max(summary["seconds"], 1e-9)
         log.info("prepared %s: %d documents (%d empty skipped%s), %d tokens, %d shards, %.0f tokens/s on %d rank(s)",
                  out, summary["documents"], summary["empty_documents"],
@@ -251,7 +251,7 @@ def prepare_prompts(cfg: DataConfig, comm: Communicator) -> dict:
             if old.name not in listed:
                 old.unlink()
         tok.save(out / TOKENIZER_FILE)
-        write_json_atomic(out / MANIFEST, dict(
+        write_json(out / MANIFEST, dict(
             format=FORMAT, format_version=FORMAT_VERSION, kind="prompts", tokenizer=tok.identity,
             tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
             vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hpcllm.atomic import atomic_path
 from hpcllm.errors import DataError
 
 FORMAT = "hpcllm-dataset"
@@ -54,21 +54,18 @@ def _dataset(f, name: str, data: np.ndarray) -> None:
 
 
 def write_token_shard(path: Path, tokens: np.ndarray, doc_offsets: np.ndarray, attrs: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with _h5file(tmp, "w") as f:
+    with atomic_path(path) as tmp, _h5file(tmp, "w") as f:
         _dataset(f, "tokens", tokens)
         _dataset(f, "doc_offsets", doc_offsets.astype(np.int64))
         for k, v in sorted({"format": FORMAT, "format_version": FORMAT_VERSION, **attrs}.items()):
             f.attrs[k] = v
-    _fsync_replace(tmp, path)
 
 
 def write_prompt_shard(path: Path, prompts: list[list[int]], ids: list[int], dtype: np.dtype, attrs: dict[str, Any],
                        texts: list[str] | None = None, continuations: list[list[int]] | None = None) -> None:
     import h5py
 
-    tmp = path.with_name(path.name + ".tmp")
-    with _h5file(tmp, "w") as f:
+    with atomic_path(path) as tmp, _h5file(tmp, "w") as f:
         flat, offsets = ragged(prompts, dtype)
         _dataset(f, "tokens", flat)
         _dataset(f, "offsets", offsets)
@@ -81,7 +78,6 @@ def write_prompt_shard(path: Path, prompts: list[list[int]], ids: list[int], dty
             _dataset(f, "cont_offsets", coff)
         for k, v in sorted({"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "prompts", **attrs}.items()):
             f.attrs[k] = v
-    _fsync_replace(tmp, path)
 
 
 def ragged(seqs: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -90,25 +86,6 @@ def ragged(seqs: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
     offsets[1:] = np.cumsum([len(s) for s in seqs])
     flat = np.fromiter((t for s in seqs for t in s), dtype=dtype, count=int(offsets[-1]))
     return flat, offsets
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(dataset: str | Path) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from hpcllm.atomic import atomic_path, write_bytes, write_text
 from hpcllm.errors import DataError
 
 
@@ -30,7 +31,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def save(self, path: Path) -> None:
-        path.write_text('{"type": "hpcllm-byte", "version": 1}\n')
+        write_text(path, '{"type": "hpcllm-byte", "version": 1}\n')
 
 
 class BPETokenizer:
@@ -64,7 +65,7 @@ class BPETokenizer:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def save(self, path: Path) -> None:
-        path.write_bytes(self.path.read_bytes())
+        write_bytes(path, self.path.read_bytes())
 
 
 Tokenizer = ByteTokenizer | BPETokenizer
@@ -103,7 +104,6 @@ def train_bpe(files: list[str], vocab_size: int, output: str | Path) -> BPEToken
     tok.train_from_iterator((Path(f).read_bytes().decode("utf-8", errors="replace") for f in files), trainer)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tok.save(str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        tok.save(str(tmp))
     return BPETokenizer(out)

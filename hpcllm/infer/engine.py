@@ -18,13 +18,13 @@ from typing import Callable, Literal
 
 import torch
 
-from hpcllm.errors import HpcllmError
+from hpcllm.errors import DataError
 from hpcllm.infer.sampling import SamplingParams, choose, make_generators
 from hpcllm.model.gpt import GPT, KVCache, PaddedBatch, padded_positions_and_mask
 
 
-class PromptError(HpcllmError, ValueError):
-    exit_code = 5
+class PromptError(DataError, ValueError):
+    """A prompt record the engine cannot run (empty, too long for the context)."""
 
 
 @dataclass

@@ -22,18 +22,15 @@ import torch
 
 from hpcllm.config import JobSpec
 from hpcllm.data.prompts import PromptDataset, PromptShard, open_prompt_dataset
-from hpcllm.data.shards import ragged, sha256_file, write_json_atomic
-from hpcllm.dist import Communicator
-from hpcllm.errors import DataError, HpcllmError
+from hpcllm.atomic import atomic_open, atomic_path, write_json
+from hpcllm.data.shards import ragged, sha256_file
+from hpcllm.comm import Communicator
+from hpcllm.errors import DataError, InferError
 from hpcllm.infer.engine import Engine
 from hpcllm.infer.sampling import SamplingParams
 
 log = logging.getLogger("hpcllm.infer")
 _REQ, _REP = 7301, 7302
-
-
-class InferError(HpcllmError):
-    exit_code = 8
 
 
 # ------------------------------------------------------------------------------------ model
@@ -48,7 +45,7 @@ def load_model_for(spec: JobSpec, prompts: PromptDataset):
     is_hpcllm = (path / "checkpoints").is_dir() or (path / "meta.json").is_file()
     if is_hpcllm:
         from hpcllm.data.shards import read_manifest
-        from hpcllm.train.checkpoint import load_trained_model
+        from hpcllm.checkpoint import load_trained_model
 
         model, cfg, dataset = load_trained_model(path)
         try:
@@ -133,8 +130,7 @@ def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: lis
     import h5py
 
     path = out_dir / out_name(shard)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=("v110", "v110")) as f:
         f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64), track_times=False)
         if mode == "generate":
             tokens, off = ragged([r.tokens for r in results], np.int64)
@@ -155,12 +151,9 @@ def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: lis
             f.create_dataset("n_tokens", data=np.asarray([r.n_tokens for r in results], np.int64), track_times=False)
             f.create_dataset("perplexity", data=np.asarray([r.perplexity for r in results]), track_times=False)
         f.attrs["mode"], f.attrs["input_shard"], f.attrs["n_records"] = mode, shard.path.name, len(ids)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     info = dict(path=path.name, input=shard.path.name, input_sha256=shard.sha256, n_records=len(ids),
                 bytes=path.stat().st_size, sha256=sha256_file(path), seconds=seconds)
-    write_json_atomic(out_dir / (path.name + ".done"), info)
+    write_json(out_dir / (path.name + ".done"), info)
     return info
 
 
@@ -280,7 +273,7 @@ def run_infer(spec: JobSpec, comm: Communicator) -> dict:
                  len(missing))
     elif comm.rank == 0:
         entries = [json.loads((out_dir / (out_name(s) + ".done")).read_text()) for s in prompts.shards]
-        write_json_atomic(out_dir / "manifest.json", dict(format="hpcllm-outputs", format_version=1, mode=ic.mode,
+        write_json(out_dir / "manifest.json", dict(format="hpcllm-outputs", format_version=1, mode=ic.mode,
                                                           prompts=str(prompts.path), model=ic.model,
                                                           n_records=sum(e["n_records"] for e in entries),
                                                           shards=entries))
@@ -299,8 +292,7 @@ def export_jsonl(run_dir: str | Path, out: str | Path) -> int:
         raise InferError(f"{man_path}: missing — the inference run is not complete")
     man = json.loads(man_path.read_text())
     n = 0
-    tmp = Path(str(out) + ".tmp")
-    with open(tmp, "w") as fo:
+    with atomic_open(out, "w") as fo:
         for e in man["shards"]:
             with h5py.File(out_dir / e["path"], "r") as f:
                 ids, off = f["ids"][:], f["offsets"][:]
@@ -318,6 +310,5 @@ def export_jsonl(run_dir: str | Path, out: str | Path) -> int:
                         row["token_logprobs"] = f["token_logprobs"][off[j] : off[j + 1]].tolist()
                     fo.write(json.dumps(row) + "\n")
                     n += 1
-    os.replace(tmp, out)
     return n
 

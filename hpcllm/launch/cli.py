@@ -64,19 +64,14 @@ def _submit(args) -> int:
 
 
 def _render(args) -> int:
-    import os
-
+    from hpcllm.atomic import write_text
     from hpcllm.config import load_spec
     from hpcllm.launch.render import render
 
     spec = load_spec(args.spec, args.overrides)
     text, spec_file = render(spec, args.spec)
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, args.output)
+        write_text(args.output, text, mode=0o755)
         print(f"wrote {args.output} (runs {spec_file}); submit with: sbatch {args.output}")
     else:
         print(text, end="")

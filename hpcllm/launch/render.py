@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 from hpcllm.config import JobSpec, dump_spec
+from hpcllm.atomic import write_text
 from hpcllm.errors import ConfigError
+from hpcllm.jobs import get_kind
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm" / "templates"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
@@ -50,10 +52,8 @@ def render(spec: JobSpec, spec_source: str = "<spec>", python: str | None = None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     spec_file = run_dir / f"{spec.kind}-spec.yaml"
-    tmp = spec_file.with_name(spec_file.name + ".tmp")
-    tmp.write_text(dump_spec(spec))
-    tmp.replace(spec_file)
-    text = _env().get_template(f"{spec.kind}.sbatch.j2").render(
+    write_text(spec_file, dump_spec(spec))
+    text = _env().get_template(get_kind(spec.kind).template).render(
         s=spec.slurm, job_name=job_name(spec), log_dir=log_dir, spec_file=str(spec_file),
         spec_source=str(spec_source).replace("\n", " "), python=spec.slurm.python or python or sys.executable,
         srun_args=" ".join(shlex.quote(a) for a in spec.slurm.srun_args),

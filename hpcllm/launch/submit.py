@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from hpcllm.config import JobSpec, from_dict, load_spec, to_dict
-from hpcllm.errors import ConfigError
+from hpcllm.errors import EXIT_REQUEUE, ConfigError
+from hpcllm.jobs import get_kind
 from hpcllm.launch.config import time_seconds
 from hpcllm.launch.render import job_name
-from hpcllm.train.signals import EXIT_REQUEUE
 
 
 def minutes(slurm_time: str) -> int:
@@ -82,25 +82,13 @@ class JobRunner:
 
             os.environ["OMP_NUM_THREADS"] = cpus
             torch.set_num_threads(int(cpus))
-        if spec.kind == "train":
-            from hpcllm.train.cli import run_train_job
-
-            if run_train_job(spec) == EXIT_REQUEUE:
-                self._requeue(spec)
-            return {"kind": "train", "run_dir": spec.run_dir}
-        from hpcllm import runtime
-
-        comm = runtime.start(spec)
-        try:
-            if spec.kind == "prepare":
-                from hpcllm.data.prepare import prepare
-
-                return prepare(spec.data, comm)
-            from hpcllm.infer.job import run_infer
-
-            return run_infer(spec, comm)
-        finally:
-            comm.close()
+        kind = get_kind(spec.kind)
+        code = kind.run(spec)
+        if code == EXIT_REQUEUE and kind.requeue:
+            self._requeue(spec)
+        elif code != 0:
+            raise SystemExit(code)
+        return {"kind": spec.kind, "run_dir": spec.run_dir}
 
     def _requeue(self, spec: JobSpec) -> None:
         job, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -141,12 +129,9 @@ def controller_state(job: str, env: dict | None = None) -> str | None:
     return None
 
 
-def _submit_array(ex, spec: JobSpec) -> list:
+def _submit_array(ex, spec: JobSpec, n: int) -> list:
     """An inference job as job arrays: task i does shards i, i+n, ... (finished shards are skipped,
     so retrying a failed task is safe). Arrays longer than the cluster's MaxArraySize are split."""
-    from hpcllm.data.prompts import open_prompt_dataset
-
-    n = min(spec.slurm.array_tasks, len(open_prompt_dataset(spec.infer.prompts).shards))
     ex.update_parameters(slurm_array_parallelism=spec.slurm.array_parallelism or n)
     chunk = max(1, max_array_size() - 1)
     jobs = []
@@ -182,8 +167,9 @@ def submit(spec_paths: list[str], overrides: list[str], dry_run: bool = False, c
         with submitit.helpers.clean_env():  # drops SLURM_*: a job submitted from a job must not inherit them
             if conf:  # ... except where the cluster's configuration is
                 os.environ["SLURM_CONF"] = conf
-            if spec.kind == "infer" and spec.slurm.array_tasks > 1:
-                jobs = _submit_array(ex, spec)
+            n_tasks = get_kind(spec.kind).array_tasks(spec)
+            if n_tasks > 1:
+                jobs = _submit_array(ex, spec, n_tasks)
             else:
                 jobs = [ex.submit(JobRunner(spec))]
         job_ids = sorted({j.job_id.split("_")[0] for j in jobs}, key=int)  # array tasks are ID_i

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from hpcllm.errors import HpcllmError
+from hpcllm.atomic import atomic_path, write_json
+from hpcllm.errors import DataError
 from hpcllm.model.config import ModelConfig
 from hpcllm.model.gpt import GPT
 
@@ -19,8 +20,8 @@ _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "m
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old HF checkpoints
 
 
-class WeightsError(HpcllmError, ValueError):
-    exit_code = 5
+class WeightsError(DataError, ValueError):
+    """A weights file or HF directory hpcllm cannot load (exit 5, like other bad input data)."""
 
 
 def _files(path: str | Path) -> tuple[Path, Path | None]:
@@ -96,9 +97,8 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
             continue
         t = p.detach().to("cpu", torch.float32)
         tensors[name] = (t.t() if name.endswith(_TRANSPOSED) else t).contiguous()
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
         "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
@@ -106,5 +106,5 @@ def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
         "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_json(out / "config.json", config)
     return out

@@ -1,29 +1,15 @@
-"""Commands of the trainer: train, plot, demo, bench train."""
+"""Commands of the trainer: plot, bench train (`hpcllm train` is a job: hpcllm.jobs)."""
 
 from __future__ import annotations
 
 import argparse
 
-from hpcllm.errors import ConfigError
-
 
 def register(sub, bench) -> None:
-    from hpcllm.cli import add_spec_args
-
-    p = sub.add_parser("train", help="train a GPT (1 process, mpirun or srun); resumes from the latest checkpoint")
-    add_spec_args(p)
-    p.set_defaults(func=_train)
-
     p = sub.add_parser("plot", help="PNG of loss/val loss and throughput of a training run")
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", help="PNG path (default RUN_DIR/training.png)")
     p.set_defaults(func=_plot)
-
-    p = sub.add_parser("demo", help="the embedded default: prepare stdlib sources, train on 2 ranks, plot, sample")
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override the demo's train spec")
-    p.set_defaults(func=_demo)
 
     p = bench.add_parser("train", help="tokens/s of hpcllm's training step beside torch DDP (CPU: spawns mpirun) "
                          "or nanoGPT's loop (--device cuda)")
@@ -43,39 +29,11 @@ def register(sub, bench) -> None:
     p.set_defaults(func=_bench)
 
 
-def run_train_job(spec) -> int:
-    from hpcllm import runtime
-    from hpcllm.train.signals import catch_early_signals
-    from hpcllm.train.trainer import train
-
-    catch_early_signals()  # replaces submitit's handlers too: the trainer decides what a signal means
-    if spec.kind != "train":
-        raise ConfigError(f"kind is '{spec.kind}', `hpcllm train` runs kind: train")
-    comm = runtime.start(spec)
-    try:
-        result = train(spec, comm)
-    finally:
-        comm.close()
-    return result.exit_code
-
-
-def _train(args) -> int:
-    from hpcllm.config import load_spec
-
-    return run_train_job(load_spec(args.spec, args.overrides))
-
-
 def _plot(args) -> int:
     from hpcllm.train.plot import plot_run
 
     print(plot_run(args.run_dir, args.output))
     return 0
-
-
-def _demo(args) -> int:
-    from hpcllm.train.demo import run_demo
-
-    return run_demo(args.ranks, args.run_dir, args.overrides)
 
 
 def _bench(args) -> int:

@@ -30,7 +30,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     end_time_margin_s: float = 120.0  # checkpoint and stop this long before SLURM_JOB_END_TIME
     sample_prompt: str = "def "  # the demo's sample at the end
-    sample_tokens: int = 0  # tokens to sample at the end of training (0: none)
     progress: bool = True  # tqdm bar on rank 0
 
     def validate(self) -> None:

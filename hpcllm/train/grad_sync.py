@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
-from hpcllm.dist import Communicator, Work
+from hpcllm.comm import Communicator, Work
 
 
 class _Bucket:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from hpcllm.atomic import write_text
+
 # dense bf16 tensor-core peak, FLOP/s
 PEAK_FLOPS = {
     "H100 SXM": 989e12,
@@ -52,7 +54,7 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        write_text(self.path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hpcllm.atomic import atomic_path
 from hpcllm.errors import HpcllmError
 from hpcllm.train.metrics import read_metrics
 
@@ -34,8 +35,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax2.grid(alpha=0.3)
     fig.suptitle(f"hpcllm: {Path(run_dir).name}")
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(out)
     return out

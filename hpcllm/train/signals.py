@@ -12,9 +12,6 @@ import time
 
 log = logging.getLogger("hpcllm.train")
 
-# exit status of a run that checkpointed because it was asked to stop (signal, time limit): the
-# sbatch templates and the submitit wrapper requeue on it
-EXIT_REQUEUE = 85
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 

@@ -19,21 +19,17 @@ import torch
 
 from hpcllm.config import JobSpec, to_dict
 from hpcllm.data import TokenLoader, open_dataset
-from hpcllm.dist import Communicator
-from hpcllm.errors import HpcllmError
+from hpcllm.comm import Communicator
+from hpcllm.errors import EXIT_REQUEUE, TrainingError
 from hpcllm.model import GPT
-from hpcllm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hpcllm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hpcllm.train.config import TrainConfig
 from hpcllm.train.grad_sync import GradSync
 from hpcllm.train.metrics import MetricsLog, device_peak
 from hpcllm.train.schedule import lr_at
-from hpcllm.train.signals import EXIT_REQUEUE, StopRequest
+from hpcllm.train.signals import StopRequest
 
 log = logging.getLogger("hpcllm.train")
-
-
-class TrainingError(HpcllmError):
-    exit_code = 7
 
 
 @dataclasses.dataclass

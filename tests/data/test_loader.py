@@ -94,10 +94,10 @@ def test_sequential_val_batches(dataset):
 
 
 def _body_loader_on_ranks(path):
-    from hpcllm import dist
+    from hpcllm.comm import init_comm
     from hpcllm.data import TokenLoader
 
-    comm = dist.init()
+    comm = init_comm()
     ld = TokenLoader(path, seq_len=20, batch_size=3, seed=11, rank=comm.rank, world_size=comm.size)
     rows = [ld.next_batch()[0].tolist() for _ in range(4)]
     comm.close()

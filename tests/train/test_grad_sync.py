@@ -51,10 +51,10 @@ def _flat(model):
 def _body_grad_sync(backend, grad_accum=1, bucket_mb=0.01):
     import torch
 
-    from hpcllm import dist
+    from hpcllm.comm import DistConfig, init_comm
     from hpcllm.train.grad_sync import GradSync
 
-    comm = dist.init(dist.DistConfig(backend=backend, timeout_s=60))
+    comm = init_comm(DistConfig(backend=backend, timeout_s=60))
     torch.manual_seed(100 + comm.rank)
     model = _tiny(seed=comm.rank)  # deliberately different: the broadcast must fix it
     gs = GradSync(list(model.parameters()), comm, bucket_mb)
@@ -94,8 +94,8 @@ def _ddp_rel(ours):
     import torch.distributed as tdist
     from mpi4py import MPI
 
-    from hpcllm.dist import detect_world
-    from hpcllm.dist.torchdist import release_gloo_work, rendezvous
+    from hpcllm.comm import detect_world
+    from hpcllm.comm.torchdist import release_gloo_work, rendezvous
 
     world = detect_world()
     if not tdist.is_initialized():
@@ -141,10 +141,10 @@ def test_gradient_accumulation_three_ranks():
 
 def _body_no_comm_on_micro_steps():
 
-    from hpcllm import dist
+    from hpcllm.comm import DistConfig, init_comm
     from hpcllm.train.grad_sync import GradSync
 
-    comm = dist.init(dist.DistConfig(backend="mpi"))
+    comm = init_comm(DistConfig(backend="mpi"))
     calls = []
     real = comm.allreduce
     comm.allreduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
@@ -173,10 +173,10 @@ def test_no_communication_on_micro_steps_and_launch_during_backward():
 def test_one_rank_has_no_buckets_no_collectives_and_matches_a_plain_loop_bitwise():
     import torch
 
-    from hpcllm import dist
+    from hpcllm.comm import DistConfig, init_comm
     from hpcllm.train.grad_sync import GradSync
 
-    comm = dist.init(dist.DistConfig(backend="single"))
+    comm = init_comm(DistConfig(backend="single"))
     calls = []
     real = comm.allreduce
     comm.allreduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from hpcllm.dist.comm import Communicator, Work, _check_op
-from hpcllm.dist.watchdog import Watchdog
-from hpcllm.dist.world import World
+from hpcllm.comm.communicator import Communicator, Work, _check_op
+from hpcllm.comm.watchdog import Watchdog
+from hpcllm.comm.world import World
 from hpcllm.errors import DistError
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hpcllm.dist.world import check_mpi_agrees, check_srun_pmi, detect_world
+from hpcllm.comm.world import check_mpi_agrees, check_srun_pmi, detect_world
 from hpcllm.errors import DistError
 
 

@@ -29,10 +29,6 @@ class World:
     launcher: str  # openmpi | mpich | torchrun | srun | single
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def mpi_launched(self) -> bool:
         """Started so that MPI_Init finds its peers (mpirun/mpiexec, or srun with a PMI plugin)."""
         return self.launcher in ("openmpi", "mpich", "srun")

@@ -18,9 +18,11 @@ import threading
 import time
 from typing import Any, Callable
 
-log = logging.getLogger("hpcllm.dist")
+from hpcllm.errors import CollectiveTimeout
 
-TIMEOUT_EXIT_CODE = 4
+log = logging.getLogger("hpcllm.comm")
+
+TIMEOUT_EXIT_CODE = CollectiveTimeout.exit_code
 _TAG = 7177
 
 

@@ -14,9 +14,9 @@ BACKENDS = ["mpi", "torch", pytest.param("horovod", marks=pytest.mark.horovod)]
 def _body_collectives(backend: str) -> dict:
     import torch
 
-    from hpcllm import dist
+    from hpcllm.comm import DistConfig, init_comm
 
-    comm = dist.init(dist.DistConfig(backend=backend, timeout_s=60))
+    comm = init_comm(DistConfig(backend=backend, timeout_s=60))
     r, n = comm.rank, comm.size
     out = {"rank": r, "size": n, "name": comm.name}
     t = torch.arange(5, dtype=torch.float32) + r
@@ -86,7 +86,7 @@ def _expected(r: int, n: int) -> dict:
 def test_collectives_two_ranks(backend):
     if backend == "horovod" and importlib.util.find_spec("horovod") is None:
         pytest.fail("horovod is not installed: run scripts/build_horovod.sh (make test does)")
-    results = run_on_ranks(2, "tests.dist.test_comm:_body_collectives", backend=backend)
+    results = run_on_ranks(2, "tests.comm.test_comm:_body_collectives", backend=backend)
     for r, res in enumerate(results):
         assert res["name"] == backend
         got = {k: v for k, v in res.items() if k in _expected(r, 2)}
@@ -97,7 +97,7 @@ def test_collectives_two_ranks(backend):
 
 @pytest.mark.mpi
 def test_collectives_three_ranks_oversubscribed():
-    results = run_on_ranks(3, "tests.dist.test_comm:_body_collectives", backend="mpi")
+    results = run_on_ranks(3, "tests.comm.test_comm:_body_collectives", backend="mpi")
     for r, res in enumerate(results):
         got = {k: v for k, v in res.items() if k in _expected(r, 3)}
         assert got == _expected(r, 3), f"rank {r}"
@@ -111,8 +111,8 @@ def test_single_process_is_identity():
 
 HANG = """
 import sys, time, torch
-from hpcllm import dist
-comm = dist.init(dist.DistConfig(backend=sys.argv[1], timeout_s=float(sys.argv[2])))
+from hpcllm.comm import DistConfig, init_comm
+comm = init_comm(DistConfig(backend=sys.argv[1], timeout_s=float(sys.argv[2])))
 t = torch.ones(1000)
 comm.allreduce(t)                      # everyone arrives at collective #1
 if comm.rank == comm.size - 1:

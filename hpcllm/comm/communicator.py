@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from hpcllm.dist.watchdog import Watchdog
-from hpcllm.dist.world import World
+from hpcllm.comm.watchdog import Watchdog
+from hpcllm.comm.world import World
 
 ReduceOp = Literal["sum", "avg", "max", "min"]
 REDUCE_OPS = ("sum", "avg", "max", "min")

@@ -1,7 +1,7 @@
 """Checks at the start of every job, on every rank, that fail in seconds with a diagnosis instead of
 hanging or failing an hour later: the inputs the job will read exist, the job got the GPUs it asked
-for (one per rank), and (torch backend) the rendezvous address resolves. Rank/size agreement between
-MPI and the launcher is checked when the communicator starts (hpcllm.dist)."""
+for (one per rank), (torch backend) the rendezvous address resolves, and the run dir can be written.
+Rank/size agreement between MPI and the launcher is checked when the communicator starts."""
 
 from __future__ import annotations
 
@@ -13,17 +13,30 @@ from hpcllm.config import JobSpec
 from hpcllm.errors import ConfigError, DistError
 
 
-def preflight(spec: JobSpec) -> None:
-    need: list[tuple[str, str]] = []
-    if spec.kind == "train":
-        need.append(("data.dataset", spec.data.dataset))
-    elif spec.kind == "infer":
-        need += [("infer.prompts", spec.infer.prompts), ("infer.model", spec.infer.model)]
-    for key, path in need:
+def check_inputs(spec: JobSpec, kind) -> None:
+    """Every input path of the job is set and exists (here: on this node)."""
+    for key, path in kind.inputs(spec):
         if not path:
             raise ConfigError(f"{key} is not set")
         if not Path(path).exists():
-            raise ConfigError(f"{key}: '{path}' does not exist (on {socket.gethostname()}: is it on a shared filesystem?)")
+            raise ConfigError(f"{key}: '{path}' does not exist (on {socket.gethostname()}: is it on a shared "
+                              "filesystem?)")
+
+
+def check_run_dir(run_dir: str, error: type = ConfigError) -> None:
+    """The run dir exists (created if need be) and is writable, or one line saying why not."""
+    path = Path(run_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise error(f"run_dir {run_dir!r} cannot be written ({e.strerror or e}): choose another run_dir") from None
+
+
+def preflight(spec: JobSpec, kind) -> None:
+    check_inputs(spec, kind)
     if spec.slurm.gpus_per_node and os.environ.get("SLURM_JOB_ID"):
         import torch
 

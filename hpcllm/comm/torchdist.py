@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from hpcllm.dist.comm import Communicator, Work, _check_op
-from hpcllm.dist.world import World
+from hpcllm.comm.communicator import Communicator, Work, _check_op
+from hpcllm.comm.world import World
 from hpcllm.errors import DistError
 
 
@@ -78,7 +78,7 @@ class TorchCommunicator(Communicator):
             )
         self.backend = backend
         self._ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
-        from hpcllm.dist.watchdog import Watchdog
+        from hpcllm.comm.watchdog import Watchdog
 
         abort = mpi_comm.Abort if mpi_comm is not None else None
         self.watchdog = Watchdog(self.rank, self.size, timeout_s, mpi_comm=mpi_comm, abort=abort)

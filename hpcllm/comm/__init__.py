@@ -1,6 +1,6 @@
 """The distributed runtime: who am I (`detect_world`), and the communicator every job talks through.
 
-    comm = hpcllm.dist.init(spec.dist)      # detects the launcher, checks it, picks the backend
+    comm = hpcllm.comm.init_comm(spec.dist)    # detects the launcher, checks it, picks the backend
     comm.allreduce(t, "avg"); comm.barrier(); comm.close()
 
 Backends: `mpi` (mpi4py), `torch` (torch.distributed: NCCL on GPU, gloo on CPU), `horovod`, `single`.
@@ -15,14 +15,14 @@ import sys
 
 import torch
 
-from hpcllm.dist.comm import Communicator, SingleProcess, Work
-from hpcllm.dist.config import DistConfig
-from hpcllm.dist.world import World, check_mpi_agrees, check_srun_pmi, detect_world
+from hpcllm.comm.communicator import Communicator, SingleProcess, Work
+from hpcllm.comm.config import DistConfig
+from hpcllm.comm.world import World, check_mpi_agrees, check_srun_pmi, detect_world
 from hpcllm.errors import DistError
 
-__all__ = ["Communicator", "DistConfig", "SingleProcess", "Work", "World", "detect_world", "init", "pick_device"]
+__all__ = ["Communicator", "DistConfig", "SingleProcess", "Work", "World", "detect_world", "init_comm", "pick_device"]
 
-log = logging.getLogger("hpcllm.dist")
+log = logging.getLogger("hpcllm.comm")
 
 
 def pick_device(cfg: DistConfig, world: World) -> torch.device:
@@ -66,19 +66,26 @@ def mpi_comm_world(world: World):
 def _abort_on_uncaught_exception(mpi_comm) -> None:
     """An exception on one rank must end the whole job: Open MPI's MPI_Finalize at interpreter exit
     waits for every other rank, so a rank that just dies of a traceback leaves its peers (and
-    itself) hanging until the time limit. Print the traceback, then MPI_Abort."""
+    itself) hanging until the time limit. Print the traceback (stderr and the rank's log), give the
+    launcher a moment to forward it, then MPI_Abort."""
+    import time
+
+    from hpcllm.log import to_rank_log
+
     previous = sys.excepthook
 
     def hook(etype, value, tb):
         previous(etype, value, tb)
         sys.stderr.flush()
+        to_rank_log(f"uncaught exception on rank {mpi_comm.Get_rank()}", exc_info=(etype, value, tb))
         code = getattr(value, "exit_code", 1) if isinstance(value, Exception) else 1
+        time.sleep(1.0)
         mpi_comm.Abort(code)
 
     sys.excepthook = hook
 
 
-def init(cfg: DistConfig | None = None) -> Communicator:
+def init_comm(cfg: DistConfig | None = None) -> Communicator:
     cfg = cfg or DistConfig()
     world = detect_world()
     device = pick_device(cfg, world)
@@ -93,15 +100,15 @@ def init(cfg: DistConfig | None = None) -> Communicator:
     elif backend == "mpi":
         if mpi_comm is None:
             raise DistError(f"dist.backend=mpi needs an MPI launcher (mpirun or srun --mpi=pmix); got {world.launcher}")
-        from hpcllm.dist.mpi import MPICommunicator
+        from hpcllm.comm.mpi import MPICommunicator
 
         comm = MPICommunicator(world, device, cfg.timeout_s, mpi_comm)
     elif backend == "torch":
-        from hpcllm.dist.torchdist import TorchCommunicator
+        from hpcllm.comm.torchdist import TorchCommunicator
 
         comm = TorchCommunicator(world, device, cfg.timeout_s, mpi_comm, cfg.port)
     elif backend == "horovod":
-        from hpcllm.dist.horovod import HorovodCommunicator
+        from hpcllm.comm.horovod import HorovodCommunicator
 
         comm = HorovodCommunicator(world, device, cfg.timeout_s, mpi_comm)
     else:  # the config loader already rejects other names

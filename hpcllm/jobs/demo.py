@@ -38,18 +38,18 @@ def train_spec(run_dir: str) -> dict:
 
 
 def run_demo(ranks: int, run_dir: str, overrides: list[str]) -> int:
-    from hpcllm import dist
+    from hpcllm.comm import DistConfig, detect_world, init_comm
     from hpcllm.config import load_spec
     from hpcllm.data.prepare import prepare
     from hpcllm.log import setup_logging
 
     setup_logging(0)
-    if dist.detect_world().size > 1:
+    if detect_world().size > 1:
         raise HpcllmError("run `hpcllm demo` itself, not under mpirun/srun: it starts its own ranks")
     ds = Path(PREPARE["data"]["dataset"])
     if not (ds / "manifest.json").exists():
         print(f"[demo 1/4] preparing the embedded corpus (Python {sys.version.split()[0]} stdlib sources) -> {ds}")
-        comm = dist.init(dist.DistConfig(backend="single"))
+        comm = init_comm(DistConfig(backend="single"))
         prepare(load_spec(None, base=PREPARE).data, comm)
     else:
         print(f"[demo 1/4] dataset {ds} already prepared")
@@ -83,7 +83,7 @@ def sample(run_dir: str, prompt: str, n_tokens: int, temperature: float = 0.8, s
     from hpcllm.data import load_tokenizer
     from hpcllm.infer.engine import Engine
     from hpcllm.infer.sampling import SamplingParams
-    from hpcllm.train.checkpoint import load_trained_model
+    from hpcllm.checkpoint import load_trained_model
 
     model, cfg, dataset = load_trained_model(run_dir)
     tok = load_tokenizer(dataset)

@@ -1,0 +1,61 @@
+"""Job kinds: one home each for what `prepare`, `train` and `infer` mean as jobs.
+
+A kind says which job-spec keys it reads as inputs (checked by the preflight and before submit),
+which sbatch template renders it, how its work is split over a job array, whether a stopped run is
+requeued, and what runs on every rank. The CLI, `hpcllm render`, `hpcllm submit` and `hpcllm debug`
+ask this registry and never name a kind themselves; adding a kind is one module and one line here.
+
+    kind = get_kind(spec.kind)
+    code = kind.run(spec)           # on every rank: join the others, do the work, leave
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from hpcllm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hpcllm.config import JobSpec
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    help: str
+    # (key, path) pairs this job reads: they must exist on every node (preflight) and at submit time
+    inputs: Callable[["JobSpec"], list[tuple[str, str]]]
+    # on every rank: join the other ranks, do the work, return the exit status
+    run: Callable[["JobSpec"], int]
+    # a run that stopped on a signal or the time limit exits EXIT_REQUEUE and is requeued
+    requeue: bool = False
+    # how many array tasks the job is split into at submit time (1: a plain job)
+    array_tasks: Callable[["JobSpec"], int] = lambda spec: 1
+    # further checks before anything is submitted (raise ConfigError)
+    check: Callable[["JobSpec"], None] = lambda spec: None
+    # the error (and so the exit code) of a run_dir that cannot be written
+    run_dir_error: type = ConfigError
+
+    @property
+    def template(self) -> str:
+        return f"{self.name}.sbatch.j2"
+
+
+# kind name -> module defining KIND (imported on first use: `hpcllm config` stays free of torch)
+_MODULES = {
+    "prepare": "hpcllm.jobs.prepare",
+    "train": "hpcllm.jobs.train",
+    "infer": "hpcllm.jobs.infer",
+}
+
+
+def kind_names() -> tuple[str, ...]:
+    return tuple(_MODULES)
+
+
+def get_kind(name: str) -> JobKind:
+    if name not in _MODULES:
+        raise ConfigError(f"unknown job kind {name!r} (one of {', '.join(_MODULES)})")
+    return importlib.import_module(_MODULES[name]).KIND

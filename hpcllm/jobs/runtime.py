@@ -1,0 +1,33 @@
+"""What every job does first: check its inputs, join the other ranks, set up per-rank logging in
+the run dir.
+
+    comm = start(spec)     # in each job kind's run()
+    ...
+    comm.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from hpcllm.comm import Communicator, init_comm
+from hpcllm.config import JobSpec
+from hpcllm.jobs import get_kind
+from hpcllm.jobs.preflight import check_run_dir, preflight
+from hpcllm.log import setup_logging
+
+log = logging.getLogger("hpcllm")
+
+
+def start(spec: JobSpec) -> Communicator:
+    kind = get_kind(spec.kind)
+    preflight(spec, kind)  # before joining the other ranks: a missing input fails every rank at once
+    comm = init_comm(spec.dist)
+    if comm.rank == 0:
+        check_run_dir(spec.run_dir, kind.run_dir_error)
+    setup_logging(comm.rank, spec.run_dir if spec.run_dir else None)
+    log.info("%s job '%s': %d rank(s), backend %s, device %s, run_dir %s", spec.kind, spec.name, comm.size,
+             comm.name, comm.device, spec.run_dir)
+    log.debug("pid %d on %s", os.getpid(), comm.world.hostname)
+    return comm

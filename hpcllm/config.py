@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -171,14 +172,31 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             return value
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
+        return _to_float(value, bad, key, source)
     if tp is str:
         if isinstance(value, str):
             return value
         raise bad
     raise ConfigError(f"{source}: '{key}': unsupported field type {tp!r}")  # a bug in a section
+
+
+def _to_float(value: Any, bad: ConfigError, key: str, source: str) -> float:
+    """Numbers as people write them: YAML 1.1 reads `3e-4` and `1e6` as strings (it wants `3.0e-4`),
+    so a string is taken in every form Python's float() accepts. Only finite values: no field
+    means anything by nan or inf, and a nan slips through every range check."""
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise bad from None
+    if not isinstance(value, (int, float)):
+        raise bad
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: '{key}' must be a finite number, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------- YAML + overrides

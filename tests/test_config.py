@@ -51,6 +51,13 @@ def test_name_defaults_to_file_stem(tmp_path):
         ("kind: train\n", ["nonsense"], "must look like key=value"),
         ("- a\n- b\n", [], "expected a mapping at top level"),
         ("kind: [\n", [], "not valid YAML"),
+        ("kind: train\n", ["train.lr=nan"], "'train.lr' must be a finite number, got nan"),
+        ("kind: train\ntrain: {lr: .inf}\n", [], "'train.lr' must be a finite number, got inf"),
+        ("kind: train\n", ["train.lr=true"], "'train.lr' must be float, got bool True"),
+        ("kind: train\n", ["model.n_head=3"], "model: n_embd (128) must be divisible by n_head (3)"),
+        ("kind: train\nmodel: {size: custom, n_layer: 2, n_head: 5, n_embd: 64, block_size: 32}\n", [],
+         "n_embd (64) must be divisible by n_head (5)"),
+        ("kind: train\n", ["model.n_layer=0"], "model: n_layer must be >= 1, got 0"),
     ],
 )
 def test_errors_name_key_and_file(tmp_path, text, overrides, message):
@@ -82,3 +89,14 @@ def test_cli_config_prints_resolved_spec_and_exits_2_on_error(tmp_path):
     assert bad.returncode == 2
     assert "unknown key 'dist.bakend' (did you mean 'dist.backend'?)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("written", ["3e-4", "3E-4", "0.0003", "3.0e-4", "+3e-4", "30e-5"])
+def test_floats_as_people_write_them_in_yaml_and_overrides(tmp_path, written):
+    # YAML 1.1 reads 3e-4 as a string; every form Python's float() takes is a float here
+    p = write(tmp_path, f"kind: train\ntrain: {{lr: {written}, min_lr: 1e-5}}\ndist: {{timeout_s: 1e3}}\n")
+    spec = load_spec(p)
+    assert spec.train.lr == pytest.approx(3e-4) and isinstance(spec.train.lr, float)
+    assert spec.train.min_lr == 1e-5 and spec.dist.timeout_s == 1000.0
+    spec = load_spec(write(tmp_path, "kind: train\n"), [f"train.lr={written}", "train.betas=[0.9, 9.5e-1]"])
+    assert spec.train.lr == pytest.approx(3e-4) and spec.train.betas == [0.9, 0.95]

@@ -7,6 +7,12 @@ collective count to all others and listens for theirs for a short grace period. 
 answer (dead, hung, or busy outside communication) or answer with a lower count did not arrive. The
 message names them, then the job is aborted (MPI_Abort under MPI, so mpirun/srun tear down every
 rank) with exit code 4. Without MPI (torchrun) the message cannot name ranks but the exit still happens.
+
+Time this process did not run — stopped with SIGSTOP, or the whole job suspended by Slurm — is not
+waiting: the thread notices the gap between its polls and leaves it out, so a job that is suspended
+and resumed carries on, and a rank that was stopped never blames the others for its own absence.
+Waits that are not collectives (the data loader) are marked with `local=True`: they are timed the
+same way, but not counted in the collective sequence the ranks compare.
 """
 
 from __future__ import annotations
@@ -40,19 +46,24 @@ class Watchdog:
         self._comm = mpi_comm.Dup() if mpi_comm is not None else None
         self._abort = abort or (lambda code: os._exit(code))
         self._seq = 0
-        self._active: tuple[int, str, Any, float] | None = None
+        # (seq, what, size, start time, frozen total at start, local wait?)
+        self._active: tuple[int, str, Any, float, float, bool] | None = None
+        self._frozen = 0.0  # seconds this process was not running (summed over the gaps seen)
         self._stop = threading.Event()
         self._poll_s = min(1.0, max(0.05, timeout_s / 20))
+        # a gap between two polls longer than this means the process was stopped, not just busy
+        self._freeze_s = max(2.0, 5 * self._poll_s)
         self._thread = threading.Thread(target=self._run, name="hpcllm-watchdog", daemon=True)
         self._thread.start()
 
-    def enter(self, what: str, tensor: Any = None) -> None:
-        self._seq += 1
+    def enter(self, what: str, tensor: Any = None, local: bool = False) -> None:
+        if not local:
+            self._seq += 1
         # keep the tensor's size, never the tensor: a reference held here could make this daemon
         # thread free the last copy of it, and a torch tensor freed while the interpreter exits
         # aborts the process ("terminate called without an active exception")
         size = None if tensor is None else (tensor.numel() * tensor.element_size(), tensor.dtype)
-        self._active = (self._seq, what, size, time.monotonic())
+        self._active = (self._seq, what, size, time.monotonic(), self._frozen, local)
 
     def leave(self) -> None:
         self._active = None
@@ -64,20 +75,39 @@ class Watchdog:
 
     # ---------------------------------------------------------------------------------------
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self._poll_s):
+            now = time.monotonic()
+            gap = now - last - self._poll_s
+            last = now
+            if gap > self._freeze_s:
+                self._frozen += gap
+                log.warning("rank %d did not run for %.0f s (stopped or suspended?): not counted as waiting",
+                            self.rank, gap)
             active = self._active
-            if active is not None and time.monotonic() - active[3] > self.timeout_s:
+            if active is not None and now - active[3] - (self._frozen - active[4]) > self.timeout_s:
                 self._fire(*active)
                 return
 
-    def _fire(self, seq: int, what: str, size: tuple[int, Any] | None, t0: float) -> None:
-        waited = time.monotonic() - t0
+    def _fire(self, seq: int, what: str, size: tuple[int, Any] | None, t0: float, frozen0: float,
+              local: bool) -> None:
+        stopped = self._frozen - frozen0
+        waited = time.monotonic() - t0 - stopped
         desc = what
         if size is not None:
             desc += f" of {size[0] / 2**20:.2f} MB {str(size[1])[6:]}"
+        waited_s = f"waited {waited:.1f} s" + (f", not counting {stopped:.0f} s stopped" if stopped else "")
+        if local:  # stuck on its own, not in a collective: nobody else to ask
+            msg = (f"[hpcllm rank {self.rank}] stuck in {desc} (not a collective) for longer than "
+                   f"dist.timeout_s={self.timeout_s:g} s ({waited_s}): this rank is the one that is stuck. "
+                   "Aborting the job.")
+            print(msg, file=sys.stderr, flush=True)
+            log.error(msg)
+            self._abort(TIMEOUT_EXIT_CODE)
+            return
         msg = (
             f"[hpcllm rank {self.rank}] collective #{seq} ({desc}) did not complete within "
-            f"dist.timeout_s={self.timeout_s:g} s (waited {waited:.1f} s)"
+            f"dist.timeout_s={self.timeout_s:g} s ({waited_s})"
         )
         try:
             missing, behind = self._who_is_missing(seq)

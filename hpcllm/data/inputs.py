@@ -37,6 +37,20 @@ def _excluded(rel: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(rel, p) or any(fnmatch.fnmatch(part, p) for part in parts) for p in patterns)
 
 
+def glob_base(pattern: str) -> str:
+    """The directory a glob starts from: its leading components without wildcards. A file's key is
+    its path relative to it, so `/usr/share/doc/*/copyright` gives `pkg/copyright` — files that
+    share a name stay distinct documents (the train/val split hashes the key) — and a plain file
+    or `dir/*.txt` gives the file name."""
+    parts = Path(os.path.abspath(pattern)).parts
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return os.path.join(*fixed) if fixed else os.sep
+
+
 def find_inputs(cfg: DataConfig) -> list[InputFile]:
     if not cfg.inputs:
         raise DataError("data.inputs is empty: nothing to prepare")
@@ -56,10 +70,11 @@ def find_inputs(cfg: DataConfig) -> list[InputFile]:
             matches = sorted(glob.glob(root, recursive=True))
             if not matches:
                 raise DataError(f"data.inputs: '{spec}' matches no file")
+            base = glob_base(root)
             for m in matches:
                 if os.path.isfile(m) and not _excluded(os.path.basename(m), cfg.exclude):
                     full = os.path.abspath(m)
-                    found[full] = InputFile(full, os.path.basename(m), os.path.getsize(full))
+                    found[full] = InputFile(full, os.path.relpath(full, base), os.path.getsize(full))
     if not found:
         raise DataError(f"data.inputs {cfg.inputs}: no input files after include/exclude filtering")
     return sorted(found.values(), key=lambda f: f.path)

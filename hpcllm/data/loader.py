@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -36,6 +37,7 @@ class _Shard:
     path: Path
     start: int  # global offset in the split
     n_tokens: int
+    offset: int | None = None  # byte offset of /tokens in the file when contiguous (memory-mappable)
     array: np.ndarray | None = None
 
 
@@ -55,7 +57,12 @@ class Dataset:
         self.tokenizer_id, self.dtype = man["tokenizer"], np.dtype(man["dtype"])
         self._shards: dict[str, list[_Shard]] = {}
         for e in man["shards"]:
-            self._shards.setdefault(e["split"], []).append(_Shard(self.path / e["path"], e["token_offset"], e["n_tokens"]))
+            sh = _Shard(self.path / e["path"], e["token_offset"], e["n_tokens"])
+            sh.offset = _contiguous_offset(sh.path)
+            self._shards.setdefault(e["split"], []).append(sh)
+        # HDF5 is touched here, on the opening thread, and then only through np.memmap — unless a
+        # shard is chunked/compressed: those are read with h5py, and then only from one thread
+        self.h5py_reads = any(sh.offset is None for shards in self._shards.values() for sh in shards)
 
     @property
     def splits(self) -> list[str]:
@@ -80,20 +87,31 @@ class Dataset:
         return out
 
     def _array(self, sh: _Shard) -> np.ndarray:
-        # opened lazily, in the process (and thread) that reads: nothing h5py crosses a fork
+        # mapped lazily, in the process that reads: no mapping or HDF5 handle crosses a fork
         if sh.array is None:
-            import h5py
-
-            with h5py.File(sh.path, "r") as f:
-                d = f["tokens"]
-                offset = d.id.get_offset()
-                contiguous = d.chunks is None and d.compression is None and offset is not None
-            if contiguous:
-                sh.array = np.memmap(sh.path, dtype=self.dtype, mode="r", offset=offset, shape=(sh.n_tokens,))
+            if sh.offset is not None:
+                try:
+                    sh.array = np.memmap(sh.path, dtype=self.dtype, mode="r", offset=sh.offset, shape=(sh.n_tokens,))
+                except (OSError, ValueError) as e:
+                    raise DataError(f"{sh.path}: cannot be read ({e})") from None
             else:  # a shard rewritten chunked/compressed by another tool: slower, still correct
+                import h5py
+
                 f = h5py.File(sh.path, "r", rdcc_nbytes=RDCC_NBYTES, rdcc_nslots=RDCC_NSLOTS)
                 sh.array = f["tokens"]
         return sh.array
+
+
+def _contiguous_offset(path: Path) -> int | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            d = f["tokens"]
+            offset = d.id.get_offset()
+            return offset if d.chunks is None and d.compression is None and offset is not None else None
+    except (OSError, KeyError) as e:
+        raise DataError(f"{path}: unreadable HDF5 shard ({e})") from None
 
 
 def open_dataset(path: str | Path, *, checksum: bool = False) -> Dataset:
@@ -134,7 +152,8 @@ class TokenLoader:
             )
         self.steps_per_epoch = self.slots // self.per_step
         self.epoch, self.step_in_epoch = 0, 0
-        self.prefetch = prefetch
+        # chunked shards are read through h5py, which must stay on one thread: no prefetch thread
+        self.prefetch = 0 if self.ds.h5py_reads else prefetch
         self._order: tuple[int, np.ndarray | None, int] | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -190,11 +209,26 @@ class TokenLoader:
         else:
             if self._thread is None:
                 self._start_prefetch()
-            batch = self._queue.get()
-            if isinstance(batch, BaseException):
-                raise batch
+            batch = self._take()
         self.epoch, self.step_in_epoch = self._advance(self.epoch, self.step_in_epoch)
         return batch
+
+    def _take(self):
+        """The next prefetched batch. Never waits on a worker that has died: the queue is polled and
+        the worker's liveness checked, so a lost worker is an error, not a hang. (A worker that is
+        alive but slow is timed by the caller: the trainer marks this wait for the stall watchdog.)"""
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise DataError(f"{self.ds.path}: the prefetch thread of split '{self.split}' died without "
+                                    "a batch or an error") from None
+                continue
+            if isinstance(item, BaseException):
+                self._stop_prefetch()
+                raise item
+            return item
 
     def batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first n batches of the split (sequential evaluation), independent of the position."""
@@ -207,30 +241,55 @@ class TokenLoader:
         self._queue = queue.Queue(maxsize=self.prefetch)
         epoch, step = self.epoch, self.step_in_epoch
 
+        q, stop = self._queue, self._stop
+
+        def put(item) -> bool:  # False once asked to stop: never blocks on a full queue for good
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=_POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def work() -> None:
             e, s = epoch, step
             try:
-                while not self._stop.is_set():
-                    batch = self._make_batch(e, s)
-                    while not self._stop.is_set():
-                        try:
-                            self._queue.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                while put(self._make_batch(e, s)):
                     e, s = self._advance(e, s)
             except BaseException as exc:  # surfaces in next_batch on the main thread
-                self._queue.put(exc)
+                put(exc)
 
         self._thread = threading.Thread(target=work, name="hpcllm-prefetch", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     def _stop_prefetch(self) -> None:
-        if self._thread is not None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._stop.set()
-            self._thread.join()
-            self._thread = None
+            # the worker only reads memory maps and checks the stop flag every _POLL_S
+            thread.join(timeout=30)
+            if thread.is_alive():
+                log.warning("the prefetch thread of %s did not stop within 30 s", self.ds.path)
             self._queue = None
+        _LIVE.discard(self)
 
     def close(self) -> None:
         self._stop_prefetch()
+
+
+_POLL_S = 0.1
+# Loaders with a running prefetch thread are stopped when the interpreter starts to exit, before any
+# atexit handler (MPI_Finalize, h5py's cleanup) runs: a daemon thread still reading when those run
+# is frozen mid-call at finalization, which can deadlock the exit. (threading's own exit hook runs
+# before atexit; concurrent.futures uses it for the same reason.)
+_LIVE: "weakref.WeakSet[TokenLoader]" = weakref.WeakSet()
+
+
+def _stop_all_prefetch() -> None:
+    for ld in list(_LIVE):
+        ld.close()
+
+
+threading._register_atexit(_stop_all_prefetch)

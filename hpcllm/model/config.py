@@ -39,6 +39,18 @@ class ModelConfig:
                 raise ValueError(f"size=custom needs {', '.join(missing)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        # the sizes as the model will have them (explicit values over the preset), checked now so
+        # `hpcllm config` and submit catch them, not a traceback in the middle of `train`
+        sizes = dict(zip(("n_layer", "n_head", "n_embd", "block_size"), PRESETS.get(self.size, (None,) * 4)))
+        sizes.update({k: getattr(self, k) for k in sizes if getattr(self, k) is not None})
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            v = sizes.get(k, self.vocab_size if k == "vocab_size" else None)
+            if v is not None and v < 1:
+                raise ValueError(f"{k} must be >= 1, got {v}")
+        if sizes["n_head"] and sizes["n_embd"] and sizes["n_embd"] % sizes["n_head"]:
+            raise ValueError(f"n_embd ({sizes['n_embd']}) must be divisible by n_head ({sizes['n_head']})")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
     def resolve(self, vocab_size: int | None = None) -> "ModelConfig":
         """A copy with every size filled in: explicit values win over the preset."""

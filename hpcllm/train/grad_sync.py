@@ -95,6 +95,7 @@ class GradSync:
             b = self.buckets[self._next]
             b.work = self.comm.allreduce(b.buffer, "sum", async_op=True)
             self._next += 1
+            b.work.label = f"bucket {self._next}/{len(self.buckets)}"
 
     def finish(self) -> None:
         """Wait for every bucket (launching those whose gradients never came, e.g. unused

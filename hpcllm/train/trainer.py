@@ -20,7 +20,7 @@ import torch
 from hpcllm.config import JobSpec, to_dict
 from hpcllm.data import TokenLoader, open_dataset
 from hpcllm.comm import Communicator
-from hpcllm.errors import EXIT_REQUEUE, TrainingError
+from hpcllm.errors import EXIT_REQUEUE, ConfigError, TrainingError
 from hpcllm.model import GPT
 from hpcllm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hpcllm.train.config import TrainConfig
@@ -53,7 +53,10 @@ def build_model(spec: JobSpec, vocab_size: int, device) -> GPT:
         if model.config.vocab_size != vocab_size:
             raise TrainingError(f"model.init {spec.model.init}: vocab {model.config.vocab_size}, dataset {vocab_size}")
     else:
-        cfg = spec.model.resolve(vocab_size)
+        try:
+            cfg = spec.model.resolve(vocab_size)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
         if cfg.vocab_size != vocab_size:
             raise TrainingError(f"model.vocab_size={cfg.vocab_size} but the dataset's tokenizer has {vocab_size}")
         model = GPT(cfg).init_weights(spec.train.seed)
@@ -81,12 +84,14 @@ class TrainStep:
         self.t_data = self.t_compute = 0.0  # seconds waiting for batches, in forward/backward
 
     def __call__(self, next_batch, step: int, stop_requested: bool) -> tuple[torch.Tensor, bool]:
-        """Returns the step's mean loss and whether any rank asked to stop."""
+        """Run step number `step` (1-based, as logged and checkpointed); returns its mean loss and
+        whether any rank asked to stop."""
         tc, device, gsync = self.tc, self.comm.device, self.gsync
         step_loss = torch.zeros((), device=device)
         for micro in range(tc.grad_accum):
             t0 = time.perf_counter()
-            x, y = next_batch()
+            with self.comm.waiting("the data loader (next training batch)"):
+                x, y = next_batch()
             t1 = time.perf_counter()
             last = micro == tc.grad_accum - 1
             with (contextlib.nullcontext() if last else gsync.no_sync()), autocast_for(device, tc.dtype):
@@ -104,7 +109,7 @@ class TrainStep:
         if not_finite:
             if tc.nan_policy == "abort":
                 raise TrainingError(f"loss is not finite at step {step} (on at least one rank); no checkpoint "
-                                    "written after it. train.nan_policy=skip skips such steps instead")
+                                    f"written after step {step - 1}. train.nan_policy=skip skips such steps instead")
             log.warning("step %d: non-finite loss, step skipped", step)
         else:
             if tc.grad_clip > 0:
@@ -112,6 +117,36 @@ class TrainStep:
             self.optimizer.step()
         gsync.zero_grad()
         return step_loss, stop_agreed
+
+
+class LossWindow:
+    """The loss summed over the steps since the last log line, on this rank. Checkpoints keep every
+    rank's partial sum, so a run resumed between two log lines logs exactly the numbers an
+    uninterrupted run logs (the mean over the whole interval, not over the steps since the restart)."""
+
+    def __init__(self, device):
+        self.sum = torch.zeros((), device=device)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.steps += 1
+
+    def mean(self, comm: Communicator) -> float:
+        """The mean over the window and over the ranks; starts the next window."""
+        comm.allreduce(self.sum, "avg")
+        value = self.sum.item() / self.steps
+        self.sum.zero_()
+        self.steps = 0
+        return value
+
+    def state(self, comm: Communicator) -> dict:
+        return {"sums": comm.allgather_object(float(self.sum.item())), "steps": self.steps}
+
+    def load(self, state: dict | None, comm: Communicator) -> None:
+        if state and len(state["sums"]) == comm.size:  # fp32 -> float -> fp32 is exact
+            self.sum.fill_(state["sums"][comm.rank])
+            self.steps = int(state["steps"])
 
 
 def train(spec: JobSpec, comm: Communicator) -> TrainResult:
@@ -127,13 +162,19 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     metrics = MetricsLog(spec.run_dir, comm.rank == 0)
 
     step = 0
+    window = LossWindow(device)
     ckpt = latest_checkpoint(spec.run_dir) if tc.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise TrainingError(f"{ckpt}/state.pt: the optimizer state does not fit this run ({e}); "
+                                "use a new run_dir or train.resume=false") from None
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
+        window.load(state.get("log_window"), comm)
         metrics.truncate_after(step)
         log.info("resumed from %s (step %d)", ckpt, step)
     # identical start on every rank: rank 0's parameters and optimizer state
@@ -156,8 +197,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     last_loss = val_loss = None
     gsync.comm_wait_s = 0.0
     t_log = time.perf_counter()
-    steps_since_log = 0
-    loss_acc = torch.zeros((), device=device)
+    steps_timed = 0  # steps of this process since t_log (a resumed window has fewer than window.steps)
     stopped = None
     saved_at = step if ckpt is not None else -1
     model.train()
@@ -166,18 +206,17 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
             lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            step_loss, stop_agreed = run_step(loader.next_batch, step, stop.requested())
+            step_loss, stop_agreed = run_step(loader.next_batch, step + 1, stop.requested())
             step += 1
-            steps_since_log += 1
-            loss_acc += step_loss
+            steps_timed += 1
+            window.add(step_loss)
             if bar is not None:
                 bar.update(1)
 
             if step % tc.log_interval == 0 or step == tc.max_steps:
-                comm.allreduce(loss_acc, "avg")
-                last_loss = loss_acc.item() / steps_since_log
+                last_loss = window.mean(comm)
                 dt = time.perf_counter() - t_log
-                tps = tokens_per_step * steps_since_log / dt
+                tps = tokens_per_step * steps_timed / dt
                 rec = dict(step=step, loss=last_loss, lr=lr, tokens_per_s=tps, dt_s=dt,
                            mfu=(flops_per_token * tps / (peak * comm.size)) if peak else None,
                            t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=gsync.comm_wait_s)
@@ -189,8 +228,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                 else:
                     log.info("step %d loss %.4f%s lr %.2e %.0f tok/s", step, last_loss,
                              f" val {rec['val_loss']:.4f}" if "val_loss" in rec else "", lr, tps)
-                loss_acc.zero_()
-                steps_since_log = 0
+                steps_timed = 0
                 run_step.t_data = run_step.t_compute = gsync.comm_wait_s = 0.0
                 t_log = time.perf_counter()
 
@@ -198,7 +236,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                 stopped = stop.reason or "another rank was asked to stop"
                 break
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps:
-                _save(spec, comm, step, model, optimizer, loader)
+                _save(spec, comm, step, model, optimizer, loader, window)
                 saved_at = step
     finally:
         stop.uninstall()
@@ -206,7 +244,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
         if bar is not None:
             bar.close()
 
-    path = _save(spec, comm, step, model, optimizer, loader) if saved_at != step else latest_checkpoint(spec.run_dir)
+    path = _save(spec, comm, step, model, optimizer, loader, window) if saved_at != step else latest_checkpoint(spec.run_dir)
     if stopped:
         log.warning("stopping at step %d (%s): checkpoint %s; exit %d so the job can be requeued", step, stopped,
                     path, EXIT_REQUEUE)
@@ -234,11 +272,13 @@ def evaluate(model: GPT, ds, spec: JobSpec, comm: Communicator) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
 
 
-def _save(spec, comm, step, model, optimizer, loader):
+def _save(spec, comm, step, model, optimizer, loader, window: LossWindow):
+    log_window = window.state(comm)  # a collective: every rank, before rank 0 writes
     comm.barrier()
     path = None
     if comm.rank == 0:
-        state = dict(step=step, optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=torch.get_rng_state())
+        state = dict(step=step, optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=torch.get_rng_state(),
+                     log_window=log_window)
         path = save_checkpoint(spec.run_dir, step, model, state, {"spec": to_dict(spec), "world_size": comm.size},
                                spec.train.keep_checkpoints)
         log.info("checkpoint %s", path)

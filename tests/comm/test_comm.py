@@ -135,3 +135,107 @@ def test_watchdog_names_the_missing_rank(backend, tmp_path):
     assert "did not complete within dist.timeout_s=3 s" in proc.stderr, proc.stderr[-2000:]
     assert "no answer from rank(s) 2" in proc.stderr, proc.stderr[-2000:]
     assert elapsed < 45, f"took {elapsed:.0f} s to give up"
+
+
+TRACED = """
+import sys, torch
+from hpcllm.comm import DistConfig, init_comm
+from hpcllm.log import setup_logging
+from hpcllm.train.grad_sync import GradSync
+comm = init_comm(DistConfig(backend=sys.argv[1], timeout_s=60))
+setup_logging(comm.rank, sys.argv[2])
+params = [torch.nn.Parameter(torch.ones(50_000)) for _ in range(3)]  # 3 buckets of 0.19 MB
+sync = GradSync(params, comm, bucket_mb=0.1)
+sum(p.sum() for p in params).backward()
+sync.finish()
+comm.barrier()
+comm.close()
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_collective_tracing_at_debug_level_on_every_rank(backend, tmp_path):
+    script = tmp_path / "traced.py"
+    script.write_text(TRACED)
+    proc = run_mpi(2, [sys.executable, str(script), backend, str(tmp_path)], timeout=120,
+                   env={"HPCLLM_LOG_LEVEL": "debug"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        lines = [x for x in (tmp_path / "logs" / f"rank{rank}.log").read_text().splitlines() if "hpcllm.comm:" in x]
+        buckets = [x for x in lines if "allreduce sum 0.19 MB float32 [bucket" in x]
+        assert len(buckets) == 3, lines  # which collective, which bucket, bytes and dtype
+        assert all("in flight" in x and "blocked" in x and " ms" in x for x in buckets), buckets
+        assert {x.split("[bucket ")[1].split("]")[0] for x in buckets} == {"1/3", "2/3", "3/3"}
+        assert any("barrier" in x for x in lines)
+    quiet = run_mpi(2, [sys.executable, str(script), backend, str(tmp_path / "quiet")], timeout=120)
+    assert quiet.returncode == 0 and "hpcllm.comm:" not in (tmp_path / "quiet" / "logs" / "rank0.log").read_text()
+
+
+SUSPENDED = """
+import os, sys, time, torch
+from hpcllm.comm import DistConfig, init_comm
+comm = init_comm(DistConfig(backend=sys.argv[1], timeout_s=3))
+t = torch.ones(10)
+open(os.path.join(sys.argv[2], f"pid{comm.rank}"), "w").write(str(os.getpid()))
+for i in range(40):               # ~8 s of collectives; the whole job is stopped for 8 s meanwhile
+    comm.allreduce(t)
+    time.sleep(0.2)
+comm.close()
+print("finished", comm.rank, flush=True)
+"""
+
+
+@pytest.mark.mpi
+def test_a_suspended_and_resumed_job_carries_on(tmp_path):
+    # what `scontrol suspend` / `resume` does to a job: SIGSTOP, later SIGCONT, to every rank. Time
+    # stopped is not time waited: the watchdog (3 s) must not abort the resumed job
+    import os
+    import signal
+    import subprocess
+
+    from tests.mpi_util import mpi_env, mpirun_cmd
+
+    script = tmp_path / "suspended.py"
+    script.write_text(SUSPENDED)
+    proc = subprocess.Popen(mpirun_cmd(2, sys.executable, str(script), "mpi", str(tmp_path)), env=mpi_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all((tmp_path / f"pid{r}").exists() for r in (0, 1)):
+        time.sleep(0.1)
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+    time.sleep(1.0)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(8)  # far past dist.timeout_s
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("finished") == 2 and "did not complete" not in err
+    assert "did not run for" in err  # the gap is noticed and said
+
+
+STUCK_LOADER = """
+import sys, time, torch
+from hpcllm.comm import DistConfig, init_comm
+comm = init_comm(DistConfig(backend="mpi", timeout_s=3))
+comm.allreduce(torch.ones(3))
+if comm.rank == 1:
+    with comm.waiting("the data loader (next training batch)"):
+        time.sleep(600)           # a loader that never delivers
+comm.allreduce(torch.ones(3))
+print("unreachable", flush=True)
+"""
+
+
+@pytest.mark.mpi
+def test_a_rank_stuck_outside_communication_names_itself(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_LOADER)
+    t0 = time.monotonic()
+    proc = run_mpi(2, [sys.executable, str(script)], timeout=90)
+    assert proc.returncode != 0 and "unreachable" not in proc.stdout
+    assert "[hpcllm rank 1] stuck in the data loader (next training batch) (not a collective)" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 45

@@ -137,10 +137,73 @@ def test_nan_loss_aborts_naming_the_step_without_checkpoint(tmp_path, dataset):
     assert p.returncode == 7
     assert "loss is not finite at step" in p.stderr and "Traceback" not in p.stderr
     bad_step = int(p.stderr.split("loss is not finite at step ")[1].split()[0])
-    ckpts = sorted(x.name for x in (tmp_path / "nan" / "checkpoints").iterdir())
-    assert all(int(c.split("_")[1]) <= bad_step for c in ckpts)
+    # steps are numbered as logged and checkpointed: the last checkpoint is the step before the bad one
+    ckpts = sorted(int(x.name.split("_")[1]) for x in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert ckpts[-1:] == ([bad_step - 1] if bad_step > 1 else []), (bad_step, ckpts)
+    assert f"no checkpoint written after step {bad_step - 1}" in p.stderr
+    steps = [json.loads(line)["step"] for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, bad_step)), "the logged steps end just before the bad one"
     skip = hpcllm("train", str(spec), "train.nan_policy=skip", "train.resume=false", "run_dir=" + str(tmp_path / "skip"))
     assert skip.returncode == 0 and "non-finite loss, step skipped" in skip.stderr
+
+
+def test_logged_losses_are_identical_after_a_resume_between_log_lines(tmp_path, dataset):
+    import shutil
+
+    # logged every 10 steps, checkpointed every 5: a run that resumes from step 15 must log the mean
+    # over steps 11-20 at step 20, as the uninterrupted run does, not the mean over 16-20
+    kw = dict(max_steps=30, log_interval=10, ckpt_interval=5, keep_checkpoints=10, eval_interval=0)
+    full = train_spec(tmp_path, dataset, name="whole", **kw)
+    assert hpcllm("train", str(full)).returncode == 0
+    resumed = train_spec(tmp_path, dataset, name="again", **kw)
+    shutil.copytree(tmp_path / "whole", tmp_path / "again")
+    for c in (tmp_path / "again" / "checkpoints").iterdir():
+        if int(c.name.split("_")[1]) > 15:  # as if the run had died between steps 15 and 20
+            shutil.rmtree(c)
+    r = hpcllm("train", str(resumed))
+    assert r.returncode == 0 and "resumed from" in r.stderr and "step_00000015" in r.stderr, r.stderr[-2000:]
+    recs = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == [10, 20, 30]
+    assert losses(tmp_path / "again") == losses(tmp_path / "whole")  # bitwise
+
+
+def _trained(tmp_path, dataset, name):
+    spec = train_spec(tmp_path, dataset, name=name, max_steps=4, eval_interval=0)
+    assert hpcllm("train", str(spec)).returncode == 0
+    return spec, tmp_path / name / "checkpoints" / "step_00000004"
+
+
+class NotATensor:  # pickled into a state.pt: the weights-only unpickler must refuse it
+    pass
+
+
+@pytest.mark.mpi
+def test_resume_with_another_model_shape_is_one_line_on_every_rank_count(tmp_path, dataset):
+    spec, _ = _trained(tmp_path, dataset, "shape")
+    for n in (1, 2):
+        p = hpcllm("train", str(spec), "model.n_embd=48", n=n)
+        assert p.returncode == 6, p.stderr[-3000:]
+        assert "is (" in p.stderr and "in the checkpoint but" in p.stderr and "model.*" in p.stderr
+        assert "Traceback" not in p.stderr and "size mismatch" not in p.stderr, p.stderr[-3000:]
+        assert p.stderr.count("hpcllm train: error") == n  # one line per rank, each naming the file
+    p = hpcllm("train", str(spec), "model.block_size=128")
+    assert p.returncode == 6 and "transformer.wpe.weight" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_untrusted_or_unreadable_checkpoints_are_refused_in_one_line(tmp_path, dataset):
+    from hpcllm.checkpoint import load_trained_model
+    from hpcllm.errors import CheckpointError
+
+    spec, ckpt = _trained(tmp_path, dataset, "trust")
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    torch.save({**state, "extra": NotATensor()}, ckpt / "state.pt")  # would run code on a full unpickle
+    p = hpcllm("train", str(spec), "train.max_steps=6")
+    assert p.returncode == 6, p.stderr[-2000:]
+    assert "state.pt: not a trusted checkpoint" in p.stderr and "Traceback" not in p.stderr
+    assert "weights_only" not in p.stderr  # never suggest unsafe loading
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_trained_model(tmp_path / "trust")
 
 
 @pytest.mark.mpi

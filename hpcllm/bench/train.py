@@ -51,7 +51,7 @@ def _worker(a: dict) -> None:
 
     from hpcllm.comm import DistConfig, SingleProcess, init_comm
     from hpcllm.comm.torchdist import TorchCommunicator, release_gloo_work
-    from hpcllm.model import GPT, ModelConfig
+    from hpcllm.model import ModelConfig, build_model
     from hpcllm.train.config import TrainConfig
     from hpcllm.train.grad_sync import GradSync
     from hpcllm.train.trainer import TrainStep, autocast_for
@@ -72,7 +72,7 @@ def _worker(a: dict) -> None:
     tc = TrainConfig(batch_size=B, seq_len=T, dtype=a["dtype"], compile=a["compile"])
 
     def make(wrap_ddp: bool = False):
-        model = GPT(cfg).init_weights(0).to(device)
+        model = build_model(cfg).init_weights(0).to(device)
         opt = model.configure_optimizer(0.1, 1e-4, fused=cuda)
         if wrap_ddp:
             model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a["bucket_mb"])

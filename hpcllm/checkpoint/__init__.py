@@ -119,25 +119,40 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
     return state
 
 
+def model_config(ckpt: Path, meta: dict, tensors: dict[str, torch.Tensor]):
+    """The resolved ModelConfig a checkpoint was written with. Checkpoints record it (`model` in
+    meta.json); those of the first wave (GPT-2 only) recorded the spec's section, whose vocabulary
+    came from the dataset: it is read off the embedding."""
+    from hpcllm.model import ModelConfig
+
+    known = ModelConfig.__dataclass_fields__
+    if "model" in meta:
+        raw, vocab = meta["model"], None
+    else:
+        raw = {**meta["spec"]["model"], "arch": "gpt2"}
+        raw.setdefault("norm_eps", raw.pop("layer_norm_eps", None))
+        emb = tensors.get("transformer.wte.weight")
+        vocab = emb.shape[0] if emb is not None else None
+    try:
+        return ModelConfig(**{k: v for k, v in raw.items() if k in known}).resolve(vocab)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: the model config does not resolve ({e})") from None
+
+
 def load_trained_model(path: str | Path):
     """(model, ModelConfig, dataset path) from a run dir (its latest checkpoint) or a checkpoint dir."""
-    from hpcllm.model import GPT, ModelConfig
+    from hpcllm.model import build_model
 
     path = Path(path)
     ckpt = path if (path / "model.safetensors").is_file() else latest_checkpoint(path)
     if ckpt is None:
         raise CheckpointError(f"{path}: no checkpoint (neither a checkpoint dir nor a run dir with checkpoints/)")
     meta = read_meta(ckpt)
-    spec_model = meta["spec"]["model"]
-    cfg = ModelConfig(**{k: v for k, v in spec_model.items() if k in ModelConfig.__dataclass_fields__})
     tensors = read_tensors(ckpt / "model.safetensors")
-    if "transformer.wte.weight" not in tensors:
-        raise CheckpointError(f"{ckpt / 'model.safetensors'}: no token embedding (transformer.wte.weight)")
-    try:
-        cfg = cfg.resolve(tensors["transformer.wte.weight"].shape[0])
-    except ValueError as e:
-        raise CheckpointError(f"{ckpt / 'meta.json'}: {e}") from None
-    model = GPT(cfg)
+    cfg = model_config(ckpt, meta, tensors)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.materialize("cpu")
     load_weights(ckpt / "model.safetensors", model, tensors)
     return model, cfg, meta["spec"]["data"]["dataset"]
 
@@ -145,8 +160,11 @@ def load_trained_model(path: str | Path):
 def load_weights(file: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy `tensors` into `model`, or fail with one line naming the first tensor that does not fit
     (a checkpoint of another shape: model.* changed on an existing run_dir)."""
+    from hpcllm.model.hf import tied_names
+
     own = model.state_dict()
-    missing = [k for k in own if k not in tensors and k != "lm_head.weight"]  # lm_head is tied to wte
+    tied = tied_names(model)  # e.g. lm_head.weight, stored once as the embedding
+    missing = [k for k in own if k not in tensors and k not in tied]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
         raise CheckpointError(f"{file}: does not match the model (missing {missing[:3]}, unexpected "
@@ -157,7 +175,9 @@ def load_weights(file: Path, model: torch.nn.Module, tensors: dict[str, torch.Te
                                   f"{tuple(own[name].shape)} in this model — was model.* (n_embd, n_layer, "
                                   "block_size, vocab) changed since it was written? Use a new run_dir or "
                                   "train.resume=false")
-    model.load_state_dict(tensors, strict=False)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t)
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,16 +1,24 @@
-"""GPT-2 model, its config, and HF safetensors import/export."""
+"""Model families behind one registry (registry.py): `gpt2` (gpt.py) and `llama` (llama.py: Llama,
+Mistral, Qwen2, Qwen3), their config (config.py), HF directories in and out (hf.py).
 
-from hpcllm.model.config import PRESETS, ModelConfig
+    model = build_model(spec.model.resolve(vocab_size))     # whatever the family
+    model, cfg = load_hf_model("path/to/hf/dir", dtype=torch.bfloat16)
+"""
 
-__all__ = ["PRESETS", "ModelConfig", "GPT", "KVCache", "load_hf_gpt2", "save_hf_gpt2"]
+from hpcllm.model.config import ModelConfig
+
+__all__ = ["ModelConfig", "build_model", "load_hf_model", "save_hf_model", "WeightsError"]
+
+
+def build_model(cfg: ModelConfig):
+    """The family's model for a resolved config (random weights: call init_weights(seed))."""
+    from hpcllm.model.registry import get_family
+
+    return get_family(cfg.arch).model(cfg)
 
 
 def __getattr__(name):  # keep `import hpcllm.config` free of torch
-    if name in ("GPT", "KVCache"):
-        from hpcllm.model import gpt
-
-        return getattr(gpt, name)
-    if name in ("load_hf_gpt2", "save_hf_gpt2"):
+    if name in ("load_hf_model", "save_hf_model", "WeightsError"):
         from hpcllm.model import hf
 
         return getattr(hf, name)

@@ -1,68 +1,86 @@
-"""The `model` section of a job spec: a GPT-2 shaped model, by preset or by explicit sizes."""
+"""The `model` section of a job spec: one config for every model family.
+
+`arch` picks the family (hpcllm/model/registry.py); `size` a preset of that family, or `custom`
+with the sizes given. Each family reads the fields it implements and refuses, when the spec is
+loaded, a field it does not (a GPT-2 has no grouped-query attention): nothing is silently ignored.
+A model that comes from an HF directory (`model.init`, `infer.model`) takes its config from that
+directory's config.json instead.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
 
-# name -> (n_layer, n_head, n_embd, block_size); vocab comes from the dataset's tokenizer unless set
-PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (4, 4, 128, 256),  # ~0.9M params + embeddings: the 2-core CPU demo
-    "small": (6, 6, 384, 256),  # ~10M: the CPU training benchmark
-    "gpt2": (12, 12, 768, 1024),  # 124M
-    "gpt2-medium": (24, 16, 1024, 1024),  # 350M
-    "gpt2-large": (36, 20, 1280, 1024),  # 774M
-    "gpt2-xl": (48, 25, 1600, 1024),  # 1.5B
-}
+from hpcllm.fields import path_field
+
+SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
 
 
 @dataclass
 class ModelConfig:
-    size: str = "tiny"  # a preset name, or "custom" with every size below given
+    arch: str = "gpt2"  # the family: gpt2 | llama (Llama 2/3.x, Mistral, Qwen2, Qwen3)
+    size: str = "tiny"  # a preset of the family, or "custom" with every size below given
     n_layer: Optional[int] = None
-    n_head: Optional[int] = None
-    n_embd: Optional[int] = None
+    n_head: Optional[int] = None  # query heads
+    n_kv_head: Optional[int] = None  # key/value heads (grouped-query attention); None: = n_head
+    n_embd: Optional[int] = None  # hidden size
+    head_dim: Optional[int] = None  # None: n_embd // n_head
+    ffn_dim: Optional[int] = None  # MLP inner size; None: the family's default (gpt2: 4 * n_embd)
     block_size: Optional[int] = None  # context length
     vocab_size: Optional[int] = None  # None: the dataset's tokenizer decides
     dropout: float = 0.0
-    bias: bool = True
-    layer_norm_eps: float = 1e-5
-    init: str = ""  # optional HF GPT-2 safetensors file/dir to start from
+    bias: Optional[bool] = None  # biases in linear layers and norms (gpt2: true, llama: false)
+    qkv_bias: Optional[bool] = None  # bias on the q/k/v projections only (Qwen2)
+    qk_norm: Optional[bool] = None  # RMSNorm on each head's queries and keys (Qwen3)
+    norm_eps: Optional[float] = None  # LayerNorm / RMSNorm epsilon; None: the family's default
+    tie_embeddings: Optional[bool] = None  # output head shares the token embedding
+    activation: Optional[Literal["gelu_tanh", "gelu", "relu", "silu"]] = None  # None: family default
+    rope_theta: Optional[float] = None  # rotary embedding base (llama)
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # {type: linear|llama3, factor, ...}
+    init: str = path_field("")  # an HF model directory (or GPT-2 safetensors file) to start from
 
     def validate(self) -> None:
-        if self.size != "custom" and self.size not in PRESETS:
-            raise ValueError(f"size must be one of {', '.join(PRESETS)} or custom, got {self.size!r}")
-        if self.size == "custom":
-            missing = [k for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"size=custom needs {', '.join(missing)}")
+        from hpcllm.model.registry import check_config, family_info
+
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        # the sizes as the model will have them (explicit values over the preset), checked now so
-        # `hpcllm config` and submit catch them, not a traceback in the middle of `train`
-        sizes = dict(zip(("n_layer", "n_head", "n_embd", "block_size"), PRESETS.get(self.size, (None,) * 4)))
-        sizes.update({k: getattr(self, k) for k in sizes if getattr(self, k) is not None})
-        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            v = sizes.get(k, self.vocab_size if k == "vocab_size" else None)
-            if v is not None and v < 1:
-                raise ValueError(f"{k} must be >= 1, got {v}")
-        if sizes["n_head"] and sizes["n_embd"] and sizes["n_embd"] % sizes["n_head"]:
-            raise ValueError(f"n_embd ({sizes['n_embd']}) must be divisible by n_head ({sizes['n_head']})")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if self.norm_eps is not None and not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        presets = family_info(self.arch).presets  # ValueError naming the families if unknown
+        if self.size != "custom" and self.size not in presets:
+            raise ValueError(f"size must be one of {', '.join(presets)} or custom for arch {self.arch}, "
+                             f"got {self.size!r}")
+        if self.size == "custom" and not self.init:
+            missing = [k for k in SIZE_FIELDS if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"size=custom needs {', '.join(missing)}")
+        check_config(self.with_preset())
+
+    def with_preset(self) -> "ModelConfig":
+        """A copy with the preset's values under the explicit ones (vocab may still be None)."""
+        from hpcllm.model.registry import family_info
+
+        out = dataclasses.replace(self, rope_scaling=dict(self.rope_scaling))
+        for k, v in family_info(self.arch).presets.get(self.size, {}).items():
+            if getattr(out, k) in (None, {}):
+                setattr(out, k, dict(v) if isinstance(v, dict) else v)
+        return out
 
     def resolve(self, vocab_size: int | None = None) -> "ModelConfig":
-        """A copy with every size filled in: explicit values win over the preset."""
-        base = dict(zip(("n_layer", "n_head", "n_embd", "block_size"), PRESETS.get(self.size, (None,) * 4)))
-        out = dataclasses.replace(self)
-        for k, v in base.items():
-            if getattr(out, k) is None:
-                setattr(out, k, v)
+        """A copy with every field filled in: explicit values, then the preset, then the family's
+        defaults. Raises ValueError (naming the field) if the result is not a valid model."""
+        from hpcllm.model.registry import check_config, fill_defaults
+
+        out = self.with_preset()
         if out.vocab_size is None:
             out.vocab_size = vocab_size
         if out.vocab_size is None:
             raise ValueError("model.vocab_size is not set and no dataset tokenizer gives it")
-        if out.n_embd % out.n_head:
-            raise ValueError(f"n_embd ({out.n_embd}) must be divisible by n_head ({out.n_head})")
+        for k in SIZE_FIELDS:
+            if getattr(out, k) is None:
+                raise ValueError(f"model.{k} is not set")
+        check_config(out)
+        fill_defaults(out)
         return out

@@ -1,7 +1,13 @@
-"""Import/export HF GPT-2 weights (`model.safetensors` + `config.json`) — safetensors only, no pickle.
+"""HF model directories in and out — safetensors only, nothing unpickled.
 
-HF's GPT-2 uses Conv1D layers whose weights are stored (in, out); ours are nn.Linear (out, in), so
-the four projection matrices are transposed on the way in and out. Everything else maps by name.
+A directory as users download it: `config.json` (its `model_type` picks the family; transformers
+4.x and 5.x layouts both read), `model.safetensors` or sharded `model-0000k-of-0000n.safetensors`
+with `model.safetensors.index.json`, optionally `generation_config.json` and tokenizer files.
+
+Loading streams: the model is built on the meta device in the dtype asked for, then each tensor is
+read from its file and copied into place one at a time — no second full copy, bf16 stays bf16.
+Whatever does not fit (a missing shard, an unknown tensor, a wrong shape, a field the family does
+not implement) is a one-line WeightsError naming the file and the field or tensor.
 """
 
 from __future__ import annotations
@@ -13,98 +19,182 @@ import torch
 
 from hpcllm.atomic import atomic_path, write_json
 from hpcllm.errors import DataError
+from hpcllm.model.base import CausalLM
 from hpcllm.model.config import ModelConfig
-from hpcllm.model.gpt import GPT
 
-_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old HF checkpoints
+INDEX = "model.safetensors.index.json"
 
 
 class WeightsError(DataError, ValueError):
     """A weights file or HF directory hpcllm cannot load (exit 5, like other bad input data)."""
 
 
-def _files(path: str | Path) -> tuple[Path, Path | None]:
+def model_dir(path: str | Path) -> Path:
+    """The HF directory of `path` (a directory, or a .safetensors file inside one)."""
     p = Path(path)
-    if p.is_dir():
-        st = p / "model.safetensors"
-        cfg = p / "config.json"
-        return st, cfg if cfg.exists() else None
-    return p, (p.parent / "config.json") if (p.parent / "config.json").exists() else None
+    d = p if p.is_dir() else p.parent
+    if not (d / "config.json").is_file():
+        raise WeightsError(f"{d}: no config.json — not an HF model directory (hpcllm needs the config to know the "
+                           "model's shape and family)")
+    return d
 
 
-def config_from_hf(cfg_file: Path | None, tensors: dict) -> ModelConfig:
-    if cfg_file is not None:
-        c = json.loads(cfg_file.read_text())
-        return ModelConfig(
-            size="custom", n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["n_positions"],
-            vocab_size=c["vocab_size"], layer_norm_eps=c.get("layer_norm_epsilon", 1e-5),
-        )
-    # no config.json: infer sizes from shapes (n_head cannot be inferred; GPT-2 uses 64-dim heads)
-    V, C = tensors["transformer.wte.weight"].shape
-    n_layer = 1 + max(int(k.split(".")[2]) for k in tensors if k.startswith("transformer.h."))
-    return ModelConfig(size="custom", n_layer=n_layer, n_head=C // 64, n_embd=C,
-                       block_size=tensors["transformer.wpe.weight"].shape[0], vocab_size=V)
+def read_config(path: str | Path) -> tuple[dict, ModelConfig]:
+    """(raw config.json, ModelConfig) of an HF directory; refuses what no family implements."""
+    from hpcllm.model.registry import arch_for_model_type, get_family
 
-
-def load_hf_gpt2(path: str | Path, device="cpu") -> tuple[GPT, ModelConfig]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    st, cfg_file = _files(path)
-    if not st.is_file():
-        raise WeightsError(f"{st}: no such safetensors file")
+    d = model_dir(path)
+    f = d / "config.json"
     try:
-        tensors = load_file(str(st), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"{st}: not a readable safetensors file ({e})") from None
-    # some exports drop the "transformer." prefix
-    tensors = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v for k, v in tensors.items()}
+        raw = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{f}: not valid JSON ({e})") from None
+    arch = arch_for_model_type(raw.get("model_type", ""))
+    if arch is None:
+        from hpcllm.model.registry import FAMILIES
+
+        known = ", ".join(t for fam in FAMILIES.values() for t in fam.hf_model_types)
+        raise WeightsError(f"{f}: model_type={raw.get('model_type')!r} is not supported (supported: {known})")
     try:
-        cfg = config_from_hf(cfg_file, tensors)
-    except (KeyError, ValueError) as e:
-        raise WeightsError(f"{st}: cannot work out the model shape ({e} missing)") from None
-    model = GPT(cfg)
+        cfg = get_family(arch).config_from_hf(raw)
+        cfg = cfg.resolve(cfg.vocab_size)
+    except (KeyError, TypeError) as e:
+        raise WeightsError(f"{f}: missing or bad field {e}") from None
+    except ValueError as e:
+        raise WeightsError(f"{f}: {e}") from None
+    return raw, cfg
+
+
+def weight_files(d: Path) -> list[Path]:
+    """The safetensors files of a directory: the index's shards (all must be there) or the one file."""
+    index = d / INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index ({e})") from None
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise WeightsError(f"{index}: names {missing[0]}, which is missing from {d}")
+        return [d / n for n in names]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    if any(d.glob("*.bin")) or any(d.glob("*.pt")):
+        raise WeightsError(f"{d}: only pickled weights (*.bin/*.pt), which hpcllm never loads: convert them to "
+                           "safetensors (transformers: save_pretrained(..., safe_serialization=True))")
+    raise WeightsError(f"{d}: no model.safetensors and no {INDEX}")
+
+
+def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device="cpu",
+                  dropout: float = 0.0) -> tuple[CausalLM, ModelConfig]:
+    """The model of an HF directory (or a safetensors file beside its config.json); `dropout` is
+    the training's (HF configs describe inference)."""
+    from safetensors import SafetensorError, safe_open
+
+    from hpcllm.model.registry import get_family
+
+    d = model_dir(path)
+    _, cfg = read_config(d)
+    cfg.dropout = dropout
+    family = get_family(cfg.arch)
+    with torch.device("meta"):
+        model = family.model(cfg)
+    model = model.to(dtype).materialize(device)
     own = model.state_dict()
-    for name, param in own.items():
-        if name == "lm_head.weight":
-            continue  # tied to transformer.wte.weight
-        if name not in tensors:
-            raise WeightsError(f"{st}: missing tensor '{name}'")
-        t = tensors[name]
-        if name.endswith(_TRANSPOSED):
-            t = t.t()
-        if t.shape != param.shape:
-            raise WeightsError(f"{st}: tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(t.to(param.dtype))
-    extra = [k for k in tensors if k not in own and not k.endswith(_HF_BUFFERS)]
-    if extra:
-        raise WeightsError(f"{st}: unexpected tensor(s) {extra[:3]} — not a GPT-2 checkpoint?")
-    return model.to(device), cfg
+    loaded: set[str] = set()
+    for file in weight_files(d):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = family.name_from_hf(key)
+                    if name is None:
+                        continue
+                    if name not in own:
+                        raise WeightsError(f"{file}: unexpected tensor '{key}' — not a {cfg.arch} checkpoint of "
+                                           "this config?")
+                    t = family.tensor_from_hf(name, f.get_tensor(key))
+                    if t.shape != own[name].shape:
+                        raise WeightsError(f"{file}: tensor '{key}' has shape {tuple(t.shape)}, config.json implies "
+                                           f"{tuple(own[name].shape)}")
+                    with torch.no_grad():
+                        own[name].copy_(t)
+                    loaded.add(name)
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
+    tied = tied_names(model)
+    missing = [n for n in own if n not in loaded and n not in tied]
+    if missing:
+        raise WeightsError(f"{d}: tensor(s) missing from the weights: {', '.join(missing[:3])}"
+                           f"{' ...' if len(missing) > 3 else ''}")
+    return model, cfg
 
 
-def save_hf_gpt2(model: GPT, out_dir: str | Path) -> Path:
-    """Write `model.safetensors` + `config.json` that transformers' GPT2LMHeadModel loads."""
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """Names that share storage with an earlier name (e.g. lm_head.weight with the embedding)."""
+    seen, tied = set(), set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            tied.add(name)
+        seen.add(t.data_ptr())
+    return tied
+
+
+def generation_eos(path: str | Path) -> list[int]:
+    """End-of-sequence ids from generation_config.json (or config.json): one id or a list."""
+    d = Path(path)
+    for name in ("generation_config.json", "config.json"):
+        f = d / name
+        if f.is_file():
+            try:
+                eos = json.loads(f.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise WeightsError(f"{f}: not valid JSON ({e})") from None
+            if eos is not None:
+                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    return []
+
+
+def save_hf_model(model: CausalLM, out_dir: str | Path, *, max_shard_bytes: int = 5 << 30,
+                  eos_ids: list[int] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, safetensors (sharded above max_shard_bytes, with an index) and
+    generation_config.json, each atomically, that transformers' from_pretrained loads."""
     from safetensors.torch import save_file
+
+    from hpcllm.model.registry import get_family
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    c = model.config
+    family = get_family(model.config.arch)
+    tied = tied_names(model)
     tensors = {}
-    for name, p in model.state_dict().items():
-        if name == "lm_head.weight":
+    for name, t in model.state_dict().items():
+        if name in tied:
             continue
-        t = p.detach().to("cpu", torch.float32)
-        tensors[name] = (t.t() if name.endswith(_TRANSPOSED) else t).contiguous()
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-        "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-        "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": c.layer_norm_eps,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
-        "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,
-    }
+        t = t.detach().to("cpu", dtype or t.dtype)
+        tensors[family.name_to_hf(name)] = family.tensor_to_hf(name, t).contiguous()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, part in zip(names, shards):
+        with atomic_path(out / name) as tmp:
+            save_file(part, str(tmp), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(out / INDEX, {"metadata": {"total_size": total},
+                                 "weight_map": {k: n for n, part in zip(names, shards) for k in part}})
+    config = family.config_to_hf(model.config)
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if eos_ids:
+        config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+        write_json(out / "generation_config.json", {"eos_token_id": config["eos_token_id"], "do_sample": False})
     write_json(out / "config.json", config)
     return out

@@ -21,7 +21,8 @@ from hpcllm.config import JobSpec, to_dict
 from hpcllm.data import TokenLoader, open_dataset
 from hpcllm.comm import Communicator
 from hpcllm.errors import EXIT_REQUEUE, ConfigError, TrainingError
-from hpcllm.model import GPT
+from hpcllm.model import build_model as new_model
+from hpcllm.model.base import CausalLM
 from hpcllm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hpcllm.train.config import TrainConfig
 from hpcllm.train.grad_sync import GradSync
@@ -45,13 +46,17 @@ class TrainResult:
         return EXIT_REQUEUE if self.stopped else 0
 
 
-def build_model(spec: JobSpec, vocab_size: int, device) -> GPT:
+def build_model(spec: JobSpec, vocab_size: int, device) -> CausalLM:
+    """The model to train, whatever its family: from `model.init` (an HF directory: its config.json
+    says what it is) or fresh from the spec's `model` section, initialised from train.seed."""
     if spec.model.init:
-        from hpcllm.model import load_hf_gpt2
+        from hpcllm.model import load_hf_model
 
-        model, _ = load_hf_gpt2(spec.model.init)
-        if model.config.vocab_size != vocab_size:
-            raise TrainingError(f"model.init {spec.model.init}: vocab {model.config.vocab_size}, dataset {vocab_size}")
+        model, _ = load_hf_model(spec.model.init, dropout=spec.model.dropout)
+        if vocab_size > model.config.vocab_size:
+            raise TrainingError(f"model.init {spec.model.init}: the dataset's tokenizer has {vocab_size} tokens, more "
+                                f"than the model's embedding ({model.config.vocab_size}): prepare the data with the "
+                                "model's tokenizer (data.tokenizer: the model directory)")
     else:
         try:
             cfg = spec.model.resolve(vocab_size)
@@ -59,7 +64,7 @@ def build_model(spec: JobSpec, vocab_size: int, device) -> GPT:
             raise ConfigError(f"model: {e}") from None
         if cfg.vocab_size != vocab_size:
             raise TrainingError(f"model.vocab_size={cfg.vocab_size} but the dataset's tokenizer has {vocab_size}")
-        model = GPT(cfg).init_weights(spec.train.seed)
+        model = new_model(cfg).init_weights(spec.train.seed)
     if spec.train.seq_len > model.config.block_size:
         raise TrainingError(f"train.seq_len={spec.train.seq_len} exceeds the model context ({model.config.block_size})")
     return model.to(device)
@@ -78,7 +83,7 @@ class TrainStep:
     one small allreduce in which the ranks agree on [a stop was requested, the loss is not finite],
     clipping, AdamW. `train` runs it every step, and `hpcllm bench train` times exactly this."""
 
-    def __init__(self, model: GPT, optimizer, gsync: GradSync, comm: Communicator, tc: TrainConfig):
+    def __init__(self, model: CausalLM, optimizer, gsync: GradSync, comm: Communicator, tc: TrainConfig):
         self.model, self.optimizer, self.gsync, self.comm, self.tc = model, optimizer, gsync, comm, tc
         self.fwd = torch.compile(model) if tc.compile else model
         self.t_data = self.t_compute = 0.0  # seconds waiting for batches, in forward/backward
@@ -256,7 +261,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, ds, spec: JobSpec, comm: Communicator) -> float:
+def evaluate(model: CausalLM, ds, spec: JobSpec, comm: Communicator) -> float:
     tc = spec.train
     model.eval()
     ld = TokenLoader(ds, "val", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank, world_size=comm.size,
@@ -279,8 +284,8 @@ def _save(spec, comm, step, model, optimizer, loader, window: LossWindow):
     if comm.rank == 0:
         state = dict(step=step, optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=torch.get_rng_state(),
                      log_window=log_window)
-        path = save_checkpoint(spec.run_dir, step, model, state, {"spec": to_dict(spec), "world_size": comm.size},
-                               spec.train.keep_checkpoints)
+        meta = {"spec": to_dict(spec), "model": to_dict(model.config), "world_size": comm.size}
+        path = save_checkpoint(spec.run_dir, step, model, state, meta, spec.train.keep_checkpoints)
         log.info("checkpoint %s", path)
     comm.barrier()
     return path

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hpcllm.model import GPT, KVCache, ModelConfig, load_hf_gpt2, save_hf_gpt2
-from hpcllm.model.gpt import PaddedBatch, padded_positions_and_mask
+from hpcllm.model import ModelConfig, build_model, load_hf_model, save_hf_model
+from hpcllm.model.attention import PaddedBatch, padded_positions_and_mask
 from hpcllm.model.hf import WeightsError
 
 transformers = pytest.importorskip("transformers")
@@ -22,7 +22,7 @@ def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf")
     hf = hf_model()
     hf.save_pretrained(d, safe_serialization=True)
-    ours, cfg = load_hf_gpt2(d)
+    ours, cfg = load_hf_model(d)
     return hf, ours.eval(), d
 
 
@@ -40,8 +40,9 @@ def test_logits_and_loss_match_hf(pair):
 def test_export_roundtrip_through_transformers(pair, tmp_path):
     _, ours, _ = pair
     torch.manual_seed(3)
-    fresh = GPT(ModelConfig(size="custom", n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=300)).init_weights(5)
-    save_hf_gpt2(fresh.eval(), tmp_path)
+    fresh = build_model(ModelConfig(size="custom", n_layer=2, n_head=4, n_embd=64, block_size=64,
+                                    vocab_size=300).resolve()).init_weights(5)
+    save_hf_model(fresh.eval(), tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 300, (2, 17))
     with torch.no_grad():
@@ -56,7 +57,7 @@ def test_kv_cache_decode_matches_full_forward_with_ragged_rows(pair):
     cont = [torch.randint(0, 300, (steps,), generator=g).tolist() for _ in prompts]
     batch = PaddedBatch.build(prompts, pad_id=0, device="cpu")
     L = batch.tokens.shape[1]
-    cache = KVCache(ours.config, 3, L + steps, "cpu")
+    cache = ours.new_kv_cache(3, L + steps, "cpu")
     with torch.no_grad():
         pos, mask = padded_positions_and_mask(batch.pad, 0, L)
         ours(batch.tokens, cache=cache, positions=pos, mask=mask)
@@ -78,16 +79,18 @@ def test_bad_weight_files_are_named(pair, tmp_path):
     (tmp_path / "a").mkdir()
     save_file(missing, str(tmp_path / "a" / "model.safetensors"))
     (tmp_path / "a" / "config.json").write_text((d / "config.json").read_text())
-    with pytest.raises(WeightsError, match=r"a/model.safetensors: missing tensor 'transformer.h.1.mlp.c_fc.weight'"):
-        load_hf_gpt2(tmp_path / "a")
+    with pytest.raises(WeightsError, match=r"a: tensor\(s\) missing from the weights: transformer.h.1.mlp.c_fc.weight"):
+        load_hf_model(tmp_path / "a")
     wrong = dict(tensors)
     key = [k for k in tensors if k.endswith("h.0.attn.c_proj.weight")][0]
     wrong[key] = torch.zeros(3, 3)
     (tmp_path / "b").mkdir()
     save_file(wrong, str(tmp_path / "b" / "model.safetensors"))
     (tmp_path / "b" / "config.json").write_text((d / "config.json").read_text())
-    with pytest.raises(WeightsError, match=r"'transformer.h.0.attn.c_proj.weight' has shape \(3, 3\), expected \(64, 64\)"):
-        load_hf_gpt2(tmp_path / "b")
-    (tmp_path / "c.safetensors").write_bytes(b"\x80\x04 this is a pickle, not safetensors")
-    with pytest.raises(WeightsError, match="c.safetensors: not a readable safetensors file"):
-        load_hf_gpt2(tmp_path / "c.safetensors")
+    with pytest.raises(WeightsError, match=r"'transformer.h.0.attn.c_proj.weight' has shape \(3, 3\), config.json implies \(64, 64\)"):
+        load_hf_model(tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "model.safetensors").write_bytes(b"\x80\x04 this is a pickle, not safetensors")
+    (tmp_path / "c" / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(WeightsError, match="c/model.safetensors: not a readable safetensors file"):
+        load_hf_model(tmp_path / "c" / "model.safetensors")

@@ -10,11 +10,13 @@ from tests.mpi_util import run_on_ranks
 K_STEPS = 4
 
 
-def _tiny(seed=0):
-    from hpcllm.model import GPT, ModelConfig
+def _tiny(seed=0, arch="gpt2"):
+    from hpcllm.model import ModelConfig, build_model
 
-    cfg = ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
-    return GPT(cfg).init_weights(seed)
+    extra = dict(n_kv_head=1, ffn_dim=48) if arch == "llama" else {}  # Llama-shaped: GQA 2:1, SwiGLU, RoPE
+    cfg = ModelConfig(arch=arch, size="custom", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64,
+                      **extra).resolve()
+    return build_model(cfg).init_weights(seed)
 
 
 def _batch(step, rank, B=3, T=16):
@@ -25,11 +27,11 @@ def _batch(step, rank, B=3, T=16):
     return x[:, :-1], x[:, 1:]
 
 
-def _train_reference(world, steps, grad_accum=1):
+def _train_reference(world, steps, grad_accum=1, arch="gpt2"):
     """One process on the union of all ranks' micro-batches."""
     import torch
 
-    model = _tiny()
+    model = _tiny(arch=arch)
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), fused=False)
     for s in range(steps):
         opt.zero_grad()
@@ -48,7 +50,7 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _body_grad_sync(backend, grad_accum=1, bucket_mb=0.01):
+def _body_grad_sync(backend, grad_accum=1, bucket_mb=0.01, arch="gpt2"):
     import torch
 
     from hpcllm.comm import DistConfig, init_comm
@@ -56,7 +58,7 @@ def _body_grad_sync(backend, grad_accum=1, bucket_mb=0.01):
 
     comm = init_comm(DistConfig(backend=backend, timeout_s=60))
     torch.manual_seed(100 + comm.rank)
-    model = _tiny(seed=comm.rank)  # deliberately different: the broadcast must fix it
+    model = _tiny(seed=comm.rank, arch=arch)  # deliberately different: the broadcast must fix it
     gs = GradSync(list(model.parameters()), comm, bucket_mb)
     gs.broadcast_parameters(list(model.parameters()))
     opt = model.configure_optimizer(0.1, 1e-2, (0.9, 0.95), fused=False)
@@ -73,7 +75,7 @@ def _body_grad_sync(backend, grad_accum=1, bucket_mb=0.01):
         opt.step()
         gs.zero_grad()
     ours = _flat(model)
-    ref = _flat(_train_reference(comm.size, K_STEPS, grad_accum))
+    ref = _flat(_train_reference(comm.size, K_STEPS, grad_accum, arch))
     out = {
         "n_buckets": len(gs.buckets),
         "rel_vs_single": float((ours - ref).norm() / ref.norm()),
@@ -82,11 +84,11 @@ def _body_grad_sync(backend, grad_accum=1, bucket_mb=0.01):
     }
     comm.close()
     if grad_accum == 1:
-        out["rel_vs_ddp"] = _ddp_rel(ours)
+        out["rel_vs_ddp"] = _ddp_rel(ours, arch)
     return out
 
 
-def _ddp_rel(ours):
+def _ddp_rel(ours, arch="gpt2"):
     """torch DDP (gloo) on the same data, in a torch.distributed group of its own."""
     import os
 
@@ -101,7 +103,7 @@ def _ddp_rel(ours):
     if not tdist.is_initialized():
         addr, port = rendezvous(world, MPI.COMM_WORLD)
         tdist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=world.rank, world_size=world.size)
-    model = torch.nn.parallel.DistributedDataParallel(_tiny())
+    model = torch.nn.parallel.DistributedDataParallel(_tiny(arch=arch))
     opt = model.module.configure_optimizer(0.1, 1e-2, (0.9, 0.95), fused=False)
     for s in range(K_STEPS):
         opt.zero_grad()
@@ -127,6 +129,16 @@ def test_two_ranks_equal_single_process_and_ddp(backend):
     res = run_on_ranks(2, "tests.train.test_grad_sync:_body_grad_sync", backend=backend, timeout=60)
     assert res[0]["n_buckets"] > 3  # several buckets, launched during backward
     assert res[0]["first"] == res[1]["first"] and res[0]["checksum"] == res[1]["checksum"]  # identical ranks
+    for r in res:
+        assert r["rel_vs_single"] <= 1e-5, r
+        assert r["rel_vs_ddp"] <= 1e-5, r
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("backend", ["mpi", "torch"])
+def test_two_ranks_train_a_llama_shaped_model_like_one_rank(backend):
+    res = run_on_ranks(2, "tests.train.test_grad_sync:_body_grad_sync", backend=backend, arch="llama", timeout=90)
+    assert res[0]["checksum"] == res[1]["checksum"]
     for r in res:
         assert r["rel_vs_single"] <= 1e-5, r
         assert r["rel_vs_ddp"] <= 1e-5, r

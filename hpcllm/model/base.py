@@ -1,0 +1,113 @@
+"""What every model family provides, so that the trainer, the inference engine and the checkpoints
+never name an architecture:
+
+    model = build_model(cfg)                    # hpcllm.model: the family's CausalLM, on the meta device or not
+    logits, loss = model(idx, targets)          # training
+    cache = model.new_kv_cache(B, max_len, device, dtype)
+    logits, _ = model(tokens, cache=cache, start=s, positions=pos, mask=mask)   # inference
+
+and a `Family` (the module-level FAMILY of each family file) that maps the model to and from an HF
+directory: config.json fields and tensor names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hpcllm.model.attention import KVCache
+from hpcllm.model.config import ModelConfig
+
+
+class CausalLM(nn.Module):
+    """Base of every family's model: a decoder-only LM over `config`."""
+
+    config: ModelConfig
+
+    def tie_weights(self) -> None:
+        """Share the output head with the token embedding when the config says so. Called at
+        construction, and again after `to_empty` (materialising a model built on the meta device
+        gives every parameter its own storage)."""
+
+    def materialize(self, device) -> "CausalLM":
+        """A model built on the meta device, given (uninitialised) storage on `device`."""
+        model = self.to_empty(device=device)
+        model.tie_weights()
+        return model
+
+    def lookup_only_parameters(self) -> list[nn.Parameter]:
+        """Parameters used only as lookup tables (no matmul): left out of the FLOP count."""
+        return []
+
+    def init_weights(self, seed: int | None = None) -> "CausalLM":
+        """N(0, 0.02) for matrices, residual output projections scaled by 1/sqrt(2 * n_layer)
+        (GPT-2's scheme); zeros for biases; ones for norm weights."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        resid = 0.02 / math.sqrt(2 * self.config.n_layer)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() >= 2:
+                    std = resid if name.endswith(self.residual_projections) else 0.02
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:  # norm weights
+                    p.fill_(1.0)
+        return self
+
+    residual_projections: tuple[str, ...] = ()  # parameter name suffixes scaled down at init
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - sum(p.numel() for p in self.lookup_only_parameters()) if non_embedding else n
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N plus attention (PaLM appendix B)."""
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+    def new_kv_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch, max_len, device, dtype)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean cross-entropy over targets != -1 (in fp32 whatever the logits' dtype)."""
+        if targets is None:
+            return None
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def configure_optimizer(self, weight_decay: float, lr: float, betas=(0.9, 0.95), fused: bool | None = None):
+        """AdamW; weight decay on matrices only (not biases, norms); fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        if fused is None:
+            fused = next(self.parameters()).is_cuda and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused))
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's model class and its HF mapping (see hpcllm/model/hf.py for the directory format)."""
+
+    name: str
+    model: type[CausalLM]
+    # config.json (as a dict) -> ModelConfig; raises ValueError naming the field for what it refuses
+    config_from_hf: Callable[[dict], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
+    # HF tensor name -> ours (None: a tensor to skip, e.g. a rotary cache); ours -> HF
+    name_from_hf: Callable[[str], str | None]
+    name_to_hf: Callable[[str], str]
+    # tensor as stored by HF -> ours, and back (e.g. GPT-2's Conv1D weights are transposed)
+    tensor_from_hf: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+    tensor_to_hf: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t

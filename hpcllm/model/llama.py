@@ -1,0 +1,251 @@
+"""The `llama` family: the decoder most open models use — Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3.
+
+Pre-RMSNorm blocks, rotary position embeddings (RoPE; `linear` and `llama3` frequency scaling),
+grouped-query attention (n_kv_head key/value heads shared by n_head / n_kv_head query heads each),
+a SwiGLU MLP, optional q/k/v biases (Qwen2) and per-head q/k RMSNorm (Qwen3), tied or untied output
+head, head_dim independent of the hidden size. Parameter names are HF's (`model.layers.N.self_attn.
+q_proj.weight`, ...), so weights convert by name. Numerics follow transformers' implementation
+(RMSNorm and the rotary tables in fp32), which the tests use as the oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hpcllm.model.attention import KVCache, causal_attention, positions_and_mask
+from hpcllm.model.base import CausalLM, Family
+from hpcllm.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary frequencies (head_dim / 2,), fp32, with the config's scaling applied."""
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D))
+    s = cfg.rope_scaling or {}
+    kind = s.get("type", s.get("rope_type", "default"))
+    if kind == "linear":
+        return inv / s["factor"]
+    if kind == "llama3":  # Llama 3.1+: long wavelengths slowed by `factor`, short ones kept, smooth between
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, layer: int = 0, cache: KVCache | None = None, start=0, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        y = causal_attention(q, k, v, layer=layer, cache=cache, start=start, mask=mask,
+                             dropout=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer=0, cache=None, start=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(CausalLM):
+    residual_projections = ("o_proj.weight", "down_proj.weight")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.ffn_dim is None or cfg.vocab_size is None:
+            cfg = cfg.resolve(cfg.vocab_size)
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.model.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
+        self.model.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        # a plain attribute, not a buffer: it stays fp32 when the model is cast to bf16, and a model
+        # built on the meta device needs nothing restored
+        self._inv_freq: torch.Tensor | None = None
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def lookup_only_parameters(self):
+        return [] if self.config.tie_embeddings else [self.model.embed_tokens.weight]
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin (B, 1, T, head_dim) for per-row positions (B, T), computed in fp32."""
+        if self._inv_freq is None or self._inv_freq.device != positions.device:
+            self._inv_freq = rope_inv_freq(self.config).to(positions.device)
+        with torch.autocast(positions.device.type, enabled=False):
+            freqs = positions[..., None].float() * self._inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def forward(self, idx, targets=None, *, cache: KVCache | None = None, start=0, positions=None, mask=None):
+        """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).
+        Cache, positions and mask as in attention.causal_attention / padded_positions_and_mask."""
+        positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
+        x = self.model.embed_tokens(idx)
+        cos, sin = self.rotary(positions.expand(idx.shape[0], -1), x.dtype)  # as HF: in the embeddings' dtype
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, i, cache, start, mask)
+        logits = self.lm_head(self.model.norm(x))
+        return logits, self.loss(logits, targets)
+
+
+# ------------------------------------------------------------------------------------- HF mapping
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def rope_from_hf(c: dict) -> tuple[float, dict]:
+    """(theta, scaling) from transformers 4.x (`rope_theta` + `rope_scaling`) or 5.x
+    (`rope_parameters`) config.json."""
+    params = c.get("rope_parameters")
+    if isinstance(params, dict) and params:  # transformers 5.x
+        if any(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"rope_parameters per layer type ({', '.join(params)}) are not implemented")
+        scaling = dict(params)
+        theta = scaling.pop("rope_theta", c.get("rope_theta", 10000.0))
+    else:  # transformers 4.x
+        theta, scaling = c.get("rope_theta", 10000.0), dict(c.get("rope_scaling") or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope_scaling type {kind!r} is not implemented (implemented: default, linear, llama3)")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor={scaling['partial_rotary_factor']} is not implemented")
+    if kind == "default":
+        return float(theta), {}
+    keep = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings")
+    missing = [k for k in keep if k not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling type {kind} lacks {', '.join(missing)}")
+    return float(theta), {"type": kind, **{k: scaling[k] for k in keep}}
+
+
+def config_from_hf(c: dict) -> ModelConfig:
+    """Llama/Mistral/Qwen2/Qwen3 config.json -> ModelConfig. What changes the model and is not
+    implemented is refused, naming the field and the value."""
+    mt = c.get("model_type")
+    archs = c.get("architectures") or []
+    bad = [a for a in archs if a not in ARCHITECTURES]
+    if bad:
+        raise ValueError(f"architectures={bad!r}: only {', '.join(ARCHITECTURES)} load as the llama family")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={c['hidden_act']!r} is not implemented (only 'silu')")
+    for key in ("attention_bias", "mlp_bias"):  # biases on o_proj / the MLP: not in this family
+        if c.get(key):
+            raise ValueError(f"{key}={c[key]!r} is not implemented")
+    context = c["max_position_embeddings"]
+    window = c.get("sliding_window")
+    if mt in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
+        window = None
+    if window is not None and window < context:
+        raise ValueError(f"sliding_window={window} is shorter than the context ({context}): sliding-window "
+                         "attention is not implemented")
+    heads = c["num_attention_heads"]
+    theta, scaling = rope_from_hf(c)
+    return ModelConfig(
+        arch="llama", size="custom", n_layer=c["num_hidden_layers"], n_head=heads,
+        n_kv_head=c.get("num_key_value_heads") or heads, n_embd=c["hidden_size"],
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads, ffn_dim=c["intermediate_size"],
+        block_size=context, vocab_size=c["vocab_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)), qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
+        rope_theta=theta, rope_scaling=scaling, dropout=0.0, activation="silu", bias=False,
+    )
+
+
+def config_to_hf(c: ModelConfig) -> dict:
+    """The HF class that has exactly this model: Qwen3 (q/k norm), Qwen2 (q/k/v bias) or Llama."""
+    kind, arch = ("qwen3", "Qwen3ForCausalLM") if c.qk_norm else \
+        ("qwen2", "Qwen2ForCausalLM") if c.qkv_bias else ("llama", "LlamaForCausalLM")
+    out = {
+        "architectures": [arch], "model_type": kind, "vocab_size": c.vocab_size, "hidden_size": c.n_embd,
+        "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "max_position_embeddings": c.block_size,
+        "rms_norm_eps": c.norm_eps, "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings,
+        "rope_theta": c.rope_theta, "rope_scaling": None, "attention_dropout": 0.0, "torch_dtype": "float32",
+    }
+    if c.rope_scaling:
+        kind_ = c.rope_scaling.get("type", c.rope_scaling.get("rope_type"))
+        out["rope_scaling"] = {"rope_type": kind_, **{k: v for k, v in c.rope_scaling.items()
+                                                      if k not in ("type", "rope_type")}}
+    if kind == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None)
+        if kind == "qwen3":
+            out["attention_bias"] = False
+    return out
+
+
+def name_from_hf(name: str) -> str | None:
+    return None if name.endswith("rotary_emb.inv_freq") else name  # old exports saved the rotary table
+
+
+FAMILY = Family(name="llama", model=Llama, config_from_hf=config_from_hf, config_to_hf=config_to_hf,
+                name_from_hf=name_from_hf, name_to_hf=lambda name: name)

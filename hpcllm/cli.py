@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "hpcllm.data.cli",
     "hpcllm.train.cli",
     "hpcllm.infer.cli",
+    "hpcllm.checkpoint.cli",
     "hpcllm.launch.cli",
     "hpcllm.jobs.cli",
 ]

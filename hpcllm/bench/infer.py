@@ -1,8 +1,9 @@
 """`hpcllm bench infer`: generation tokens/s of hpcllm's engine beside HF transformers' generate().
 
-Same random GPT-2-shaped weights (exported to HF format and loaded by GPT2LMHeadModel), same prompts
-(equal length, so HF needs no padding), same batch, greedy, a fixed number of new tokens; rounds
-alternate and the median is reported.
+Same random weights of any family (`--arch gpt2|llama`, a preset of it with `--model`), exported to
+an HF directory and loaded by transformers' AutoModelForCausalLM; same prompts (equal length, so HF
+needs no padding), same batch, greedy, a fixed number of new tokens; rounds alternate and the median
+is reported.
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ def main(args) -> int:
         raise HpcllmError("bench infer needs transformers (pip install -e '.[bench]')") from None
     from hpcllm.infer.engine import Engine
     from hpcllm.infer.sampling import SamplingParams
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
 
     dev = torch.device(args.device)
-    cfg = ModelConfig(size=args.model).resolve(50304 if args.model.startswith("gpt2") else 258)
-    model = GPT(cfg).init_weights(0).eval()
+    model_name = args.model or {"gpt2": "small", "llama": "100m"}.get(args.arch, "tiny")
+    vocab = 50304 if model_name.startswith("gpt2") else 32000 if args.arch == "llama" else 258
+    try:
+        cfg = ModelConfig(arch=args.arch, size=model_name).resolve(vocab)
+    except ValueError as e:
+        raise HpcllmError(f"bench infer: {e}") from None
+    model = build_model(cfg).init_weights(0).eval()
     with tempfile.TemporaryDirectory() as d:
-        save_hf_gpt2(model, d)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(d).to(dev).eval()
+        save_hf_model(model, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d).to(dev).eval()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hf = hf.to(dtype)
     engine = Engine(model, device=dev, dtype=dtype, max_batch_size=args.batch_size, use_cuda_graphs=dev.type == "cuda")
@@ -74,7 +80,7 @@ def main(args) -> int:
             times[k].append(timed(fn))
     tps = {k: new / statistics.median(v) for k, v in times.items()}
     a = tps["hpcllm engine"]
-    print(f"# hpcllm bench infer: model {args.model} ({model.num_params() / 1e6:.1f}M), {dev}, {str(dtype)[6:]}, "
+    print(f"# hpcllm bench infer: {args.arch} {model_name} ({model.num_params() / 1e6:.1f}M), {dev}, {str(dtype)[6:]}, "
           f"batch {args.batch_size}, prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, median of 3")
     print(f"  {'hpcllm engine':<28} {a:>10,.0f} new tokens/s")
     for k in peers:

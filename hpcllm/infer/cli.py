@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def register(sub, bench) -> None:
     p = bench.add_parser("infer", help="generation tokens/s beside HF transformers generate()")
-    p.add_argument("--model", default="small", help="model preset (random weights)")
+    p.add_argument("--arch", default="gpt2", help="model family: gpt2 or llama")
+    p.add_argument("--model", help="a preset of the family (random weights; default gpt2: small, llama: 100m)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)

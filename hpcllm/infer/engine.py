@@ -20,7 +20,8 @@ import torch
 
 from hpcllm.errors import DataError
 from hpcllm.infer.sampling import SamplingParams, choose, make_generators
-from hpcllm.model.gpt import GPT, KVCache, PaddedBatch, padded_positions_and_mask
+from hpcllm.model.attention import PaddedBatch, padded_positions_and_mask
+from hpcllm.model.base import CausalLM
 
 
 class PromptError(DataError, ValueError):
@@ -51,7 +52,7 @@ class ScoreResult:
 class Engine:
     def __init__(
         self,
-        model: GPT,
+        model: CausalLM,
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
@@ -68,7 +69,7 @@ class Engine:
         self.pad_id = pad_id
         self.overflow = overflow
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
-        self.cache = KVCache(model.config, max_batch_size, self.ctx, self.device, self.dtype)
+        self.cache = self.model.new_kv_cache(max_batch_size, self.ctx, self.device, self.dtype)
         self._graphs: dict[int, _DecodeGraph] = {}
 
     # ------------------------------------------------------------------------------- helpers

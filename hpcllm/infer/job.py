@@ -53,9 +53,9 @@ def load_model_for(spec: JobSpec, prompts: PromptDataset):
         except DataError:
             tok_id = None  # the training data moved: fall back to the vocabulary check below
     else:
-        from hpcllm.model import load_hf_gpt2
+        from hpcllm.model import load_hf_model
 
-        model, cfg = load_hf_gpt2(path)
+        model, cfg = load_hf_model(path)
         tok_id = None
     if tok_id is not None and tok_id != prompts.tokenizer_id:
         raise InferError(f"tokenizer mismatch: model {path} was trained with '{tok_id}', prompts {prompts.path} "

@@ -94,9 +94,11 @@ def check_config(c) -> None:
     """Checks of a (preset-filled) ModelConfig that need no torch: fields the family does not
     implement, sizes that do not fit together. Raises ValueError naming the field."""
     info = family_info(c.arch)
+    derived = {"n_kv_head": c.n_head, "head_dim": c.n_embd // c.n_head if c.n_embd and c.n_head else None}
     for name in OPTIONAL:
         value = getattr(c, name)
-        if name not in info.fields and value not in (None, {}) and value != info.defaults.get(name):
+        default = derived.get(name, info.defaults.get(name))
+        if name not in info.fields and value not in (None, {}) and value != default:
             raise ValueError(f"arch {c.arch} does not implement {name} (got {value!r})")
     for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "ffn_dim", "block_size", "vocab_size"):
         v = getattr(c, k)

@@ -1,0 +1,119 @@
+"""`hpcllm export RUN_DIR OUT_DIR`: a training run's latest checkpoint (or a checkpoint dir) as an HF
+model directory — config.json, safetensors (sharded with an index above --max-shard-size),
+generation_config.json, and the tokenizer of the run's dataset (tokenizer.json +
+tokenizer_config.json) — that transformers' `from_pretrained` loads with the same logits.
+
+The directory is assembled under OUT_DIR.tmp and renamed when complete; an existing OUT_DIR is
+refused unless --force.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from hpcllm.atomic import atomic_dir
+from hpcllm.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("hpcllm")
+
+
+def byte_tokenizer_json(eos_id: int, pad_id: int) -> str:
+    """hpcllm's byte tokenizer (token = byte value, then <|endoftext|>, <|pad|>) written as an HF
+    tokenizer.json: a byte-level BPE with no merges whose ids are the byte values."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins GPT-2's byte level maps bytes to
+    to_unicode = _bytes_to_unicode()
+    assert sorted(alphabet) == sorted(to_unicode.values())
+    vocab = {to_unicode[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|pad|>"])
+    assert tok.token_to_id("<|endoftext|>") == eos_id and tok.token_to_id("<|pad|>") == pad_id
+    return tok.to_str()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's table (also the one `tokenizers`' ByteLevel uses)
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tokenizer(dataset: str, out: Path) -> list[int]:
+    """Copy the dataset's tokenizer as HF files into `out`; returns its eos ids ([] if none found)."""
+    from hpcllm.data.shards import read_manifest
+    from hpcllm.errors import DataError
+
+    try:
+        man = read_manifest(dataset)
+    except DataError as e:
+        log.warning("no tokenizer exported: %s", e)
+        return []
+    eos, pad = man["eos_id"], man["pad_id"]
+    src = Path(dataset) / man["tokenizer_file"]
+    if man["tokenizer"] == "byte-v1":
+        text = byte_tokenizer_json(eos, pad)
+        names = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+    else:
+        text = src.read_text()
+        vocab = json.loads(text).get("added_tokens", [])
+        by_id = {t["id"]: t["content"] for t in vocab}
+        names = {"eos_token": by_id.get(eos), "pad_token": by_id.get(pad)}
+    (out / "tokenizer.json").write_text(text)
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": None, "clean_up_tokenization_spaces": False,
+         **{k: v for k, v in names.items() if v is not None}}, indent=2) + "\n")
+    return [eos]
+
+
+def export(run_dir: str, out_dir: str, *, max_shard_bytes: int = 5 << 30, dtype: str = "auto",
+           force: bool = False) -> Path:
+    from hpcllm.checkpoint import latest_checkpoint, load_trained_model, read_meta
+    from hpcllm.model import save_hf_model
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists: choose another OUT_DIR or pass --force to replace it")
+    if dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {dtype!r}")
+    model, cfg, dataset = load_trained_model(run_dir)
+    src = Path(run_dir)
+    ckpt = src if (src / "model.safetensors").is_file() else latest_checkpoint(src)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint to export")
+    step = read_meta(ckpt).get("step")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        eos = write_tokenizer(dataset, tmp)
+        save_hf_model(model, tmp, max_shard_bytes=max_shard_bytes, eos_ids=eos,
+                      dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    log.info("exported %s (step %s, %s, %.1fM parameters) to %s", ckpt, step, cfg.arch, model.num_params(False) / 1e6, out)
+    return out
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+    t = text.strip().upper()
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * units[u])
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise ConfigError(f"--max-shard-size: {text!r} is not a size (e.g. 5GB, 500MB, 100000)") from None

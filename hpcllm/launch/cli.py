@@ -52,8 +52,8 @@ def _debug(args) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     if args.run:
-        return run(spec, args.spec)
-    print("\n".join(commands(spec, args.spec)))
+        return run(spec, args.spec, args.overrides)
+    print("\n".join(commands(spec, args.spec, args.overrides)))
     return 0
 
 

@@ -20,7 +20,7 @@ from hpcllm.config import JobSpec, from_dict, load_spec, to_dict
 from hpcllm.errors import EXIT_REQUEUE, ConfigError
 from hpcllm.jobs import get_kind
 from hpcllm.launch.config import time_seconds
-from hpcllm.launch.render import job_name
+from hpcllm.launch.script import job_name
 
 
 def minutes(slurm_time: str) -> int:

@@ -66,8 +66,8 @@ class Planned:
     def spec_file(self) -> Path:
         """Where the resolved spec goes: named by its content, so that submitting the spec again with
         other overrides never changes what an already queued job will run."""
-        text = dump_spec(self.spec)
-        return Path(self.spec.run_dir) / "submitit" / f"{self.kind.name}-spec-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+        digest = hashlib.sha256(dump_spec(self.spec).encode()).hexdigest()[:12]
+        return Path(self.spec.run_dir) / "submitit" / f"{self.kind.name}-spec-{digest}.yaml"
 
     @property
     def folder(self) -> Path:
@@ -246,7 +246,10 @@ def slurm_check(pl: Planned) -> None:
 
 def _cancel(job_ids: list[str]) -> None:
     if job_ids:
-        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60, env=_submit_env())
+        try:
+            subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60, env=_submit_env())
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"hpcllm submit: scancel {' '.join(job_ids)} failed ({e}): cancel them by hand", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------ submission

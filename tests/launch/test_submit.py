@@ -245,6 +245,27 @@ def test_training_job_stops_before_its_time_limit_requeues_and_resumes(tmp_path)
     assert len(steps) == 2 and 0 < steps[0] < steps[1], steps  # the second start went on from the first
 
 
+def test_the_checked_script_is_the_submitted_script(tmp_path):
+    """--dry-run prints and `sbatch --test-only` checks script_text(); submitit writes its own script
+    when it submits: they must be the same text (plain job and array)."""
+    import shlex
+
+    import submitit
+
+    from hpcllm.launch.submit import plan, script_text, slurm_parameters
+
+    prep, train = specs(tmp_path)
+    for pl in plan([str(prep), str(train)], ["slurm.partition=debug", "slurm.mem=1G", "slurm.python=/x/py"], chain=True):
+        for tasks, chunk in ((1, range(0, 1)), (7, range(3, 6))):
+            pl.tasks = tasks
+            ex = submitit.SlurmExecutor(folder=str(pl.folder), python=shlex.quote(pl.python))
+            ex.update_parameters(**slurm_parameters(pl, chunk, "afterok:1"))
+            if len(chunk) > 1:
+                ex.parameters["map_count"] = len(chunk)  # what submitit sets for an array
+            assert ex._make_submission_file_text(ex._submitit_command_str, "uid") == script_text(pl, chunk, "afterok:1")
+    assert "--array-task \"$((3 + ${SLURM_ARRAY_TASK_ID:-0}))\" --array-tasks 7" in script_text(pl, range(3, 6), None)
+
+
 def squeue_names(*names: str) -> list[str]:
     return run(["squeue", "-h", "-t", "all", "-n", ",".join(names), "-o", "%i %j"]).stdout.split("\n")[:-1]
 
@@ -467,3 +488,31 @@ def test_a_submission_that_fails_half_way_cancels_what_it_submitted(tmp_path):
     assert r.stderr.endswith(f"File exists: '{tmp_path}/prep2/submitit' (cancelled the jobs it had submitted "
                              f"({first[0]}))\n"), r.stderr
     assert wait_job(first[0], 60) == "CANCELLED"
+
+
+@pytest.mark.slurm
+def test_signal_to_the_batch_shell_of_a_submitted_job_requeues_it(tmp_path):
+    """`scancel --batch --signal=USR2` reaches the ranks through submitit's batch shell too (it
+    killed the shell: FAILED 0:12): the job checkpoints, is requeued once and completes."""
+    require_slurm()
+    import time
+
+    prep, train = specs(tmp_path)
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    t = json.loads(train.read_text())
+    t["train"].update(max_steps=1500, log_interval=1, ckpt_interval=0)
+    t["slurm"]["time"] = "00:05:00"
+    train.write_text(json.dumps(t))
+    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+    metrics = tmp_path / "train" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.5)
+    assert run(["scancel", "--batch", "--signal=USR2", job]).returncode == 0
+    assert wait_job(job, 240) == "COMPLETED"
+    logs = tmp_path / "train" / "submitit" / job
+    out = (logs / f"{job}_0_log.out").read_text() + (logs / f"{job}_0_log.err").read_text()
+    assert "(signal SIGUSR2)" in out and f"checkpointed, requeueing job {job} (restart 0)" in out, out[-3000:]
+    assert "resumed from" in out and f"hpcllm: train job {job}: complete" in out
+    states = run(["sacct", "-j", job, "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
+    assert states == ["REQUEUED", "COMPLETED"], states

@@ -81,7 +81,7 @@ def list_jobs(run_dirs: list[str], watch: float = 0.0) -> int:
             return 0
         ids = [r["job_id"] for r in recs]
         states, held = sacct_states(ids), controller_states(ids)
-        print(f"{'JOBID':<14} {'KIND':<8} {'NAME':<24} {'STATE':<12} {'ELAPSED':<10} {'EXIT':<6} {'REASON':<28} RUN_DIR")
+        print(f"{'JOBID':<14} {'KIND':<8} {'NAME':<24} {'STATE':<12} {'ELAPSED':<10} {'EXIT':<6} {'RUN_DIR':<32} REASON")
         for r in recs:
             rows = {k: v for k, v in states.items() if k == r["job_id"] or k.startswith(r["job_id"] + "_")}
             if not rows:
@@ -89,7 +89,7 @@ def list_jobs(run_dirs: list[str], watch: float = 0.0) -> int:
             for jid, st in sorted(rows.items()):
                 state, reason = held.get(jid, (st["state"], st["reason"]))
                 print(f"{jid:<14} {r['kind']:<8} {r['name'][:24]:<24} {state:<12} {st['elapsed']:<10} {st['exit']:<6} "
-                      f"{why(state, st['exit'], reason):<28} {r['run_dir']}")
+                      f"{r['run_dir']:<32} {why(state, st['exit'], reason)}".rstrip())
         if not watch:
             return 0
         time.sleep(max(MIN_POLL_S, watch))  # never hammer slurmctld/slurmdbd

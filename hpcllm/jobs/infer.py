@@ -3,6 +3,8 @@ a Slurm job array when slurm.array_tasks > 1."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hpcllm.errors import InferError
 from hpcllm.jobs import JobKind
 
@@ -23,10 +25,37 @@ def array_tasks(spec) -> int:
     if spec.slurm.array_tasks <= 1:
         return 1
     from hpcllm.data.prompts import open_prompt_dataset
+    from hpcllm.data.shards import MANIFEST
 
+    if not (Path(spec.infer.prompts) / MANIFEST).is_file():
+        return spec.slurm.array_tasks  # written by an earlier job of the chain: its shard count is not known yet
     return max(1, min(spec.slurm.array_tasks, len(open_prompt_dataset(spec.infer.prompts).shards)))
+
+
+def array_task_overrides(task: int, tasks: int) -> list[str]:
+    # task i does the shards s with s % tasks == i (hpcllm.infer.job.array_slot)
+    return [f"infer.array_task={task}", f"infer.array_tasks={tasks}"]
+
+
+def incomplete(spec) -> str | None:
+    """Every shard of this job (of this array task) has its output and `.done` marker; a whole job
+    also has its output manifest."""
+    from hpcllm.data.prompts import open_prompt_dataset
+    from hpcllm.infer.job import array_slot, is_done
+
+    out_dir = Path(spec.run_dir) / "outputs"
+    shards = open_prompt_dataset(spec.infer.prompts).shards
+    task, tasks = array_slot(spec.infer)
+    missing = [s.path.name for i, s in enumerate(shards) if i % tasks == task and not is_done(out_dir, s)]
+    if missing:
+        return (f"{len(missing)} prompt shard(s) without output in {out_dir} (first: {missing[0]})"
+                + (f" [array task {task} of {tasks}]" if tasks > 1 else ""))
+    if tasks == 1 and not (out_dir / "manifest.json").is_file():
+        return f"no output manifest {out_dir / 'manifest.json'}"
+    return None
 
 
 KIND = JobKind(name="infer", help="batched generation/scoring over prompt shards; or `infer export RUN_DIR --jsonl F`",
                inputs=lambda spec: [("infer.prompts", spec.infer.prompts), ("infer.model", spec.infer.model)],
-               run=run, array_tasks=array_tasks, run_dir_error=InferError)
+               run=run, incomplete=incomplete, outputs=lambda spec: [("run_dir", str(Path(spec.run_dir) / "outputs"))],
+               array_tasks=array_tasks, array_task_overrides=array_task_overrides, run_dir_error=InferError)

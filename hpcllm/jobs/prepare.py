@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from hpcllm.jobs import JobKind
 
@@ -26,5 +27,15 @@ def inputs(spec) -> list[tuple[str, str]]:
     return [("data.inputs", p) for p in spec.data.inputs if p.strip() != "stdlib:" and not any(c in p for c in "*?[")]
 
 
+def incomplete(spec) -> str | None:
+    from hpcllm.data.shards import MANIFEST
+
+    # prepare removes the manifest first and writes it last: without it the dataset is unfinished
+    if not (Path(spec.data.dataset) / MANIFEST).is_file():
+        return f"no {MANIFEST} in data.dataset {spec.data.dataset}: the dataset was not finished"
+    return None
+
+
 KIND = JobKind(name="prepare", help="tokenize inputs into a sharded HDF5 dataset (1 process, mpirun or srun)",
-               inputs=inputs, run=run)
+               inputs=inputs, run=run, incomplete=incomplete,
+               outputs=lambda spec: [("data.dataset", spec.data.dataset)])

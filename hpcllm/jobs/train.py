@@ -26,5 +26,19 @@ def run(spec) -> int:
     return 0
 
 
+def incomplete(spec) -> str | None:
+    """A training job is complete only when its run dir holds the checkpoint of step max_steps (the
+    trainer always writes it last; a checkpoint directory exists only once it is whole)."""
+    from hpcllm.checkpoint import list_checkpoints
+
+    ckpts = list_checkpoints(spec.run_dir)
+    final = f"step_{spec.train.max_steps:08d}"
+    if any(p.name == final for p in ckpts):
+        return None
+    latest = f"latest {ckpts[-1].name}" if ckpts else "no checkpoint at all"
+    return f"no checkpoint of step {spec.train.max_steps} (train.max_steps) in {spec.run_dir}/checkpoints ({latest})"
+
+
 KIND = JobKind(name="train", help="train a model (1 process, mpirun or srun); resumes from the latest checkpoint",
-               inputs=lambda spec: [("data.dataset", spec.data.dataset)], run=run, requeue=True)
+               inputs=lambda spec: [("data.dataset", spec.data.dataset)], run=run, incomplete=incomplete,
+               outputs=lambda spec: [("run_dir", spec.run_dir)], requeue=True)

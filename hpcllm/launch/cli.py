@@ -1,34 +1,62 @@
-"""Slurm commands: render (sbatch scripts from job specs), submit (submitit)."""
+"""Slurm commands: submit (submitit), render (sbatch scripts from job specs), jobs, logs, debug.
+
+Options may come anywhere among the specs and overrides (`hpcllm submit a.yaml b.yaml --chain
+train.max_steps=10`): these commands parse their arguments intermixed."""
 
 from __future__ import annotations
+
+import argparse
+
+
+class _Intermixed(argparse.ArgumentParser):
+    """A subcommand parser that lets options and positional words mix in any order. argparse's
+    plain parsing gives every positional its words in one go, so words after an option would be
+    refused as 'unrecognized arguments'."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
+def _parser(sub, name: str, **kw) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, **kw)
+    p.__class__ = _Intermixed  # same parser, intermixed parsing (add_parser has no per-parser class)
+    return p
 
 
 def register(sub, bench) -> None:
     from hpcllm.cli import add_spec_args
 
-    p = sub.add_parser("render", help="write a plain sbatch script for a job spec (slurm/templates)")
+    p = _parser(sub, "render", help="write a plain sbatch script for a job spec (slurm/templates)")
     add_spec_args(p)
     p.add_argument("-o", "--output", help="script file to write (default: print it)")
     p.set_defaults(func=_render)
 
-    p = sub.add_parser("submit", help="submit job specs to Slurm through submitit (--dry-run prints the sbatch script)")
-    p.add_argument("specs", nargs="+", metavar="SPEC|key=value", help="job specs, then overrides for all of them")
-    p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
+    p = _parser(sub, "submit", help="submit job specs to Slurm through submitit (--dry-run prints the sbatch scripts)")
+    p.add_argument("specs", nargs="+", metavar="SPEC|key=value", help="job specs, and overrides for all of them")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print what would be submitted; submit nothing")
     p.add_argument("--chain", action="store_true", help="each job starts after the previous one succeeded (afterok)")
     p.set_defaults(func=_submit)
 
-    p = sub.add_parser("jobs", help="submitted jobs and their Slurm state (sacct)")
+    p = _parser(sub, "jobs", help="submitted jobs and their Slurm state (sacct)")
     p.add_argument("run_dirs", nargs="*", help="run dirs (default: runs/*)")
     p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds (at least 10)")
     p.set_defaults(func=_jobs)
-    p = sub.add_parser("logs", help="a rank's stdout (or --err) of a submitted job")
+    p = _parser(sub, "logs", help="a rank's stdout (or --err) of a submitted job")
     p.add_argument("job", help="job id (array task: ID_i)")
     p.add_argument("run_dirs", nargs="*", help="run dirs to look in (default: runs/*)")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--err", action="store_true", help="stderr instead of stdout")
     p.set_defaults(func=_logs)
 
-    p = sub.add_parser("debug", help="print (--run: run) the salloc/srun commands that reproduce a job interactively")
+    p = _parser(sub, "debug", help="print (--run: run) the salloc/srun commands that reproduce a job interactively")
     add_spec_args(p)
     p.add_argument("--run", action="store_true", help="allocate and run the job under srun now")
     p.set_defaults(func=_debug)
@@ -52,8 +80,8 @@ def _debug(args) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     if args.run:
-        return run(spec, args.spec)
-    print("\n".join(commands(spec, args.spec)))
+        return run(spec, args.spec, args.overrides)
+    print("\n".join(commands(spec, args.spec, args.overrides)))
     return 0
 
 

@@ -1,5 +1,6 @@
-"""`hpcllm jobs [RUN_DIR...]` and `hpcllm logs JOB [--rank N]`: what was submitted, its state (one
-`sacct` call per listing; `--watch` polls no faster than every 10 s), and each rank's output."""
+"""`hpcllm jobs [RUN_DIR...]` and `hpcllm logs JOB [--rank N]`: what was submitted, its state and why
+(one `sacct` and one `squeue` call per listing; `--watch` polls no faster than every 10 s), and each
+rank's output."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hpcllm.errors import HpcllmError
+from hpcllm.errors import EXIT_CODES, HpcllmError
 
 RECORD = "jobs.jsonl"
 MIN_POLL_S = 10.0
@@ -33,15 +34,43 @@ def _records(run_dirs: list[str]) -> list[dict]:
 def sacct_states(job_ids: list[str]) -> dict[str, dict]:
     if not job_ids:
         return {}
-    p = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed,ExitCode"],
+    p = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed,ExitCode,Reason"],
                        capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
         raise HpcllmError(f"sacct failed: {p.stderr.strip()} (is SLURM_CONF set / accounting enabled?)")
     rows = {}
     for line in p.stdout.splitlines():
-        jid, state, elapsed, code = line.split("|")
-        rows[jid] = dict(state=state.split()[0], elapsed=elapsed, exit=code)
+        jid, state, elapsed, code, reason = (line.split("|") + [""] * 5)[:5]
+        rows[jid] = dict(state=state.split()[0], elapsed=elapsed, exit=code, reason=reason)
     return rows
+
+
+def controller_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """(state, reason) of the jobs slurmctld still holds: more current than sacct, and its reasons are
+    exact (sacct says `Dependency` where slurmctld says `DependencyNeverSatisfied`)."""
+    if not job_ids:
+        return {}
+    try:
+        p = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i|%T|%r"],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    out = {}
+    for line in p.stdout.splitlines():
+        jid, state, reason = (line.split("|") + ["", ""])[:3]
+        out[jid] = (state, reason)
+    return out
+
+
+def why(state: str, exit_code: str, reason: str) -> str:
+    """One short reason for the listing: Slurm's (pending, cancelled) or what an exit code means."""
+    if reason == "DependencyNeverSatisfied":
+        return "DependencyNeverSatisfied: a job it depends on failed" + (" (never starts: scancel it)"
+                                                                             if state == "PENDING" else "")
+    status = exit_code.split(":")[0]
+    if state in ("FAILED", "REQUEUED") and status.isdigit() and int(status) in EXIT_CODES:
+        return f"exit {status}: {EXIT_CODES[int(status)]}"
+    return "" if reason in ("None", "NonZeroExitCode") else reason
 
 
 def list_jobs(run_dirs: list[str], watch: float = 0.0) -> int:
@@ -50,15 +79,17 @@ def list_jobs(run_dirs: list[str], watch: float = 0.0) -> int:
         if not recs:
             print("no submitted jobs found (hpcllm submit records them in RUN_DIR/jobs.jsonl)")
             return 0
-        states = sacct_states([r["job_id"] for r in recs])
-        print(f"{'JOBID':<14} {'KIND':<8} {'NAME':<24} {'STATE':<12} {'ELAPSED':<10} {'EXIT':<6} RUN_DIR")
+        ids = [r["job_id"] for r in recs]
+        states, held = sacct_states(ids), controller_states(ids)
+        print(f"{'JOBID':<14} {'KIND':<8} {'NAME':<24} {'STATE':<12} {'ELAPSED':<10} {'EXIT':<6} {'RUN_DIR':<32} REASON")
         for r in recs:
             rows = {k: v for k, v in states.items() if k == r["job_id"] or k.startswith(r["job_id"] + "_")}
             if not rows:
-                rows = {r["job_id"]: dict(state="UNKNOWN", elapsed="", exit="")}
+                rows = {r["job_id"]: dict(state="UNKNOWN", elapsed="", exit="", reason="")}
             for jid, st in sorted(rows.items()):
-                print(f"{jid:<14} {r['kind']:<8} {r['name'][:24]:<24} {st['state']:<12} {st['elapsed']:<10} "
-                      f"{st['exit']:<6} {r['run_dir']}")
+                state, reason = held.get(jid, (st["state"], st["reason"]))
+                print(f"{jid:<14} {r['kind']:<8} {r['name'][:24]:<24} {state:<12} {st['elapsed']:<10} {st['exit']:<6} "
+                      f"{r['run_dir']:<32} {why(state, st['exit'], reason)}".rstrip())
         if not watch:
             return 0
         time.sleep(max(MIN_POLL_S, watch))  # never hammer slurmctld/slurmdbd

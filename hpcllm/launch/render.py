@@ -1,23 +1,25 @@
 """`hpcllm render SPEC [-o job.sbatch]`: a plain sbatch script from a job spec, for people who
-`sbatch` by hand. Templates live in slurm/templates/ (Jinja2). Values that go into `#SBATCH` lines
-are validated (sbatch reads those lines itself: a newline there would start a new line of script);
-everything that reaches the shell is quoted with shlex.quote.
+`sbatch` by hand. Templates live in slurm/templates/ (Jinja2): base.sbatch.j2 holds what every job
+does — resources, site setup, the step under srun with signals passed on to it (SRUN_PASSING_SIGNALS,
+shared with `hpcllm submit`), and the last word
+of hpcllm.launch.finish — and each kind's template adds its own lines. Every value is checked by
+hpcllm.launch.script.check_script_values first (sbatch reads `#SBATCH` lines itself: a newline
+there would start a new line of script); everything that reaches the shell is quoted.
 """
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 from pathlib import Path
 
-from hpcllm.config import JobSpec, dump_spec
 from hpcllm.atomic import write_text
+from hpcllm.config import JobSpec, dump_spec
 from hpcllm.errors import ConfigError
 from hpcllm.jobs import get_kind
+from hpcllm.launch.script import SRUN_PASSING_SIGNALS, check_script_values, job_name
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm" / "templates"
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _env():
@@ -31,31 +33,18 @@ def _env():
     return env
 
 
-def sbatch_path(value: str, what: str) -> str:
-    """A path for an #SBATCH line: no whitespace, quotes or control characters (sbatch would split it)."""
-    if any(c.isspace() or c in "\"'\\`$;" or ord(c) < 32 for c in value):
-        raise ConfigError(f"{what} {value!r} cannot go into an #SBATCH line (spaces, quotes, $, ; or control "
-                          "characters): choose a plainer path")
-    return value
-
-
-def job_name(spec: JobSpec) -> str:
-    if any(ord(c) < 32 for c in spec.name):
-        raise ConfigError(f"name {spec.name!r} contains control characters (a newline would inject script lines)")
-    return _SAFE_NAME.sub("_", spec.name)[:100] or "hpcllm"
-
-
 def render(spec: JobSpec, spec_source: str = "<spec>", python: str | None = None) -> tuple[str, Path]:
     """Return (script text, path of the resolved spec the script runs) and write that spec."""
+    check_script_values(spec, spec_source)
+    kind = get_kind(spec.kind)
     run_dir = Path(spec.run_dir)
-    log_dir = sbatch_path(str(run_dir / "logs"), "run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs").mkdir(exist_ok=True)
+    log_dir = run_dir / "logs"
     spec_file = run_dir / f"{spec.kind}-spec.yaml"
-    write_text(spec_file, dump_spec(spec))
-    text = _env().get_template(get_kind(spec.kind).template).render(
-        s=spec.slurm, job_name=job_name(spec), log_dir=log_dir, spec_file=str(spec_file),
-        spec_source=str(spec_source).replace("\n", " "), python=spec.slurm.python or python or sys.executable,
-        srun_args=" ".join(shlex.quote(a) for a in spec.slurm.srun_args),
+    text = _env().get_template(kind.template).render(
+        s=spec.slurm, kind=kind.name, job_name=job_name(spec), log_dir=str(log_dir), spec_file=str(spec_file),
+        spec_source=str(spec_source), python=spec.slurm.python or python or sys.executable,
+        srun_args=" ".join(shlex.quote(a) for a in spec.slurm.srun_args), srun_passing_signals=SRUN_PASSING_SIGNALS,
     )
+    log_dir.mkdir(parents=True, exist_ok=True)
+    write_text(spec_file, dump_spec(spec))
     return text, spec_file

@@ -1,6 +1,7 @@
 """sbatch templates: golden files, no shell injection through spec values, and the rendered scripts
 really run under sbatch — including a training job that is signalled, checkpoints, requeues itself
-and finishes with the same parameters as an uninterrupted run."""
+and finishes with the same parameters as an uninterrupted run, one signalled through its batch shell,
+and one whose step fails to launch (it must fail, not end COMPLETED)."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 from hpcllm.config import load_spec
 from hpcllm.errors import ConfigError
 from hpcllm.launch.render import render
-from tests.slurm_util import job_state, require_slurm, run, sbatch, wait_job
+from tests.slurm_util import job_state, require_slurm, run, sacct_rows, sbatch, wait_job
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]
@@ -60,14 +61,26 @@ def test_values_cannot_inject_commands(tmp_path):
     assert not pwned.exists(), text
     assert "#SBATCH --job-name=x__touch_" in text
     assert f"; touch {pwned}" in p.stdout  # passed to srun as one literal argument
-    with pytest.raises(ConfigError, match="control characters"):
+    with pytest.raises(ConfigError, match="name .* line break"):
         render(make_spec(tmp_path, "train", name="a\n#SBATCH --wrap=evil")[0])
-    with pytest.raises(ConfigError, match="cannot go into an #SBATCH line"):
+    with pytest.raises(ConfigError, match="cannot go onto an #SBATCH line"):
         s, _ = make_spec(tmp_path, "train")
         s.run_dir = str(tmp_path / "a dir; touch x")
         render(s)
-    with pytest.raises(ConfigError, match="one line per item"):
-        make_spec(tmp_path, "train", slurm={"setup": ["ok\nevil"]})
+    for key, value in (("run_dir", str(tmp_path / "a\n#SBATCH --wrap=evil")), ("slurm.setup", ["ok", "ok\nevil"]),
+                       ("slurm.srun_args", ["--x\rz"]), ("slurm.python", "/bin/py\nthon")):
+        s, _ = make_spec(tmp_path, "train")
+        section, _, field = key.rpartition(".")
+        setattr(s.slurm if section else s, field, value)
+        with pytest.raises(ConfigError, match=f"{key}.* line break"):
+            render(s)
+    s, _ = make_spec(tmp_path, "train", slurm={"extra": ["--comment=a b"]})
+    with pytest.raises(ConfigError, match=r"slurm.extra\[0\] .* not a single --option"):
+        render(s)
+    s, _ = make_spec(tmp_path, "train")
+    s.run_dir = str(tmp_path / "run%j")  # sbatch would expand it in the log file names
+    with pytest.raises(ConfigError, match="cannot go onto an #SBATCH line"):
+        render(s)
     with pytest.raises(ConfigError, match="time must look like"):
         make_spec(tmp_path, "train", slurm={"time": "1h; rm"})
 
@@ -162,3 +175,56 @@ def test_rendered_prepare_and_infer_scripts_run_to_completion(tmp_path):
     assert (tmp_path / "prompts" / "manifest.json").exists()
     man = json.loads((tmp_path / "rinfer" / "outputs" / "manifest.json").read_text())
     assert man["n_records"] == 6 and len(man["shards"]) == 3
+
+
+def _render_and_sbatch(tmp_path, spec: dict, name: str) -> int:
+    (tmp_path / f"{name}.yaml").write_text(json.dumps(spec))
+    script = tmp_path / f"{name}.sbatch"
+    r = subprocess.run([sys.executable, "-m", "hpcllm.cli", "render", str(tmp_path / f"{name}.yaml"), "-o", str(script)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    return sbatch(script.read_text(), tmp_path)
+
+
+@pytest.mark.slurm
+def test_rendered_job_whose_step_fails_to_launch_fails(tmp_path):
+    """srun exits 0 when its step is aborted before it has launched (a PMIx client directory that
+    cannot be created does it reliably): the job must end FAILED with exit 9 and one line saying
+    why, not COMPLETED 0:0 with no work done."""
+    require_slurm()
+    spec = _train_spec(tmp_path, tmp_path / "ds", "nolaunch", 6)
+    spec["slurm"]["setup"] = ["export SLURM_PMIX_TMPDIR=/nonexistent/pmix"]
+    job = _render_and_sbatch(tmp_path, spec, "nolaunch")
+    assert wait_job(job, 120) == "FAILED"
+    rows = {r["JobID"]: r for r in sacct_rows(job)}
+    assert rows[str(job)]["ExitCode"] == "9:0", rows
+    out = (tmp_path / "nolaunch" / "logs" / f"nolaunch-{job}.out").read_text()
+    assert "launch failed" in out and f"StepId={job}.0 aborted before step completely launched" in out, out
+    line = [x for x in out.splitlines() if x.startswith("hpcllm:")]
+    assert line == [f"hpcllm: train job {job} did not finish although its step exited 0: no checkpoint of step 6 "
+                    f"(train.max_steps) in {tmp_path / 'nolaunch'}/checkpoints (no checkpoint at all) (the step failed "
+                    "to launch or ended early: see the srun lines above)"], out
+
+
+@pytest.mark.slurm
+def test_signal_to_the_batch_shell_of_a_rendered_job_requeues_it(tmp_path):
+    """`scancel --batch --signal=USR2` signals the batch shell, not the ranks: the script must pass it
+    on (the ranks checkpoint, the job is requeued and finishes) instead of dying of it (FAILED 0:12)."""
+    require_slurm()
+    ds = _prepare_small(tmp_path)
+    job = _render_and_sbatch(tmp_path, _train_spec(tmp_path, ds, "batchsig", STEPS), "batchsig")
+    metrics = tmp_path / "batchsig" / "metrics.jsonl"
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.5)
+    assert job_state(job) == "RUNNING"
+    assert run(["scancel", "--batch", "--signal=USR2", str(job)]).returncode == 0
+    assert wait_job(job, 240) == "COMPLETED"
+    log = "".join(p.read_text() for p in (tmp_path / "batchsig" / "logs").glob("*.out"))
+    assert "stopping at step" in log and "(signal SIGUSR2)" in log
+    assert "checkpointed, requeueing job" in log and "resumed from" in log and f"train job {job}: complete" in log
+    states = run(["sacct", "-j", str(job), "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
+    assert states == ["REQUEUED", "COMPLETED"], states
+    assert (tmp_path / "batchsig" / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors").exists()

@@ -91,10 +91,10 @@ def test_prepare_is_complete_with_its_manifest(tmp_path):
 def test_an_inference_array_task_is_complete_with_its_own_shards(tmp_path):
     """Task 0 of 2 done: task 0 is complete, task 1 and the whole job are not; `finish` finds the
     task's share from --array-task/--array-tasks as `hpcllm submit` passes them."""
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
 
-    save_hf_gpt2(GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
-                                 vocab_size=258)).init_weights(1), tmp_path / "model")
+    save_hf_model(build_model(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
+                                             vocab_size=258).resolve()).init_weights(1), tmp_path / "model")
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": f"prompt {i}"}) for i in range(6)) + "\n")
     prep = write_spec(tmp_path, {"kind": "prepare", "name": "pp", "run_dir": str(tmp_path / "pr"), "data": {
         "inputs": [str(tmp_path / "p.jsonl")], "output": "prompts", "prompts_per_shard": 2,

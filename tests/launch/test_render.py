@@ -153,11 +153,11 @@ def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_pat
 @pytest.mark.slurm
 def test_rendered_prepare_and_infer_scripts_run_to_completion(tmp_path):
     require_slurm()
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
 
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": f"prompt number {i}"}) for i in range(6)) + "\n")
-    save_hf_gpt2(GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
-                                 vocab_size=258)).init_weights(0), tmp_path / "model")
+    save_hf_model(build_model(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
+                                             vocab_size=258).resolve()).init_weights(0), tmp_path / "model")
     prep = {"kind": "prepare", "name": "rprep", "run_dir": str(tmp_path / "rprep"),
             "data": {"inputs": [str(tmp_path / "p.jsonl")], "output": "prompts", "prompts_per_shard": 2,
                      "dataset": str(tmp_path / "prompts")}, "slurm": {"tasks_per_node": 2, "time": "00:02:00"}}

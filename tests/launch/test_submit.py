@@ -107,11 +107,11 @@ def test_inference_job_array_with_a_failed_task_retried(tmp_path):
     require_slurm()
     import shutil
 
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
     from tests.infer.test_job import outputs
 
-    save_hf_gpt2(GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
-                                 vocab_size=258)).init_weights(1), tmp_path / "model")
+    save_hf_model(build_model(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
+                                             vocab_size=258).resolve()).init_weights(1), tmp_path / "model")
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"id": i, "text": f"prompt {i} " * (1 + i % 3)})
                                                 for i in range(10)) + "\n")
     (tmp_path / "prep.yaml").write_text(json.dumps({"kind": "prepare", "run_dir": str(tmp_path / "pr"), "data": {
@@ -409,10 +409,10 @@ def test_array_parallelism_holds_for_the_whole_job_when_it_is_split(tmp_path, mo
     run shows each array's --array line."""
     require_slurm()
     from hpcllm.launch.submit import submit
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
 
-    save_hf_gpt2(GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
-                                 vocab_size=258)).init_weights(1), tmp_path / "model")
+    save_hf_model(build_model(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64,
+                                             vocab_size=258).resolve()).init_weights(1), tmp_path / "model")
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": f"prompt {i}"}) for i in range(10)) + "\n")
     (tmp_path / "prep.yaml").write_text(json.dumps({"kind": "prepare", "run_dir": str(tmp_path / "pr"), "data": {
         "inputs": [str(tmp_path / "p.jsonl")], "output": "prompts", "prompts_per_shard": 2,

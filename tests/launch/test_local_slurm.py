@@ -148,6 +148,7 @@ srun {quote(sys.executable, str(tmp_path / "span.py"))}
     assert wait_job(job, 120, env=env) == "COMPLETED", (tmp_path / f"out-{job}.txt").read_text()[-3000:]
     hosts = dict(line.split() for line in run(["sinfo", "-N", "-h", "-o", "%N %n"], env=env).stdout.splitlines())
     rows = sorted(line.split() for line in (tmp_path / f"out-{job}.txt").read_text().splitlines() if line[:1].isdigit())
-    want = [[str(r), str(r // 2), str(r % 2), f"n{r // 2 + 1}", hosts[f"n{r // 2 + 1}"], str(r % 2), "2", "10.0", "10.0"]
-            for r in range(4)]
+    # rank, SLURM_NODEID, SLURM_LOCALID, node, hostname, rank and size in the node's MPI domain, allreduce
+    want = [[str(r), str(r // 2), str(r % 2), f"n{r // 2 + 1}", hosts[f"n{r // 2 + 1}"], str(r % 2), "2",
+             "10.0", "10.0"] for r in range(4)]
     assert rows == want

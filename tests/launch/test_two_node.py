@@ -76,7 +76,8 @@ def check_rank_placement(run_dir: Path, starts: int = 1) -> None:
     hosts = node_hostnames()
     want = {0: hosts["n1"], 1: hosts["n1"], 2: hosts["n2"], 3: hosts["n2"]}
     for rank, host in want.items():
-        seen = re.findall(r"\[rank (\d+)\] DEBUG hpcllm: pid \d+ on (\S+)", (run_dir / "logs" / f"rank{rank}.log").read_text())
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        seen = re.findall(r"\[rank (\d+)\] DEBUG hpcllm: pid \d+ on (\S+)", log)
         assert seen == [(str(rank), host)] * starts, (rank, seen, want)
 
 

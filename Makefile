@@ -1,6 +1,7 @@
 # hpcllm — the two commands of the README:
 #   make demo   prepare the embedded corpus, train a small GPT on 2 MPI ranks, plot, sample
-#   make test   system packages, venv, Horovod build, local Slurm, then the whole test suite
+#   make test   system packages, venv, Horovod build, the local Slurm clusters (1 and 2 nodes), then the
+#               whole test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,9 +11,10 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export OMP_NUM_THREADS ?= 1
 SLURM_BASE ?= /tmp/hpcllm-slurm
+SLURM_BASE_2NODE ?= /tmp/hpcllm-slurm-2node
 PYTEST_ARGS ?=
 
-.PHONY: demo test system-deps venv horovod slurm-up slurm-down bench clean
+.PHONY: demo test system-deps venv horovod slurm-up slurm-up-2node slurm-down bench clean
 
 system-deps:
 	bash scripts/install_system_deps.sh
@@ -30,14 +32,21 @@ venv: $(VENV)/.installed
 horovod: venv
 	bash scripts/build_horovod.sh $(PY)
 
+# the local test clusters (slurm/local): one node, and two fake nodes n1, n2 beside it (own ports)
 slurm-up: system-deps
 	HPCLLM_SLURM_BASE=$(SLURM_BASE) bash slurm/local/start.sh
 
+slurm-up-2node: system-deps
+	HPCLLM_SLURM_NODES=2 HPCLLM_SLURM_BASE=$(SLURM_BASE_2NODE) bash slurm/local/start.sh
+
 slurm-down:
 	HPCLLM_SLURM_BASE=$(SLURM_BASE) bash slurm/local/stop.sh
+	HPCLLM_SLURM_NODES=2 HPCLLM_SLURM_BASE=$(SLURM_BASE_2NODE) bash slurm/local/stop.sh
 
-test: venv horovod slurm-up
-	. $(SLURM_BASE)/env.sh && $(PY) -m pytest $(PYTEST_ARGS)
+# tests pick a cluster through SLURM_CONF (tests/slurm_util.py: slurm_env(two_node=True))
+test: venv horovod slurm-up slurm-up-2node
+	. $(SLURM_BASE)/env.sh && HPCLLM_SLURM_BASE=$(SLURM_BASE) HPCLLM_SLURM_BASE_2NODE=$(SLURM_BASE_2NODE) \
+	  $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/hpcllm demo

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Stop the local test cluster started by slurm/local/start.sh (by pid file; never by name).
-#   bash slurm/local/stop.sh           stop the daemons, keep state (job ids, accounting DB, key)
-#   bash slurm/local/stop.sh --purge   also cancel jobs first and delete all state
+# Stop a local test cluster started by slurm/local/start.sh (by pid file; never by name).
+#   bash slurm/local/stop.sh                        stop the daemons, keep state (job ids, accounting DB, key)
+#   bash slurm/local/stop.sh --purge                also cancel its jobs first and delete all its state
+#   HPCLLM_SLURM_NODES=2 bash slurm/local/stop.sh   the 2-node cluster (or HPCLLM_SLURM_BASE=DIR: any)
 set -uo pipefail
-BASE=${HPCLLM_SLURM_BASE:-/tmp/hpcllm-slurm}
+NODES=${HPCLLM_SLURM_NODES:-1}
+if [ "$NODES" = 1 ]; then BASE=${HPCLLM_SLURM_BASE:-/tmp/hpcllm-slurm}
+else BASE=${HPCLLM_SLURM_BASE:-/tmp/hpcllm-slurm-${NODES}node}; fi
 export SLURM_CONF=$BASE/etc/slurm.conf
 
 stop() {  # stop PIDFILE COMM
@@ -21,14 +24,14 @@ if [ "${1:-}" = --purge ] && [ -e "$SLURM_CONF" ] && timeout 5 squeue -h >/dev/n
   timeout 10 scancel --user="$(id -un)" 2>/dev/null   # leave no slurmstepd behind
   for _ in $(seq 50); do [ -z "$(timeout 5 squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.2; done
 fi
-# slurmd first: it ends the running job steps
-stop "$BASE/run/slurmd.pid" slurmd
+# in reverse order of start (running job steps outlive slurmd: --purge cancels them first)
+for pf in "$BASE/run/slurmd.pid" "$BASE"/run/slurmd-*.pid; do [ -e "$pf" ] && stop "$pf" slurmd; done
 stop "$BASE/run/slurmctld.pid" slurmctld
 stop "$BASE/run/slurmdbd.pid" slurmdbd
 stop "$BASE/mysql/mysqld.pid" mariadbd
 stop "$BASE/munge/munged.pid" munged
 if [ "${1:-}" = --purge ]; then
   echo "[slurm/local] purging $BASE"
-  rm -rf "${BASE:?}"/{state,spool,log,run,mysql,munge,etc,env.sh}
+  rm -rf "${BASE:?}"/{state,spool,tmp,log,run,mysql,munge,etc,env.sh}
 fi
 exit 0

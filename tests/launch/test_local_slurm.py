@@ -1,10 +1,11 @@
-"""The local Slurm test cluster is real: MPI jobs under srun --mpi=pmix, accounting in sacct."""
+"""The local Slurm test clusters are real: MPI jobs under srun --mpi=pmix, accounting in sacct; on the
+2-node cluster tasks land on both nodes and MPI spans them."""
 
 import sys
 
 import pytest
 
-from tests.slurm_util import quote, require_slurm, sacct_rows, sbatch, wait_job
+from tests.slurm_util import quote, require_slurm, run, sacct_rows, sbatch, slurm_env, wait_job
 
 pytestmark = pytest.mark.slurm
 
@@ -112,3 +113,42 @@ srun {py} -m hpcllm.cli train {quote(str(train))}
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
     assert {r["State"] for r in sacct_rows(job)} == {"COMPLETED"}
+
+
+SPAN = """
+import os, socket
+import numpy as np
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+x = np.full(1 << 20, c.rank + 1.0)  # 8 MiB: shared memory within a node, TCP between the nodes
+y = np.empty_like(x)
+c.Allreduce(x, y)
+node = c.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks Open MPI sees on this rank's node
+e = os.environ
+print(c.rank, e["SLURM_NODEID"], e["SLURM_LOCALID"], e["SLURMD_NODENAME"], socket.gethostname(),
+      node.rank, node.size, float(y.min()), float(y.max()), flush=True)
+"""
+
+
+def test_two_node_cluster_places_tasks_per_node_and_mpi_spans_both(tmp_path):
+    """2 nodes x 2 tasks: tasks 0,1 on n1 and 2,3 on n2 with node-local ids 0,1; each node's processes
+    see their node's hostname; Open MPI's shared-memory domain is the node; a large allreduce is right."""
+    require_slurm(two_node=True)
+    env = slurm_env(two_node=True)
+    (tmp_path / "span.py").write_text(SPAN)
+    script = f"""#!/bin/bash
+#SBATCH --job-name=hpcllm-test-span
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=2
+#SBATCH --time=00:02:00
+#SBATCH --output={tmp_path}/out-%j.txt
+srun {quote(sys.executable, str(tmp_path / "span.py"))}
+"""
+    job = sbatch(script, tmp_path, env=env)
+    assert wait_job(job, 120, env=env) == "COMPLETED", (tmp_path / f"out-{job}.txt").read_text()[-3000:]
+    hosts = dict(line.split() for line in run(["sinfo", "-N", "-h", "-o", "%N %n"], env=env).stdout.splitlines())
+    rows = sorted(line.split() for line in (tmp_path / f"out-{job}.txt").read_text().splitlines() if line[:1].isdigit())
+    # rank, SLURM_NODEID, SLURM_LOCALID, node, hostname, rank and size in the node's MPI domain, allreduce
+    want = [[str(r), str(r // 2), str(r % 2), f"n{r // 2 + 1}", hosts[f"n{r // 2 + 1}"], str(r % 2), "2",
+             "10.0", "10.0"] for r in range(4)]
+    assert rows == want

@@ -27,7 +27,7 @@ def check_run_dir(run_dir: str, error: type = ConfigError) -> None:
     """The run dir exists (created if need be) and is writable, or one line saying why not."""
     path = Path(run_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        (path / "logs").mkdir(parents=True, exist_ok=True)  # every rank's log goes there
         probe = path / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()

@@ -28,7 +28,8 @@ def check_run_dir(run_dir: str, error: type = ConfigError) -> None:
     path = Path(run_dir)
     try:
         (path / "logs").mkdir(parents=True, exist_ok=True)  # every rank's log goes there
-        probe = path / f".write-test-{os.getpid()}"
+        # every rank probes (runtime.start): host and pid keep ranks on other nodes off each other's file
+        probe = path / f".write-test-{socket.gethostname()}-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:

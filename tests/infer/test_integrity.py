@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 
 import h5py
 import pytest
@@ -165,6 +166,41 @@ def test_damaged_outputs_are_never_read_and_a_rerun_redoes_them(setup, tmp_path)
         assert r.returncode == 0, (what, r.stderr[-1500:])
         assert outputs(setup / "fuzz") == want and checksums_match_manifest(setup / "fuzz"), what
         assert run_cli("infer", "export", setup / "fuzz", "--jsonl", tmp_path / "x.jsonl", timeout=60).returncode == 0
+
+
+SWEEP = """
+import sys
+from pathlib import Path
+from hpcllm.errors import DataError
+from hpcllm.infer.job import export_jsonl
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+shard = run / "outputs" / "out-00002.h5"
+pristine = shard.read_bytes()
+named = 0
+for off in range(0, len(pristine), 16):
+    data = bytearray(pristine)
+    data[off] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    try:
+        export_jsonl(run, out)
+    except DataError as e:
+        named += "out-00002.h5" in str(e)
+shard.write_bytes(pristine)
+print(named, len(range(0, len(pristine), 16)))
+"""
+
+
+def test_export_names_a_flipped_byte_anywhere_and_never_hangs(setup, tmp_path):
+    """Every 16th byte of an output shard, flipped in turn (h5py spins forever on some of these)."""
+    assert run_cli("infer", spec(setup, "sweep")).returncode == 0
+    try:
+        p = subprocess.run([sys.executable, "-c", SWEEP, str(setup / "sweep"), str(tmp_path / "x.jsonl")],
+                           capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("export hung on a corrupt output shard")
+    assert p.returncode == 0, p.stderr[-2000:]
+    named, total = map(int, p.stdout.split())
+    assert named == total > 100
 
 
 # ------------------------------------------------------------------------------------ defect 4

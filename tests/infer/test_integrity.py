@@ -82,6 +82,7 @@ def test_partial_multibyte_tokens_of_a_bpe_tokenizer_do_not_crash(tmp_path):
 # ------------------------------------------------------------------------------------ defect 2
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused_and_force_redoes_it(setup, tmp_path):
     base = spec(setup, "settings")
     assert run_cli("infer", base).returncode == 0
@@ -139,6 +140,7 @@ def damages(out):
     yield "output deleted", lambda: shard.unlink()
 
 
+@pytest.mark.slow
 def test_damaged_outputs_are_never_read_and_a_rerun_redoes_them(setup, tmp_path):
     s = spec(setup, "fuzz")
     assert run_cli("infer", s).returncode == 0
@@ -190,6 +192,7 @@ print(named, len(range(0, len(pristine), 16)))
 """
 
 
+@pytest.mark.slow
 def test_export_names_a_flipped_byte_anywhere_and_never_hangs(setup, tmp_path):
     """Every 16th byte of an output shard, flipped in turn (h5py spins forever on some of these)."""
     assert run_cli("infer", spec(setup, "sweep")).returncode == 0
@@ -223,6 +226,7 @@ def prompt_corruptions(ds):
     yield "checksum in the manifest changed", edit_manifest
 
 
+@pytest.mark.slow
 def test_infer_and_data_verify_agree_on_every_corrupt_prompt_shard(setup, tmp_path):
     bad = tmp_path / "prompts"
     for what, corrupt in prompt_corruptions(setup / "prompts"):

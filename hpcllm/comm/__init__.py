@@ -69,14 +69,17 @@ def _abort_on_uncaught_exception(mpi_comm) -> None:
     itself) hanging until the time limit. Print the traceback (stderr and the rank's log), give the
     launcher a moment to forward it, then MPI_Abort."""
     import time
+    import traceback
 
     from hpcllm.log import to_rank_log
 
-    previous = sys.excepthook
-
     def hook(etype, value, tb):
-        previous(etype, value, tb)
-        sys.stderr.flush()
+        # written to the process's own stderr, not through the previous hook: torch.distributed's
+        # init_process_group wraps sys.excepthook and buffers its output in a StringIO until the
+        # hook returns — which an MPI_Abort never lets happen, so the traceback was lost
+        err = sys.__stderr__ or sys.stderr
+        err.write("".join(traceback.format_exception(etype, value, tb)))
+        err.flush()
         to_rank_log(f"uncaught exception on rank {mpi_comm.Get_rank()}", exc_info=(etype, value, tb))
         code = getattr(value, "exit_code", 1) if isinstance(value, Exception) else 1
         time.sleep(1.0)

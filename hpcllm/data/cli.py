@@ -54,28 +54,18 @@ def _info(args) -> int:
 def _verify(args) -> int:
     from pathlib import Path
 
+    from hpcllm.data.prompts import PromptDataset
     from hpcllm.data.shards import check_shard, read_manifest
 
     man = read_manifest(args.dataset)
-    problems = []
-    for e in man["shards"]:
-        problems += check_shard(Path(args.dataset), e, man, checksum=True) if man["kind"] == "tokens" else \
-            _check_prompt_shard(Path(args.dataset), e)
+    if man.get("kind") == "prompts":  # the very checks an inference job makes before using a shard
+        problems = PromptDataset(args.dataset).verify()
+    else:
+        problems = [p for e in man["shards"] for p in check_shard(Path(args.dataset), e, man, checksum=True)]
     if problems:
         raise DataError(f"{len(problems)} problem(s) in {args.dataset}:\n  " + "\n  ".join(problems))
     print(f"{args.dataset}: {len(man['shards'])} shard(s) OK")
     return 0
-
-
-def _check_prompt_shard(root, e) -> list[str]:
-    from hpcllm.data.shards import sha256_file
-
-    p = root / e["path"]
-    if not p.is_file():
-        return [f"{p}: missing"]
-    if p.stat().st_size != e["bytes"]:
-        return [f"{p}: size {p.stat().st_size} bytes, manifest says {e['bytes']}"]
-    return [] if sha256_file(p) == e["sha256"] else [f"{p}: sha256 mismatch (corrupt)"]
 
 
 def _tokenizer_train(args) -> int:

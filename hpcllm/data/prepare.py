@@ -188,36 +188,57 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
 # ------------------------------------------------------------------------------------ prompts
 
 
+def _utf8(text: str, where: str, field: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800", which is no character at all
+        raise DataError(f"{where}: field '{field}' is not valid Unicode (a lone surrogate escape such as "
+                        "\\ud800)") from None
+
+
 def read_records(cfg: DataConfig) -> list[dict]:
-    """Prompt records in input order: {'id', 'text', 'continuation'?}. Text files: one prompt per
-    line (doc_split=line) or per blank-line block, ids numbered from 0 across all files."""
+    """Prompt records in input order: {'id', 'text' (bytes), 'where' (file:line), 'continuation'?}.
+    JSONL: one record per line. Text files: one prompt per line (doc_split=line), per blank-line
+    block or per file, kept as bytes; empty ones (and blank lines) are not records, as `prepare`
+    skips empty documents, and ids are numbered from 0 across all files."""
     records, seen = [], {}
     for f in find_inputs(cfg):
         if is_jsonl(f.path, cfg):
             for lineno, obj in iter_jsonl(f.path):
+                where = f"{f.path}:{lineno}"
                 text = obj.get(cfg.text_field)
                 if not isinstance(text, str):
-                    raise DataError(f"{f.path}:{lineno}: field '{cfg.text_field}' missing or not a string")
+                    raise DataError(f"{where}: field '{cfg.text_field}' missing or not a string")
                 rid = obj.get(cfg.id_field) if cfg.id_field else len(records)
                 if isinstance(rid, bool) or not isinstance(rid, int):
-                    raise DataError(f"{f.path}:{lineno}: id field '{cfg.id_field}' must be an integer, got {rid!r}")
+                    raise DataError(f"{where}: id field '{cfg.id_field}' must be an integer, got {rid!r}")
                 if rid in seen:
-                    raise DataError(f"{f.path}:{lineno}: duplicate record id {rid} (first at {seen[rid]})")
-                seen[rid] = f"{f.path}:{lineno}"
-                rec = dict(id=rid, text=text)
+                    raise DataError(f"{where}: duplicate record id {rid} (first at {seen[rid]})")
+                seen[rid] = where
+                rec = dict(id=rid, text=_utf8(text, where, cfg.text_field), where=where)
                 if cfg.continuation_field:
                     cont = obj.get(cfg.continuation_field)
                     if not isinstance(cont, str):
-                        raise DataError(f"{f.path}:{lineno}: field '{cfg.continuation_field}' missing or not a string")
-                    rec["continuation"] = cont
+                        raise DataError(f"{where}: field '{cfg.continuation_field}' missing or not a string")
+                    rec["continuation"] = _utf8(cont, where, cfg.continuation_field)
                 records.append(rec)
         else:
-            for doc in iter_documents(f, cfg):
-                text = doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc
-                if cfg.doc_split == "line" and not text.strip():
+            for i, doc in enumerate(iter_documents(f, cfg), 1):
+                data = doc if isinstance(doc, bytes) else doc.encode("utf-8")
+                if not data or (cfg.doc_split == "line" and not data.strip()):
                     continue
-                records.append(dict(id=len(records), text=text))
+                where = f"{f.path}:{i}" if cfg.doc_split == "line" else f"{f.path} (document {i})"
+                records.append(dict(id=len(records), text=data, where=where))
     return records
+
+
+def _encode_record(tok, rec: dict, field: str, what: str) -> list[int]:
+    """Tokens of a record's text; an empty prompt or continuation is refused here, naming the record,
+    rather than by the inference job after other shards are done."""
+    ids = tok.encode_bytes(rec[field])
+    if not ids:
+        raise DataError(f"{rec['where']}: record {rec['id']}: empty {what} — give it text or leave the record out")
+    return ids
 
 
 def prepare_prompts(cfg: DataConfig, comm: Communicator) -> dict:
@@ -235,15 +256,18 @@ def prepare_prompts(cfg: DataConfig, comm: Communicator) -> dict:
         if not records:
             raise DataError(f"data.inputs {cfg.inputs}: no prompt records found")
         per = cfg.prompts_per_shard
+        prompts = [_encode_record(tok, r, "text", "prompt") for r in records]
+        conts = [_encode_record(tok, r, "continuation", "continuation") for r in records] \
+            if cfg.continuation_field else None
         entries = []
         for i in range(0, len(records), per):
             chunk = records[i : i + per]
             name = f"prompts-{i // per:05d}.h5"
-            conts = [tok.encode(r["continuation"]) for r in chunk] if cfg.continuation_field else None
-            write_prompt_shard(out / name, [tok.encode(r["text"]) for r in chunk], [r["id"] for r in chunk], dtype,
+            write_prompt_shard(out / name, prompts[i : i + per], [r["id"] for r in chunk], dtype,
                                dict(shard_index=i // per, n_records=len(chunk), dtype=dtype.name,
                                     vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer=tok.identity),
-                               texts=[r["text"] for r in chunk] if cfg.keep_text else None, continuations=conts)
+                               texts=[r["text"] for r in chunk] if cfg.keep_text else None,
+                               continuations=conts[i : i + per] if conts is not None else None)
             entries.append(dict(path=name, split="prompts", index=i // per, n_records=len(chunk),
                                 bytes=(out / name).stat().st_size, sha256=sha256_file(out / name)))
         listed = {e["path"] for e in entries}
@@ -257,8 +281,6 @@ def prepare_prompts(cfg: DataConfig, comm: Communicator) -> dict:
             vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,
             n_records=len(records), has_text=cfg.keep_text, has_continuations=bool(cfg.continuation_field),
             shards=entries))
-        summary = dict(records=len(records), shards=len(entries), seconds=time.perf_counter() - t0,
-                       empty_prompts=sum(1 for r in records if not r["text"]))
-        log.info("prepared %s: %d prompt records in %d shards%s", out, summary["records"], summary["shards"],
-                 f" ({summary['empty_prompts']} empty)" if summary["empty_prompts"] else "")
+        summary = dict(records=len(records), shards=len(entries), seconds=time.perf_counter() - t0)
+        log.info("prepared %s: %d prompt records in %d shards", out, summary["records"], summary["shards"])
     return comm.broadcast_object(summary)

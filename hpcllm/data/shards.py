@@ -7,7 +7,8 @@ Token shard `<split>-NNNNN.h5`:
   attributes    format, format_version, split, shard_index, token_offset (global start of the shard
                 in the split's stream), n_tokens, n_docs, dtype, vocab_size, eos_id, tokenizer
 Prompt shard `prompts-NNNNN.h5`: /tokens + /offsets (n+1, int64) ragged prompts, /ids (int64 record
-ids), optional /text (utf-8 strings), optional /cont_tokens + /cont_offsets (continuations to score).
+ids), optional /text + /text_offsets (each record's text as bytes, see write_texts), optional
+/cont_tokens + /cont_offsets (continuations to score).
 
 Every file is written to `<name>.tmp` and renamed when complete; `manifest.json` is written last, so
 a dataset without a manifest is unfinished and one with a manifest lists only complete shards.
@@ -62,16 +63,14 @@ def write_token_shard(path: Path, tokens: np.ndarray, doc_offsets: np.ndarray, a
 
 
 def write_prompt_shard(path: Path, prompts: list[list[int]], ids: list[int], dtype: np.dtype, attrs: dict[str, Any],
-                       texts: list[str] | None = None, continuations: list[list[int]] | None = None) -> None:
-    import h5py
-
+                       texts: list[bytes] | None = None, continuations: list[list[int]] | None = None) -> None:
     with atomic_path(path) as tmp, _h5file(tmp, "w") as f:
         flat, offsets = ragged(prompts, dtype)
         _dataset(f, "tokens", flat)
         _dataset(f, "offsets", offsets)
         _dataset(f, "ids", np.asarray(ids, dtype=np.int64))
         if texts is not None:
-            f.create_dataset("text", data=texts, dtype=h5py.string_dtype("utf-8"), track_times=False)
+            write_texts(f, texts)
         if continuations is not None:
             cflat, coff = ragged(continuations, dtype)
             _dataset(f, "cont_tokens", cflat)
@@ -86,6 +85,42 @@ def ragged(seqs: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
     offsets[1:] = np.cumsum([len(s) for s in seqs])
     flat = np.fromiter((t for s in seqs for t in s), dtype=dtype, count=int(offsets[-1]))
     return flat, offsets
+
+
+def ragged_ok(offsets: np.ndarray, n: int, total: int) -> bool:
+    """offsets (n+1) start at 0, never decrease and end at `total`: slicing with them is safe."""
+    return (len(offsets) == n + 1 and int(offsets[0]) == 0 and int(offsets[-1]) == total
+            and bool(np.all(np.diff(offsets) >= 0)))
+
+
+def write_texts(f, texts: list[bytes]) -> None:
+    """Texts as bytes: /text (uint8, every record's bytes back to back, attribute encoding=utf-8) and
+    /text_offsets (n+1, int64). Any byte sequence round-trips — NULs and invalid UTF-8 included —
+    which HDF5 variable-length strings cannot hold (they refuse an embedded NUL)."""
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in texts])
+    f.create_dataset("text", data=np.frombuffer(b"".join(texts), dtype=np.uint8), track_times=False)
+    f["text"].attrs["encoding"] = "utf-8"
+    _dataset(f, "text_offsets", offsets)
+
+
+def read_texts(f, n: int, where: Path) -> list[bytes] | None:
+    """The texts of write_texts (None when the file has none). Datasets prepared before texts were
+    stored as bytes hold /text as variable-length strings: those are read too."""
+    if "text" not in f:
+        return None
+    ds = f["text"]
+    if ds.dtype.kind == "O":  # variable-length strings (older prompt datasets)
+        texts = [t if isinstance(t, bytes) else str(t).encode("utf-8") for t in ds[:]]
+        if len(texts) != n:
+            raise DataError(f"{where}: {len(texts)} texts for {n} records")
+        return texts
+    if "text_offsets" not in f:
+        raise DataError(f"{where}: /text without /text_offsets")
+    data, offsets = ds[:].tobytes(), f["text_offsets"][:]
+    if ds.dtype != np.uint8 or not ragged_ok(offsets, n, len(data)):
+        raise DataError(f"{where}: inconsistent /text_offsets ({len(offsets)} for {n} records, {len(data)} bytes)")
+    return [data[offsets[i] : offsets[i + 1]] for i in range(n)]
 
 
 def read_manifest(dataset: str | Path) -> dict:

@@ -28,7 +28,11 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The exact bytes (special tokens dropped): NULs and invalid UTF-8 included."""
+        return bytes(i for i in ids if i < 256)
 
     def save(self, path: Path) -> None:
         write_text(path, '{"type": "hpcllm-byte", "version": 1}\n')
@@ -63,6 +67,11 @@ class BPETokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """UTF-8 of the decoded text; the decoder has already replaced a partial multi-byte sequence
+        (a token sequence cut mid-character) with U+FFFD."""
+        return self.decode(ids).encode("utf-8")
 
     def save(self, path: Path) -> None:
         write_bytes(path, self.path.read_bytes())

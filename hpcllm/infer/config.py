@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,7 +34,19 @@ class InferConfig:
     array_tasks: int = 0
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+        # each message names its key: from_dict prefixes the file and the section ("infer")
+        for key in ("batch_size", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:  # also false for nan
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+        for i, t in enumerate(self.stop_token_ids):
+            if t < 0:
+                raise ValueError(f"stop_token_ids[{i}] must be a token id >= 0, got {t}")
+        for i, s in enumerate(self.stop_strings):
+            if not s:
+                raise ValueError(f"stop_strings[{i}] is empty (it would stop every row at once)")

@@ -18,7 +18,7 @@ from typing import Callable, Literal
 
 import torch
 
-from hpcllm.errors import DataError
+from hpcllm.errors import DataError, InferError
 from hpcllm.infer.sampling import SamplingParams, choose, make_generators
 from hpcllm.model.attention import PaddedBatch, padded_positions_and_mask
 from hpcllm.model.base import CausalLM
@@ -138,6 +138,7 @@ class Engine:
         logits = logits[:, -1].float()
         done = [False] * B
         for step in range(params.max_new_tokens):
+            _check_finite(logits, [record_ids[r] for r in active])
             rows_gens = None if gens is None else [gens[r] for r in active]
             nxt = choose(logits, params, rows_gens)
             lp = torch.log_softmax(logits, dim=-1).gather(1, nxt[:, None]).squeeze(1).tolist() if want_logprobs else None
@@ -199,6 +200,7 @@ class Engine:
             pos, mask = padded_positions_and_mask(batch.pad, 0, batch.tokens.shape[1])
             with self._autocast():
                 logits, _ = self.model(batch.tokens, positions=pos, mask=mask)
+            _check_finite(logits, [record_ids[i] for i in idx])
             logp = torch.log_softmax(logits.float(), dim=-1)
             for j, i in enumerate(idx):
                 n = len(continuations[i])
@@ -206,6 +208,15 @@ class Engine:
                 lp = logp[j, -n - 1 : -1].gather(1, targets[:, None]).squeeze(1)
                 out[i] = ScoreResult(record_ids[i], lp.tolist(), float(lp.double().sum()), n)
         return out  # type: ignore[return-value]
+
+
+def _check_finite(logits: torch.Tensor, record_ids: list[int]) -> None:
+    """NaN or infinite logits (weights of a diverged run) would be "sampled" as token 0 and written
+    as a finished output: refuse instead, naming a record."""
+    bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        rid = record_ids[int(bad.nonzero()[0, 0])]
+        raise InferError(f"record {rid}: the model produced non-finite logits (are its weights finite?)")
 
 
 class _DecodeGraph:

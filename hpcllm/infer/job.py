@@ -1,36 +1,35 @@
 """The inference job: `hpcllm infer SPEC` over a sharded prompt dataset, on 1..N ranks.
 
-Input shards are the units of work. With `schedule: dynamic` rank 0 runs a small coordinator thread
-that hands out the next shard to whichever rank asks (load balancing); `static` gives shard i to
-rank i % N. Each finished shard becomes `run_dir/outputs/out-NNNNN.h5` (written to a temporary name,
-renamed), then a `.done` marker; a rerun or requeued job skips shards whose output and marker are
-present, so retries are safe and the final outputs equal an uninterrupted run's. Rank 0 writes
-`outputs/manifest.json` at the end.
+Input shards are the units of work, handed out by hpcllm.infer.schedule (`dynamic`: to whichever
+rank is free; `static`: shard i to rank i % N). Each shard is checked against the prompt manifest's
+checksum before it is used, and becomes `run_dir/outputs/out-NNNNN.h5` plus a `.done` marker
+recording the settings that made it (hpcllm.infer.outputs). A rerun or requeued job skips the
+shards that are done with the same settings and still intact, and refuses outputs made with other
+settings; rank 0 writes `outputs/manifest.json` last. On any error no rank waits for its peers: the
+error goes up to the CLI, which reports it and ends every rank.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from hpcllm.config import JobSpec
-from hpcllm.data.prompts import PromptDataset, PromptShard, open_prompt_dataset
-from hpcllm.atomic import atomic_open, atomic_path, write_json
-from hpcllm.data.shards import ragged, sha256_file
 from hpcllm.comm import Communicator
-from hpcllm.errors import DataError, InferError
+from hpcllm.config import JobSpec
+from hpcllm.data.prompts import PromptDataset, open_prompt_dataset
+from hpcllm.errors import ConfigError, DataError, IncompleteError, InferError
 from hpcllm.infer.engine import Engine
+from hpcllm.infer.outputs import (MANIFEST, done_and_intact, fingerprint, is_marked_done, refuse_other_settings,
+                                  remove_outputs, write_manifest, write_output)
 from hpcllm.infer.sampling import SamplingParams
+from hpcllm.infer.schedule import make_queue
 
 log = logging.getLogger("hpcllm.infer")
-_REQ, _REP = 7301, 7302
 
 
 # ------------------------------------------------------------------------------------ model
@@ -66,108 +65,37 @@ def load_model_for(spec: JobSpec, prompts: PromptDataset):
     return model
 
 
-# ------------------------------------------------------------------------------------ work queue
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of the weights as loaded (names, dtypes, shapes, bytes; a tied tensor once): the same
+    for an HF file and an hpcllm checkpoint of the same weights, and it changes when a run dir's
+    latest checkpoint does."""
+    h, seen = hashlib.sha256(), set()
+    for name, t in sorted(model.state_dict().items()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
-class ShardQueue:
-    """Which shard to do next. Dynamic: ask rank 0's coordinator thread (MPI point-to-point on a
-    private communicator); static: every size-th shard."""
-
-    def __init__(self, comm: Communicator, todo: list[int], dynamic: bool):
-        self.comm, self.todo = comm, todo
-        self.mpi = getattr(comm, "comm", None) if dynamic and comm.size > 1 else None
-        self._static = iter(todo[comm.rank :: comm.size]) if self.mpi is None else None
-        if self.mpi is not None:
-            self.mpi = self.mpi.Dup()
-            if comm.rank == 0:
-                self._thread = threading.Thread(target=self._serve, name="hpcllm-shard-queue", daemon=True)
-                self._thread.start()
-
-    def _serve(self) -> None:
-        from mpi4py import MPI
-
-        pending, finished = list(self.todo), 0
-        status = MPI.Status()
-        while finished < self.comm.size:
-            self.mpi.recv(source=MPI.ANY_SOURCE, tag=_REQ, status=status)
-            nxt = pending.pop(0) if pending else -1
-            finished += nxt < 0
-            self.mpi.send(nxt, dest=status.Get_source(), tag=_REP)
-
-    def next(self) -> int | None:
-        if self.mpi is None:
-            return next(self._static, None)
-        self.mpi.send(self.comm.rank, dest=0, tag=_REQ)
-        nxt = self.mpi.recv(source=0, tag=_REP)
-        return None if nxt < 0 else nxt
-
-    def close(self) -> None:
-        if self.mpi is not None and self.comm.rank == 0:
-            self._thread.join()
+# ------------------------------------------------------------------------------------ text
 
 
-# ------------------------------------------------------------------------------------ outputs
-
-
-def out_name(shard: PromptShard) -> str:
-    return f"out-{shard.index:05d}.h5"
-
-
-def is_done(out_dir: Path, shard: PromptShard) -> bool:
-    marker = out_dir / (out_name(shard) + ".done")
-    if not marker.is_file():
-        return False
-    try:
-        info = json.loads(marker.read_text())
-        f = out_dir / out_name(shard)
-        return f.is_file() and f.stat().st_size == info["bytes"] and info["input_sha256"] == shard.sha256
-    except (json.JSONDecodeError, KeyError, OSError):
-        return False
-
-
-def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: list, mode: str, texts: list[str] | None,
-                 seconds: float) -> dict:
-    import h5py
-
-    path = out_dir / out_name(shard)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver=("v110", "v110")) as f:
-        f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64), track_times=False)
-        if mode == "generate":
-            tokens, off = ragged([r.tokens for r in results], np.int64)
-            f.create_dataset("tokens", data=tokens, track_times=False)
-            f.create_dataset("offsets", data=off, track_times=False)
-            f.create_dataset("text", data=texts, dtype=h5py.string_dtype("utf-8"), track_times=False)
-            f.create_dataset("finish_reason", data=[r.finish_reason for r in results],
-                             dtype=h5py.string_dtype("utf-8"), track_times=False)
-            f.create_dataset("truncated", data=np.asarray([r.truncated for r in results], np.int64), track_times=False)
-            if results and results[0].logprobs is not None:
-                lp, _ = ragged([r.logprobs for r in results], np.float32)
-                f.create_dataset("logprobs", data=lp, track_times=False)
-        else:
-            lp, off = ragged([r.token_logprobs for r in results], np.float32)
-            f.create_dataset("token_logprobs", data=lp, track_times=False)
-            f.create_dataset("offsets", data=off, track_times=False)
-            f.create_dataset("logprob_sum", data=np.asarray([r.logprob_sum for r in results]), track_times=False)
-            f.create_dataset("n_tokens", data=np.asarray([r.n_tokens for r in results], np.int64), track_times=False)
-            f.create_dataset("perplexity", data=np.asarray([r.perplexity for r in results]), track_times=False)
-        f.attrs["mode"], f.attrs["input_shard"], f.attrs["n_records"] = mode, shard.path.name, len(ids)
-    info = dict(path=path.name, input=shard.path.name, input_sha256=shard.sha256, n_records=len(ids),
-                bytes=path.stat().st_size, sha256=sha256_file(path), seconds=seconds)
-    write_json(out_dir / (path.name + ".done"), info)
-    return info
-
-
-def cut_at_stop_strings(tokens: list[int], decode, stops: list[str]) -> tuple[list[int], str, bool]:
-    """Shortest prefix of `tokens` whose text contains a stop string (the text is cut before it)."""
-    text = decode(tokens)
-    hits = [text.find(s) for s in stops if s and s in text]
+def output_text(tokens: list[int], stopped: bool, decode_bytes, stops: list[bytes]) -> tuple[list[int], bytes, bool]:
+    """(tokens, text, cut): the text of a row's new tokens as bytes, without the stop token that
+    ended the row and cut before the first stop string; the tokens then end where the stop string
+    is complete."""
+    body = tokens[:-1] if stopped else tokens
+    text = decode_bytes(body)
+    hits = [text.find(s) for s in stops if s in text]
     if not hits:
         return tokens, text, False
     cut = min(hits)
-    for n in range(1, len(tokens) + 1):  # fewest tokens that reach the stop string
-        if len(decode(tokens[:n])) >= cut + 1 and any(s in decode(tokens[:n]) for s in stops):
-            return tokens[:n], text[:cut], True
-    return tokens, text[:cut], True
+    for n in range(1, len(body) + 1):  # fewest tokens whose text holds a stop string
+        if any(s in decode_bytes(body[:n]) for s in stops):
+            return body[:n], text[:cut], True
+    return body, text[:cut], True
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -184,131 +112,144 @@ def array_slot(ic) -> tuple[int, int]:
     return 0, 1
 
 
-def run_infer(spec: JobSpec, comm: Communicator) -> dict:
+def check_stop_tokens(ic, prompts: PromptDataset) -> None:
+    for i, t in enumerate(ic.stop_token_ids):
+        if t >= prompts.vocab_size:
+            raise ConfigError(f"infer.stop_token_ids[{i}] = {t} is outside the vocabulary of {prompts.vocab_size} "
+                              f"tokens ({prompts.tokenizer_id}, the tokenizer of {prompts.path})")
+
+
+def prepare_out_dir(out_dir: Path, fp: dict, force: bool) -> None:
+    """Rank 0: the output dir exists and is writable; outputs of other settings are refused (or, with
+    --force, removed); the manifest goes, to come back when every shard is done."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise InferError(f"output dir {out_dir} is not writable ({e.strerror or e})") from None
+    if force:
+        n = remove_outputs(out_dir)
+        if n:
+            log.info("--force: removed %d output shard(s) of an earlier run", n)
+    refuse_other_settings(out_dir, fp)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
     ic = spec.infer
     prompts = open_prompt_dataset(ic.prompts)
+    prompts.check_files()
+    check_stop_tokens(ic, prompts)
     if ic.mode == "score" and not prompts.manifest.get("has_continuations"):
         raise InferError(f"infer.mode=score needs continuations in {ic.prompts} (prepare with data.continuation_field)")
     out_dir = Path(spec.run_dir) / "outputs"
-    if comm.rank == 0:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            probe = out_dir / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise InferError(f"output dir {out_dir} is not writable ({e.strerror})") from None
-    comm.barrier()
-    from hpcllm.data.tokenizer import load_tokenizer_file
-
-    tok = load_tokenizer_file(prompts.path / prompts.manifest["tokenizer_file"])
+    tok = prompts.load_tokenizer()
     model = load_model_for(spec, prompts)
     device = comm.device
     dtype = torch.bfloat16 if (ic.dtype == "bf16" or (ic.dtype == "auto" and device.type == "cuda")) else torch.float32
+    stop_ids = sorted(set(ic.stop_token_ids) | {tok.eos_id})
+    # rank 0 checks what is already there and decides what is left (of this array task's share)
+    task, tasks = array_slot(ic)
+    mine_idx = [i for i in range(len(prompts.shards)) if i % tasks == task]
+    plan = None
+    if comm.rank == 0:
+        fp = fingerprint(ic, model_sha256=weights_sha256(model), prompts=prompts, stop_token_ids=stop_ids,
+                         dtype="bf16" if dtype == torch.bfloat16 else "fp32")
+        prepare_out_dir(out_dir, fp, force)
+        plan = (fp, [i for i in mine_idx if not done_and_intact(out_dir, prompts.shards[i], fp)])
+    fp, todo = comm.broadcast_object(plan)
     engine = Engine(model, device=device, dtype=dtype, max_batch_size=ic.batch_size, pad_id=tok.pad_id,
                     overflow=ic.overflow, use_cuda_graphs=ic.cuda_graphs)
     params = SamplingParams(max_new_tokens=ic.max_new_tokens, temperature=ic.temperature, top_k=ic.top_k,
-                            top_p=ic.top_p, stop_token_ids=sorted(set(ic.stop_token_ids) | {tok.eos_id}), seed=ic.seed)
-    # rank 0 decides what is left (of this array task's share), so every rank works from one list
-    task, tasks = array_slot(ic)
-    mine_idx = [i for i in range(len(prompts.shards)) if i % tasks == task]
-    todo = comm.broadcast_object([i for i in mine_idx if not is_done(out_dir, prompts.shards[i])]
-                                 if comm.rank == 0 else None)
+                            top_p=ic.top_p, stop_token_ids=stop_ids, seed=ic.seed)
+    stops = [s.encode("utf-8") for s in ic.stop_strings]
     skipped = len(mine_idx) - len(todo)
-    if comm.rank == 0 and skipped:
-        log.info("resuming: %d of %d shards already done", skipped, len(mine_idx))
-    total_records = sum(prompts.shards[i].n_records for i in todo)
+    queue = make_queue(comm, todo, ic.schedule)
+    if comm.rank == 0:
+        if skipped:
+            log.info("resuming: %d of %d shards already done", skipped, len(mine_idx))
+        log.info("schedule: %s", queue.description)
     bar = None
     if comm.rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_records, unit="rec", desc=f"infer {ic.mode}", mininterval=1.0)
-    queue = ShardQueue(comm, todo, ic.schedule == "dynamic")
+        bar = tqdm(total=sum(prompts.shards[i].n_records for i in todo), unit="rec", desc=f"infer {ic.mode}",
+                   mininterval=1.0)
     t0 = time.perf_counter()
     mine = {"records": 0, "new_tokens": 0, "shards": 0}
+
+    def progress(n, toks):
+        mine["new_tokens"] += toks
+        if bar is not None:
+            bar.update(n)
+
     try:
         while (i := queue.next()) is not None:
             shard = prompts.shards[i]
             rec = shard.load()
             ts = time.perf_counter()
-
-            def progress(n, toks):
-                mine["new_tokens"] += toks
-                if bar is not None:
-                    bar.update(n)
-
             if ic.mode == "generate":
                 results: list = engine.generate(rec.prompts, rec.ids, params, return_logprobs=ic.return_logprobs,
                                                 progress=progress)
                 texts = []
                 for r in results:
-                    if ic.stop_strings:
-                        r.tokens, text, hit = cut_at_stop_strings(r.tokens, tok.decode, ic.stop_strings)
-                        if hit:
-                            r.finish_reason = "stop"
-                            if r.logprobs is not None:
-                                r.logprobs = r.logprobs[: len(r.tokens)]
-                    else:
-                        text = tok.decode(r.tokens)
+                    r.tokens, text, cut = output_text(r.tokens, r.finish_reason == "stop", tok.decode_bytes, stops)
+                    if cut:
+                        r.finish_reason = "stop"
+                    if r.logprobs is not None:
+                        r.logprobs = r.logprobs[: len(r.tokens)]
                     texts.append(text)
             else:
                 results = engine.score(rec.prompts, rec.continuations, rec.ids)
                 texts = None
-                if bar is not None:
-                    bar.update(len(results))
-            write_output(out_dir, shard, rec.ids, results, ic.mode, texts, time.perf_counter() - ts)
+                progress(len(results), 0)
+            write_output(out_dir, shard, rec.ids, results, ic.mode, texts, fp, time.perf_counter() - ts)
             mine["records"] += len(results)
             mine["shards"] += 1
+    except BaseException:
+        queue.abandon()  # no goodbye to the peers: the CLI reports the error and ends every rank
+        raise
     finally:
-        queue.close()
         if bar is not None:
             bar.close()
+    # a rank that is done waits here for the others' last shard: that wait counts against
+    # dist.timeout_s like any collective (docs/inference.md: keep a shard's work below it)
     totals = comm.allgather_object(mine)
+    queue.close()
     summary = {k: sum(t[k] for t in totals) for k in mine} | {"skipped_shards": skipped,
                                                               "seconds": time.perf_counter() - t0}
+    if comm.rank == 0:
+        missing = [s.path.name for s in prompts.shards if not is_marked_done(out_dir, s, fp)]
+        if missing and tasks > 1:  # other array tasks still have shards to do
+            log.info("array task %d/%d done; %d shard(s) left to other tasks, no output manifest yet", task, tasks,
+                     len(missing))
+        elif missing:
+            raise IncompleteError(f"{out_dir}: {len(missing)} shard(s) not done at the end of the run "
+                                  f"(first: {missing[0]}): was the output dir changed while the job ran?")
+        else:
+            write_manifest(out_dir, prompts, fp, str(ic.model))
+            rate = summary["new_tokens"] / max(summary["seconds"], 1e-9)
+            log.info("infer %s done: %d records in %d shards (%d skipped as done) on %d rank(s), %.0f new tokens/s",
+                     ic.mode, summary["records"], summary["shards"], skipped, comm.size, rate)
     comm.barrier()
-    missing = [s.path.name for s in prompts.shards if not is_done(out_dir, s)]
-    if comm.rank == 0 and missing:  # other array tasks still have shards to do
-        log.info("array task %d/%d done; %d shard(s) left to other tasks, no output manifest yet", task, tasks,
-                 len(missing))
-    elif comm.rank == 0:
-        entries = [json.loads((out_dir / (out_name(s) + ".done")).read_text()) for s in prompts.shards]
-        write_json(out_dir / "manifest.json", dict(format="hpcllm-outputs", format_version=1, mode=ic.mode,
-                                                          prompts=str(prompts.path), model=ic.model,
-                                                          n_records=sum(e["n_records"] for e in entries),
-                                                          shards=entries))
-        rate = summary["new_tokens"] / max(summary["seconds"], 1e-9)
-        log.info("infer %s done: %d records in %d shards (%d skipped as done) on %d rank(s), %.0f new tokens/s",
-                 ic.mode, summary["records"], summary["shards"], skipped, comm.size, rate)
     return summary
 
 
 def export_jsonl(run_dir: str | Path, out: str | Path) -> int:
-    import h5py
+    """Every record of a finished run as JSON lines, each output shard checked before it is read."""
+    import json
+
+    from hpcllm.atomic import atomic_open
+    from hpcllm.infer.outputs import read_outputs_manifest, read_rows
 
     out_dir = Path(run_dir) / "outputs"
-    man_path = out_dir / "manifest.json"
-    if not man_path.is_file():
-        raise InferError(f"{man_path}: missing — the inference run is not complete")
-    man = json.loads(man_path.read_text())
+    man = read_outputs_manifest(out_dir)
     n = 0
     with atomic_open(out, "w") as fo:
         for e in man["shards"]:
-            with h5py.File(out_dir / e["path"], "r") as f:
-                ids, off = f["ids"][:], f["offsets"][:]
-                for j, rid in enumerate(ids):
-                    row = {"id": int(rid)}
-                    if man["mode"] == "generate":
-                        row["text"] = f["text"][j].decode() if isinstance(f["text"][j], bytes) else f["text"][j]
-                        row["tokens"] = f["tokens"][off[j] : off[j + 1]].tolist()
-                        fr = f["finish_reason"][j]
-                        row["finish_reason"] = fr.decode() if isinstance(fr, bytes) else fr
-                    else:
-                        row["logprob_sum"] = float(f["logprob_sum"][j])
-                        row["n_tokens"] = int(f["n_tokens"][j])
-                        row["perplexity"] = float(f["perplexity"][j])
-                        row["token_logprobs"] = f["token_logprobs"][off[j] : off[j + 1]].tolist()
-                    fo.write(json.dumps(row) + "\n")
-                    n += 1
+            for row in read_rows(out_dir / e["path"], e, man["mode"]):
+                fo.write(json.dumps(row) + "\n")
+                n += 1
     return n
-

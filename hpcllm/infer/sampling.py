@@ -1,12 +1,18 @@
 """Next-token choice: greedy, temperature, top-k, top-p — with one random stream per record.
 
 Each record's generator is seeded from (seed, record id) and draws exactly one uniform number per
-generated token, whatever else is in the batch. So a record's output does not depend on the batch
-it landed in, its position there, the batch size or the number of ranks.
+generated token, whatever else is in the batch, and the nucleus and the draw are computed in
+float64. What a batch can still change is the logits themselves: another batch shape changes them
+by float rounding (about 1e-6 relative in fp32), and that changes a token only when two candidates
+are that close — the top two logits for greedy, the draw and a boundary of the cumulative
+distribution or the top-p/top-k cut for sampling. So a record's output does not depend on its
+batch, its position there, the batch size, the rank count or the schedule, up to such float ties
+(docs/inference.md: how often they occur).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +30,8 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -45,8 +51,9 @@ def record_seed(seed: int, record_id: int) -> int:
 
 
 def filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """(B, V) logits -> log-probabilities after temperature, top-k and top-p (masked = -inf)."""
-    logits = logits.float() / p.temperature
+    """(B, V) logits -> log-probabilities after temperature, top-k and top-p (masked = -inf), in
+    float64: the nucleus and the draw are decided with no rounding of their own beyond the logits'."""
+    logits = logits.double() / p.temperature
     if p.top_k and p.top_k < logits.size(-1):
         kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,7 +72,7 @@ def choose(logits: torch.Tensor, p: SamplingParams, generators: list[torch.Gener
     generator (drawn on the CPU so the stream is the same on any device)."""
     if p.greedy:
         return torch.argmax(logits, dim=-1)
-    probs = filtered_logprobs(logits, p).exp().double()
+    probs = filtered_logprobs(logits, p).exp()
     u = torch.tensor([torch.rand((), generator=g, dtype=torch.float64).item() for g in generators],
                      dtype=torch.float64, device=probs.device)
     cdf = torch.cumsum(probs, dim=-1)

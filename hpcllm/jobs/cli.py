@@ -20,6 +20,8 @@ def register(sub, bench) -> None:
             p.add_argument("--prompts", action="store_true", help="write prompt shards (same as data.output=prompts)")
         if name == "infer":
             p.add_argument("--jsonl", help="with `infer export RUN_DIR`: the JSONL file to write")
+            p.add_argument("--force", action="store_true",
+                           help="replace outputs in run_dir that other settings made (else refused)")
         p.set_defaults(func=_run_job, kind=name)
 
     p = sub.add_parser("demo", help="the embedded default: prepare stdlib sources, train on 2 ranks, plot, sample")
@@ -39,7 +41,8 @@ def _run_job(args) -> int:
     spec = load_spec(args.spec, overrides)
     if spec.kind != args.kind:
         raise ConfigError(f"{args.spec}: kind is '{spec.kind}', `hpcllm {args.kind}` runs kind: {args.kind}")
-    return get_kind(spec.kind).run(spec)
+    extra = {"force": True} if getattr(args, "force", False) else {}  # infer --force: this run only
+    return get_kind(spec.kind).run(spec, **extra)
 
 
 def _export(args) -> int:

@@ -9,15 +9,15 @@ from hpcllm.errors import InferError
 from hpcllm.jobs import JobKind
 
 
-def run(spec) -> int:
+def run(spec, force: bool = False) -> int:
     from hpcllm.infer.job import run_infer
     from hpcllm.jobs.runtime import start
 
     comm = start(spec)
-    try:
-        run_infer(spec, comm)
-    finally:
-        comm.close()
+    # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
+    # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
+    run_infer(spec, comm, force=force)
+    comm.close()
     return 0
 
 

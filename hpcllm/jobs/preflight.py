@@ -27,8 +27,9 @@ def check_run_dir(run_dir: str, error: type = ConfigError) -> None:
     """The run dir exists (created if need be) and is writable, or one line saying why not."""
     path = Path(run_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        (path / "logs").mkdir(parents=True, exist_ok=True)  # every rank's log goes there
+        # every rank probes (runtime.start): host and pid keep ranks on other nodes off each other's file
+        probe = path / f".write-test-{socket.gethostname()}-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:

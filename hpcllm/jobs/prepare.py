@@ -13,10 +13,8 @@ def run(spec) -> int:
     from hpcllm.jobs.runtime import start
 
     comm = start(spec)
-    try:
-        summary = prepare(spec.data, comm)
-    finally:
-        comm.close()
+    summary = prepare(spec.data, comm)  # on an error, no comm.close(): it would wait for the peers
+    comm.close()
     if comm.rank == 0:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}), flush=True)
     return 0

@@ -23,9 +23,10 @@ log = logging.getLogger("hpcllm")
 def start(spec: JobSpec) -> Communicator:
     kind = get_kind(spec.kind)
     preflight(spec, kind)  # before joining the other ranks: a missing input fails every rank at once
+    # every rank, before joining: each then fails with the same one line (when only rank 0 checked,
+    # the others raced on to create the log dir and died of a raw traceback)
+    check_run_dir(spec.run_dir, kind.run_dir_error)
     comm = init_comm(spec.dist)
-    if comm.rank == 0:
-        check_run_dir(spec.run_dir, kind.run_dir_error)
     setup_logging(comm.rank, spec.run_dir if spec.run_dir else None)
     log.info("%s job '%s': %d rank(s), backend %s, device %s, run_dir %s", spec.kind, spec.name, comm.size,
              comm.name, comm.device, spec.run_dir)

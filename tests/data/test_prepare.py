@@ -141,7 +141,7 @@ def test_bpe_dataset_and_prompts(tmp_path, corpus):
     pd = open_prompt_dataset(pout)
     recs = [pd.shards[i].load() for i in range(3)]
     assert [i for r in recs for i in r.ids] == [10, 11, 12, 13, 14]
-    assert recs[0].texts == ["prompt 0", "prompt 1"]
+    assert recs[0].texts == [b"prompt 0", b"prompt 1"]
     assert bytes(recs[0].prompts[1]).decode() == "prompt 1" and bytes(recs[0].continuations[0]).decode() == " answer"
 
 

@@ -2,64 +2,31 @@
 interrupted-and-resumed run; bad inputs give clear errors and nothing marked done that isn't."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import shutil
 
-import h5py
 import pytest
 
-from tests.mpi_util import run_mpi
+from tests.infer.helpers import infer_spec, outputs, prepare_prompts, run_cli, tiny_model
 
 N_PROMPTS = 13
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
-
     root = tmp_path_factory.mktemp("infer")
-    model = GPT(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=258)).init_weights(3)
-    save_hf_gpt2(model, root / "model")
+    tiny_model(root / "model")
     lines = [{"id": 500 + i, "prompt": "x = " * (1 + i % 5) + str(i), "cont": f" # {i}"} for i in range(N_PROMPTS)]
-    (root / "p.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    prep = root / "prep.yaml"
-    prep.write_text(json.dumps({"kind": "prepare", "run_dir": str(root / "prep"), "data": {
-        "inputs": [str(root / "p.jsonl")], "output": "prompts", "text_field": "prompt", "id_field": "id",
-        "continuation_field": "cont", "prompts_per_shard": 3, "dataset": str(root / "prompts")}}))
-    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True, text=True)
+    p = prepare_prompts(root, lines, per_shard=3, continuation_field="cont")
     assert p.returncode == 0, p.stderr
     return root
 
 
 def spec(root, name, **infer):
-    i = {"model": str(root / "model"), "prompts": str(root / "prompts"), "max_new_tokens": 12, "temperature": 0.9,
-         "top_k": 20, "seed": 4, "batch_size": 4, **infer}
-    p = root / f"{name}.yaml"
-    p.write_text(json.dumps({"kind": "infer", "name": name, "run_dir": str(root / name), "infer": i}))
-    return p
+    return infer_spec(root, name, **{"model": root / "model", "prompts": root / "prompts", **infer})
 
 
 def infer(*args, n=1, env=None):
-    cmd = [sys.executable, "-m", "hpcllm.cli", "infer", *args]
-    if n == 1:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
-    return run_mpi(n, cmd, timeout=120, env=env)
-
-
-def outputs(run_dir):
-    out = {}
-    man = json.loads((Path(run_dir) / "outputs" / "manifest.json").read_text())
-    for e in man["shards"]:
-        with h5py.File(Path(run_dir) / "outputs" / e["path"]) as f:
-            off = f["offsets"][:]
-            for j, rid in enumerate(f["ids"][:]):
-                if "tokens" in f:
-                    out[int(rid)] = f["tokens"][off[j]:off[j + 1]].tolist()
-                else:
-                    out[int(rid)] = round(float(f["logprob_sum"][j]), 4)
-    return out
+    return run_cli("infer", *args, n=n, env=env)
 
 
 @pytest.mark.mpi
@@ -103,8 +70,6 @@ def test_score_and_export(setup, tmp_path):
 
 
 def test_bad_inputs(setup, tmp_path):
-    import shutil
-
     # corrupt prompt shard: named, nothing marked done for it
     bad = tmp_path / "prompts"
     shutil.copytree(setup / "prompts", bad)
@@ -131,15 +96,3 @@ def test_bad_inputs(setup, tmp_path):
     # missing model
     p = infer(str(spec(setup, "nomodel", model="/nope")))
     assert p.returncode == 2 and "infer.model: '/nope' does not exist" in p.stderr
-
-
-def test_empty_prompt_is_named(setup, tmp_path):
-    (tmp_path / "e.jsonl").write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": ""}\n')
-    prep = tmp_path / "prep.yaml"
-    prep.write_text(json.dumps({"kind": "prepare", "run_dir": str(tmp_path / "r"), "data": {
-        "inputs": [str(tmp_path / "e.jsonl")], "output": "prompts", "text_field": "prompt", "id_field": "id",
-        "dataset": str(tmp_path / "ep")}}))
-    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
-    p = infer(str(spec(setup, "empty", prompts=str(tmp_path / "ep"))))
-    assert p.returncode == 5 and "record 2: empty prompt" in p.stderr
-    assert not list((setup / "empty" / "outputs").glob("*.done"))

@@ -30,5 +30,7 @@ def start(spec: JobSpec) -> Communicator:
     setup_logging(comm.rank, spec.run_dir if spec.run_dir else None)
     log.info("%s job '%s': %d rank(s), backend %s, device %s, run_dir %s", spec.kind, spec.name, comm.size,
              comm.name, comm.device, spec.run_dir)
-    log.debug("pid %d on %s", os.getpid(), comm.world.hostname)
+    w = comm.world  # every rank's log says where it runs (rank 0's on the console too)
+    log.info("rank %d/%d: node %d (%s), local rank %d/%d, pid %d", w.rank, w.size, w.node_rank, w.hostname,
+             w.local_rank, w.local_size, os.getpid())
     return comm

@@ -14,10 +14,10 @@ def run(spec) -> int:
 
     catch_early_signals()  # replaces submitit's handlers too: the trainer decides what a signal means
     comm = start(spec)
-    try:
-        result = train(spec, comm)
-    finally:
-        comm.close()
+    # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
+    # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
+    result = train(spec, comm)
+    comm.close()
     if result.stopped:
         return EXIT_REQUEUE
     if result.step < spec.train.max_steps:  # a bug, never a success: say so rather than exit 0

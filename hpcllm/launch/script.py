@@ -80,16 +80,33 @@ def job_name(spec: JobSpec) -> str:
 # for it. bash runs a trap only once its foreground command has ended, so with srun in the foreground
 # a signal sent to the batch shell (`scancel --batch --signal=USR2`, a preemption's SIGTERM) kills the
 # shell — the job ends FAILED 0:12 although its ranks checkpointed. Here the trap passes the signal on
-# to srun, which hands it to every rank, and the function returns srun's status. Both batch scripts
-# define it before their step: the rendered templates and submitit's (as setup lines).
+# to srun, which hands it to every rank, and the function returns srun's status.
+# A step that never launched is started once more: Slurm 22.05's mpi/pmix plugin leaves its socket
+# (`stepd.slurm.pmix.<job>.<step>` in the slurmd spool) behind when a step's set-up fails or its
+# slurmstepd dies, and a requeued job numbers its steps from 0 again, so its restart fails with
+# "Address already in use" — and srun exits 0. A new attempt is a new step with new names. (The local
+# test cluster also cleans those files in its Prolog/Epilog; a site's Epilog should too.)
+# Both batch scripts define it before their step: the rendered templates and submitit's (as setup lines).
 SRUN_PASSING_SIGNALS = [
     "srun() {  # hpcllm: the step in the background, so that signals to this shell reach it",
-    '  command srun "$@" &',
-    "  local step=$! status",
-    *[f'  trap "kill -{sig} $step 2>/dev/null" {sig}' for sig in ("USR1", "USR2", "TERM")],
-    '  wait "$step"; status=$?',
-    '  while kill -0 "$step" 2>/dev/null; do wait "$step"; status=$?; done  # a trap woke `wait`: wait on',
-    "  trap - USR1 USR2 TERM",
-    '  return "$status"',
+    "  local attempt step status log err tee",
+    "  for attempt in 1 2; do",
+    '    log=$(mktemp "${TMPDIR:-/tmp}/hpcllm-srun.XXXXXX")',
+    '    exec {err}> >(tee "$log" >&2); tee=$!  # srun stderr: on to the job log, and into $log',
+    '    command srun "$@" 2>&$err &',
+    "    step=$!",
+    '    exec {err}>&-',
+    *[f'    trap "kill -{sig} $step 2>/dev/null" {sig}' for sig in ("USR1", "USR2", "TERM")],
+    '    wait "$step"; status=$?',
+    '    while kill -0 "$step" 2>/dev/null; do wait "$step"; status=$?; done  # a trap woke `wait`: wait on',
+    "    trap - USR1 USR2 TERM",
+    '    wait "$tee"  # until tee has written the last of it',
+    '    if [ "$attempt" = 1 ] && grep -q "^srun: error: .*launch failed" "$log"; then',
+    '      echo "hpcllm: srun did not start the job step; starting it once more, as a new step" >&2',
+    '      rm -f "$log"; continue',
+    "    fi",
+    '    rm -f "$log"',
+    '    return "$status"',
+    "  done",
     "}",
 ]

@@ -18,10 +18,10 @@ CLI = [sys.executable, "-m", "hpcllm.cli"]
 
 
 def tiny_model(out: Path, seed: int = 3, vocab: int = 258) -> Path:
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
 
-    model = GPT(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=vocab))
-    save_hf_gpt2(model.init_weights(seed), out)
+    model = build_model(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=vocab).resolve())
+    save_hf_model(model.init_weights(seed), out)
     return out
 
 
@@ -29,9 +29,9 @@ def constant_model(out: Path, favourites: dict[int, float]) -> Path:
     """A model whose next-token logits are the same after any input: the final layer norm's weight
     is 0, so every hidden state is its bias b, and logits = wte @ b. Token t gets logit
     `favourites[t]`, every other token about 0 — e.g. {0: 10} always generates byte 0 (NUL)."""
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
 
-    model = GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=258))
+    model = build_model(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=258).resolve())
     model.init_weights(1)
     with torch.no_grad():
         b = torch.zeros(32)
@@ -41,7 +41,7 @@ def constant_model(out: Path, favourites: dict[int, float]) -> Path:
         model.transformer.wte.weight[:, 0] = 0.0
         for t, logit in favourites.items():
             model.transformer.wte.weight[t, 0] = logit
-    save_hf_gpt2(model, out)
+    save_hf_model(model, out)
     return out
 
 

@@ -21,10 +21,10 @@ GREEDY = SamplingParams(max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def model():
-    from hpcllm.model import GPT, ModelConfig
+    from hpcllm.model import ModelConfig, build_model
 
     torch.manual_seed(0)
-    return GPT(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=258)).init_weights(3)
+    return build_model(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=258).resolve()).init_weights(3)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,9 @@ def test_outputs_do_not_depend_on_batch_size_up_to_float_ties(model, prompts, pa
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_outputs_do_not_depend_on_rank_count_up_to_float_ties(model, prompts, tmp_path):
-    from hpcllm.model import save_hf_gpt2
+    from hpcllm.model import save_hf_model
 
-    save_hf_gpt2(model, tmp_path / "model")
+    save_hf_model(model, tmp_path / "model")
     # ASCII, so that a prompt's text is its tokens (byte tokenizer) and fits the context
     text = [bytes(t % 128 for t in p).decode("ascii") for p in prompts]
     p = prepare_prompts(tmp_path, [{"id": i, "prompt": t} for i, t in enumerate(text)], per_shard=100)

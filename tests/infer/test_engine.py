@@ -7,7 +7,7 @@ import torch
 
 from hpcllm.infer.engine import Engine, PromptError
 from hpcllm.infer.sampling import SamplingParams
-from hpcllm.model import load_hf_gpt2
+from hpcllm.model import load_hf_model
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 300
@@ -21,7 +21,7 @@ def models(tmp_path_factory):
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     d = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(d, safe_serialization=True)
-    ours, _ = load_hf_gpt2(d)
+    ours, _ = load_hf_model(d)
     return hf, ours
 
 

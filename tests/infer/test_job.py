@@ -80,9 +80,9 @@ def test_bad_inputs(setup, tmp_path):
     p = infer(str(spec(setup, "long", max_new_tokens=60)))
     assert p.returncode == 5 and "exceeds the model's context of 64" in p.stderr and "record 5" in p.stderr
     # tokenizer/vocabulary mismatch
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
 
-    save_hf_gpt2(GPT(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=300)),
+    save_hf_model(build_model(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=300).resolve()),
                  tmp_path / "m300")
     p = infer(str(spec(setup, "vocab", model=str(tmp_path / "m300"))))
     assert p.returncode == 8 and "vocabulary mismatch" in p.stderr

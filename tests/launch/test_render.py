@@ -14,7 +14,7 @@ import pytest
 from hpcllm.config import load_spec
 from hpcllm.errors import ConfigError
 from hpcllm.launch.render import render
-from tests.slurm_util import job_state, require_slurm, run, sacct_rows, sbatch, wait_job
+from tests.slurm_util import BASE, slurm_env, job_state, require_slurm, run, sacct_rows, sbatch, wait_job
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]
@@ -201,9 +201,37 @@ def test_rendered_job_whose_step_fails_to_launch_fails(tmp_path):
     out = (tmp_path / "nolaunch" / "logs" / f"nolaunch-{job}.out").read_text()
     assert "launch failed" in out and f"StepId={job}.0 aborted before step completely launched" in out, out
     line = [x for x in out.splitlines() if x.startswith("hpcllm:")]
-    assert line == [f"hpcllm: train job {job} did not finish although its step exited 0: no checkpoint of step 6 "
+    assert line == ["hpcllm: srun did not start the job step; starting it once more, as a new step",
+                    f"hpcllm: train job {job} did not finish although its step exited 0: no checkpoint of step 6 "
                     f"(train.max_steps) in {tmp_path / 'nolaunch'}/checkpoints (no checkpoint at all) (the step failed "
                     "to launch or ended early: see the srun lines above)"], out
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("path", ["render", "submit"])
+def test_a_step_that_did_not_launch_is_started_once_more(tmp_path, path):
+    """What a requeued job meets when an earlier start left Slurm's PMIx socket of step 0 in the slurmd
+    spool (Slurm 22.05 leaves it when a step's set-up fails or its slurmstepd dies, and a requeued
+    job numbers its steps from 0 again): the step does not launch ("Address already in use") and
+    srun exits 0. The batch script starts it once more — as step 1, with new names — and the job
+    trains to the end, on both paths."""
+    require_slurm()
+    spec = _train_spec(tmp_path, _prepare_small(tmp_path), "relaunch", 6)
+    spec["slurm"]["setup"] = [f'touch {BASE}/spool/stepd.slurm.pmix."$SLURM_JOB_ID".0  # the leftover']
+    if path == "render":
+        job = _render_and_sbatch(tmp_path, spec, "relaunch")
+    else:
+        (tmp_path / "relaunch.yaml").write_text(json.dumps(spec))
+        p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "submit", str(tmp_path / "relaunch.yaml")],
+                           capture_output=True, text=True, cwd=REPO, env=slurm_env(), timeout=120)
+        assert p.returncode == 0, p.stderr
+        job = int(p.stdout.split(" as ")[1].split()[0].rstrip(":"))
+    assert wait_job(job, 180) == "COMPLETED"
+    logs = "".join(q.read_text() for q in (tmp_path / "relaunch").rglob("*.err")) + \
+        "".join(q.read_text() for q in (tmp_path / "relaunch").rglob("*.out"))
+    assert "StepId=" in logs and "aborted before step completely launched" in logs, logs[-3000:]
+    assert "srun did not start the job step; starting it once more" in logs
+    assert (tmp_path / "relaunch" / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
 
 
 @pytest.mark.slurm

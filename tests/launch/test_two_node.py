@@ -169,11 +169,11 @@ def test_training_on_two_nodes_equals_one_rank_on_the_union_batch(root, mpi_job,
 
 
 def test_dynamic_inference_on_two_nodes_equals_one_process(root):
-    from hpcllm.model import GPT, ModelConfig, save_hf_gpt2
+    from hpcllm.model import ModelConfig, build_model, save_hf_model
     from tests.infer.test_job import outputs
 
-    model = GPT(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=258))
-    save_hf_gpt2(model.init_weights(3), root / "model")
+    model = build_model(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=258).resolve())
+    save_hf_model(model.init_weights(3), root / "model")
     lines = [{"id": 500 + i, "text": "x = " * (1 + i % 5) + str(i)} for i in range(13)]
     (root / "p.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     prep = write_spec(root, {"kind": "prepare", "name": "prompts", "run_dir": str(root / "prompts-prep"), "data": {

@@ -245,9 +245,10 @@ def test_infer_and_data_verify_agree_on_every_corrupt_prompt_shard(setup, tmp_pa
 
 
 @pytest.mark.parametrize("override, message", [
-    ("infer.temperature=.nan", "temperature must be a finite number >= 0"),
-    ("infer.temperature=.inf", "temperature must be a finite number >= 0"),
-    ("infer.top_p=.nan", "top_p must be in (0, 1]"),
+    ("infer.temperature=.nan", "'infer.temperature' must be a finite number, got nan"),
+    ("infer.temperature=.inf", "'infer.temperature' must be a finite number, got inf"),
+    ("infer.top_p=.nan", "'infer.top_p' must be a finite number, got nan"),
+    ("infer.top_p=1.5", "top_p must be in (0, 1]"),
     ("infer.top_k=-1", "top_k must be >= 0"),
     ("infer.stop_token_ids=[-1]", "stop_token_ids[0] must be a token id >= 0"),
     ("infer.stop_token_ids=[5,258]", "infer.stop_token_ids[1] = 258 is outside the vocabulary of 258 tokens"),

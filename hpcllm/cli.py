@@ -97,7 +97,27 @@ def _abort_other_ranks(code: int) -> None:
         world.Abort(code)
 
 
+def _catch_job_signals_early(argv: list[str]) -> None:
+    """A job's ranks may get Slurm's time-limit warning (USR2) while still starting — importing torch
+    takes seconds, more on a busy node — and its default action kills them. So before anything
+    heavy: a kind that requeues remembers a stop signal for its trainer to act on; the others keep
+    working through it (they run to the time limit and are retried as a whole)."""
+    import signal
+
+    from hpcllm.jobs import get_kind, kind_names
+
+    if not argv or argv[0] not in kind_names():
+        return
+    if get_kind(argv[0]).requeue:
+        from hpcllm.train.signals import catch_early_signals
+
+        catch_early_signals()
+    else:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _catch_job_signals_early(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

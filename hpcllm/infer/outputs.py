@@ -153,6 +153,18 @@ def done_and_intact(out_dir: Path, shard: PromptShard, fp: dict) -> bool:
     return True
 
 
+def marked_done(out_dir: Path, shard: PromptShard) -> dict | None:
+    """The shard's marker if it is for this input and its output has the recorded size, whatever
+    configuration made it (the batch script's completeness check: no model to fingerprint there)."""
+    info = _read_json(marker_path(out_dir, shard))
+    path = out_dir / out_name(shard)
+    if info is None or info.get("input_sha256") != shard.sha256 or "fingerprint" not in info:
+        return None
+    if not isinstance(info.get("bytes"), int) or not path.is_file() or path.stat().st_size != info["bytes"]:
+        return None
+    return info
+
+
 def is_marked_done(out_dir: Path, shard: PromptShard, fp: dict) -> bool:
     """Cheap form of done_and_intact (marker and size), for the end of a run."""
     info = _marker(out_dir, shard, fp)

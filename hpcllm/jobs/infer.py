@@ -41,12 +41,18 @@ def incomplete(spec) -> str | None:
     """Every shard of this job (of this array task) has its output and `.done` marker; a whole job
     also has its output manifest."""
     from hpcllm.data.prompts import open_prompt_dataset
-    from hpcllm.infer.job import array_slot, is_done
+    from hpcllm.infer.job import array_slot
+    from hpcllm.infer.outputs import marked_done
 
     out_dir = Path(spec.run_dir) / "outputs"
     shards = open_prompt_dataset(spec.infer.prompts).shards
     task, tasks = array_slot(spec.infer)
-    missing = [s.path.name for i, s in enumerate(shards) if i % tasks == task and not is_done(out_dir, s)]
+    # the markers, not a recomputed fingerprint (that would load the model): each done shard's marker
+    # is for its input and its output has the recorded size, and all were made by one configuration
+    markers = {i: marked_done(out_dir, s) for i, s in enumerate(shards) if i % tasks == task}
+    missing = [shards[i].path.name for i, m in markers.items() if m is None]
+    if len({repr(m["fingerprint"]) for m in markers.values() if m is not None}) > 1:
+        return f"outputs in {out_dir} were made by different configurations"
     if missing:
         return (f"{len(missing)} prompt shard(s) without output in {out_dir} (first: {missing[0]})"
                 + (f" [array task {task} of {tasks}]" if tasks > 1 else ""))

@@ -72,13 +72,14 @@ def node_hostnames() -> dict[str, str]:
 
 
 def check_rank_placement(run_dir: Path, starts: int = 1) -> None:
-    """Ranks 0,1 on n1 and 2,3 on n2, as each rank logged it (`pid N on HOST`), at every start."""
+    """Ranks 0,1 on n1 (node 0, local ranks 0 and 1) and 2,3 on n2 (node 1), as each rank logged it
+    (`rank R/N: node K (HOST), local rank L/M`), at every start."""
     hosts = node_hostnames()
     want = {0: hosts["n1"], 1: hosts["n1"], 2: hosts["n2"], 3: hosts["n2"]}
     for rank, host in want.items():
         log = (run_dir / "logs" / f"rank{rank}.log").read_text()
-        seen = re.findall(r"\[rank (\d+)\] DEBUG hpcllm: pid \d+ on (\S+)", log)
-        assert seen == [(str(rank), host)] * starts, (rank, seen, want)
+        seen = re.findall(r"\[rank \d+\] INFO hpcllm: rank (\d+)/4: node (\d+) \((\S+)\), local rank (\d+)/(\d+)", log)
+        assert seen == [(str(rank), str(rank // 2), host, str(rank % 2), "2")] * starts, (rank, seen, want)
 
 
 def train_spec(root: Path, name: str, backend: str = "mpi", *, steps: int = UNION_STEP, nodes: int = 2,
@@ -91,8 +92,7 @@ def train_spec(root: Path, name: str, backend: str = "mpi", *, steps: int = UNIO
             "train": {"max_steps": steps, "batch_size": batch, "seq_len": 32, "lr": 3e-3, "min_lr": 3e-3,
                       "warmup_steps": 2, "eval_interval": 0, "log_interval": 1, "ckpt_interval": 20,
                       "keep_checkpoints": 100, "progress": False},
-            "slurm": {"nodes": nodes, "tasks_per_node": tasks, "time": "00:10:00", "max_requeues": 3,
-                      "setup": ["export HPCLLM_LOG_LEVEL=debug"]}}
+            "slurm": {"nodes": nodes, "tasks_per_node": tasks, "time": "00:10:00", "max_requeues": 3}}
 
 
 def weights(run_dir: Path, step: int) -> dict:
@@ -183,7 +183,7 @@ def test_dynamic_inference_on_two_nodes_equals_one_process(root):
     infer = {"model": str(root / "model"), "prompts": str(root / "prompts"), "max_new_tokens": 10,
              "temperature": 0.9, "top_k": 20, "seed": 4, "batch_size": 2, "schedule": "dynamic"}
     spec = {"kind": "infer", "name": "infer2n", "run_dir": str(root / "infer2n"), "infer": infer,
-            "slurm": {"nodes": 2, "tasks_per_node": 2, "time": "00:10:00", "setup": ["export HPCLLM_LOG_LEVEL=debug"]}}
+            "slurm": {"nodes": 2, "tasks_per_node": 2, "time": "00:10:00"}}
     job = submit(root, spec)
     ref = hpcllm("infer", str(write_spec(root, {"kind": "infer", "name": "infer1", "run_dir": str(root / "infer1"),
                                                 "infer": infer})))

@@ -4,7 +4,8 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # It runs the `gpu`-marked tests (bf16 + torch.compile training with resume, CUDA-graph decode), then
 # `hpcllm bench train --device cuda` (GPT-2 124M, bf16, compiled, beside nanoGPT's loop) and
-# `hpcllm bench infer --device cuda` (beside HF generate with its dynamic and static caches).
+# `hpcllm bench infer --device cuda` for GPT-2 124M and the Llama-3.2-1B shape (bf16, batch 256,
+# 128 + 128 tokens; beside HF generate with its dynamic and static caches).
 # Each part has its own time limit, so one that hangs cannot eat the others' time; every log lands
 # in OUT_DIR. Record the figures in docs/performance.md with the device, commit and date.
 set -uo pipefail
@@ -29,4 +30,5 @@ part env 60 bash -c "nvidia-smi; git log -1 --format='commit %H %cd' 2>/dev/null
 part pytest-gpu 300 "$py" -m pytest -q -m gpu -p no:cacheprovider tests/train/test_trainer.py tests/infer/test_engine.py
 part bench-train 240 "$py" -m hpcllm.cli bench train --device cuda --rounds 3
 part bench-infer 150 "$py" -m hpcllm.cli bench infer --device cuda --model gpt2 --batch-size 256 --prompt-len 128 --new-tokens 128
+part bench-infer-llama 240 "$py" -m hpcllm.cli bench infer --device cuda --arch llama --model llama3.2-1b --batch-size 256 --prompt-len 128 --new-tokens 128
 exit $status

@@ -9,7 +9,6 @@ refused unless --force.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,37 +18,6 @@ from hpcllm.atomic import atomic_dir
 from hpcllm.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("hpcllm")
-
-
-def byte_tokenizer_json(eos_id: int, pad_id: int) -> str:
-    """hpcllm's byte tokenizer (token = byte value, then <|endoftext|>, <|pad|>) written as an HF
-    tokenizer.json: a byte-level BPE with no merges whose ids are the byte values."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins GPT-2's byte level maps bytes to
-    to_unicode = _bytes_to_unicode()
-    assert sorted(alphabet) == sorted(to_unicode.values())
-    vocab = {to_unicode[b]: b for b in range(256)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|pad|>"])
-    assert tok.token_to_id("<|endoftext|>") == eos_id and tok.token_to_id("<|pad|>") == pad_id
-    return tok.to_str()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's table (also the one `tokenizers`' ByteLevel uses)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def write_tokenizer(dataset: str, out: Path) -> list[int]:
@@ -62,21 +30,12 @@ def write_tokenizer(dataset: str, out: Path) -> list[int]:
     except DataError as e:
         log.warning("no tokenizer exported: %s", e)
         return []
-    eos, pad = man["eos_id"], man["pad_id"]
-    src = Path(dataset) / man["tokenizer_file"]
-    if man["tokenizer"] == "byte-v1":
-        text = byte_tokenizer_json(eos, pad)
-        names = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
-    else:
-        text = src.read_text()
-        vocab = json.loads(text).get("added_tokens", [])
-        by_id = {t["id"]: t["content"] for t in vocab}
-        names = {"eos_token": by_id.get(eos), "pad_token": by_id.get(pad)}
-    (out / "tokenizer.json").write_text(text)
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": None, "clean_up_tokenization_spaces": False,
-         **{k: v for k, v in names.items() if v is not None}}, indent=2) + "\n")
-    return [eos]
+    from hpcllm.data import load_tokenizer
+
+    # tokenizer.json as the data was made with it (the byte tokenizer as an equivalent HF one), and its
+    # special tokens and chat template as tokenizer_config.json
+    load_tokenizer(dataset).save_hf(out)
+    return [man["eos_id"]]
 
 
 def export(run_dir: str, out_dir: str, *, max_shard_bytes: int = 5 << 30, dtype: str = "auto",

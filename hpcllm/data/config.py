@@ -17,12 +17,13 @@ class DataConfig:
     inputs: list[str] = field(default_factory=list)
     input_format: Literal["auto", "text", "jsonl"] = "auto"  # auto: by extension (.jsonl/.json -> jsonl)
     text_field: str = "text"  # JSONL field holding the document / prompt
+    messages_field: str = "messages"  # JSONL field with a chat (prompts): rendered with the tokenizer's chat_template
     id_field: str = ""  # JSONL field with a stable record id (prompts); "" = line number
     continuation_field: str = ""  # JSONL field with a continuation to score (prompts, optional)
     doc_split: Literal["file", "blank_line", "line"] = "file"  # how a text file splits into documents
     include: list[str] = field(default_factory=lambda: ["*"])  # name patterns when walking directories
     exclude: list[str] = field(default_factory=list)  # path patterns (fnmatch) to skip when walking
-    tokenizer: str = "byte"  # "byte" or a tokenizer.json path
+    tokenizer: str = "byte"  # "byte", a model directory (its tokenizer.json + tokenizer_config.json), a tokenizer.json
     output: Literal["tokens", "prompts"] = "tokens"
     val_fraction: float = 0.05  # share of documents (by seeded hash) in the val split
     split_seed: int = 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcllm.data.chat import check_messages
 from hpcllm.data.config import DataConfig
 from hpcllm.data.inputs import InputFile, find_inputs, iter_documents, iter_jsonl, is_jsonl
 from hpcllm.atomic import remove_stale_tmp, write_json
@@ -88,16 +89,14 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
             if len(doc) == 0:
                 empty += 1
                 continue
-            if isinstance(doc, bytes):
-                if not isinstance(tok, ByteTokenizer):
-                    try:
-                        doc.decode("utf-8")
-                    except UnicodeDecodeError:
-                        replaced += 1
-                ids = tok.encode_bytes(doc)
-            else:
-                ids = tok.encode(doc)
-            ids.append(tok.eos_id)
+            if isinstance(doc, bytes) and not isinstance(tok, ByteTokenizer):
+                try:
+                    doc.decode("utf-8")
+                except UnicodeDecodeError:
+                    replaced += 1
+            ids = tok.encode_document(doc)  # framed as the tokenizer frames a text (Llama: BOS first)
+            if not ids or ids[-1] != tok.eos_id:
+                ids.append(tok.eos_id)
             split = split_of(f.key, i, cfg.split_seed, cfg.val_fraction)
             streams[split].append(np.asarray(ids, dtype=dtype))
             lengths[split].append(len(ids))
@@ -206,16 +205,22 @@ def read_records(cfg: DataConfig) -> list[dict]:
         if is_jsonl(f.path, cfg):
             for lineno, obj in iter_jsonl(f.path):
                 where = f"{f.path}:{lineno}"
-                text = obj.get(cfg.text_field)
-                if not isinstance(text, str):
-                    raise DataError(f"{where}: field '{cfg.text_field}' missing or not a string")
+                text, messages = obj.get(cfg.text_field), obj.get(cfg.messages_field) if cfg.messages_field else None
+                if messages is not None and text is not None:
+                    raise DataError(f"{where}: both '{cfg.text_field}' and '{cfg.messages_field}': give one")
+                if messages is None and not isinstance(text, str):
+                    raise DataError(f"{where}: field '{cfg.text_field}' (or '{cfg.messages_field}', a chat) missing or "
+                                    "not a string")
                 rid = obj.get(cfg.id_field) if cfg.id_field else len(records)
                 if isinstance(rid, bool) or not isinstance(rid, int):
                     raise DataError(f"{where}: id field '{cfg.id_field}' must be an integer, got {rid!r}")
                 if rid in seen:
                     raise DataError(f"{where}: duplicate record id {rid} (first at {seen[rid]})")
                 seen[rid] = where
-                rec = dict(id=rid, text=_utf8(text, where, cfg.text_field), where=where)
+                if messages is not None:
+                    rec = dict(id=rid, messages=check_messages(messages, where), where=where)
+                else:
+                    rec = dict(id=rid, text=_utf8(text, where, cfg.text_field), where=where)
                 if cfg.continuation_field:
                     cont = obj.get(cfg.continuation_field)
                     if not isinstance(cont, str):
@@ -235,7 +240,10 @@ def read_records(cfg: DataConfig) -> list[dict]:
 def _encode_record(tok, rec: dict, field: str, what: str) -> list[int]:
     """Tokens of a record's text; an empty prompt or continuation is refused here, naming the record,
     rather than by the inference job after other shards are done."""
-    ids = tok.encode_bytes(rec[field])
+    # a plain prompt is framed as the tokenizer frames a text (as transformers' tokenizer(text)); a
+    # rendered chat already holds its special tokens (as apply_chat_template); a continuation is plain text
+    framed = field == "text" and not rec.get("chat")
+    ids = tok.encode_document(rec[field]) if framed else tok.encode_bytes(rec[field])
     if not ids:
         raise DataError(f"{rec['where']}: record {rec['id']}: empty {what} — give it text or leave the record out")
     return ids
@@ -255,6 +263,10 @@ def prepare_prompts(cfg: DataConfig, comm: Communicator) -> dict:
         records = read_records(cfg)
         if not records:
             raise DataError(f"data.inputs {cfg.inputs}: no prompt records found")
+        for r in records:  # a chat is rendered by the tokenizer's template; the text holds its special tokens
+            if "messages" in r:
+                text = tok.render_chat(r.pop("messages"), r["where"])
+                r["text"], r["chat"] = _utf8(text, r["where"], cfg.messages_field), True
         per = cfg.prompts_per_shard
         prompts = [_encode_record(tok, r, "text", "prompt") for r in records]
         conts = [_encode_record(tok, r, "continuation", "continuation") for r in records] \

@@ -20,7 +20,7 @@ import torch
 
 from hpcllm.errors import DataError, InferError
 from hpcllm.infer.sampling import SamplingParams, choose, make_generators
-from hpcllm.model.attention import PaddedBatch, padded_positions_and_mask
+from hpcllm.model.attention import KVCache, PaddedBatch, padded_positions_and_mask
 from hpcllm.model.base import CausalLM
 
 
@@ -49,6 +49,9 @@ class ScoreResult:
         return math.exp(-self.logprob_sum / self.n_tokens) if self.n_tokens else float("nan")
 
 
+CACHE_ROUND = 128  # cache lengths are multiples of this: few reallocations, aligned shapes
+
+
 class Engine:
     def __init__(
         self,
@@ -69,7 +72,7 @@ class Engine:
         self.pad_id = pad_id
         self.overflow = overflow
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
-        self.cache = self.model.new_kv_cache(max_batch_size, self.ctx, self.device, self.dtype)
+        self.cache: KVCache | None = None  # allocated for the longest batch met so far (see _cache_for)
         self._graphs: dict[int, _DecodeGraph] = {}
 
     # ------------------------------------------------------------------------------- helpers
@@ -86,6 +89,18 @@ class Engine:
             f"record {record_id}: prompt of {len(prompt)} tokens + {room} new tokens exceeds the model's "
             f"context of {self.ctx} (infer.overflow: truncate_left keeps the last {max(self.ctx - room, 0)})"
         )
+
+    def _cache_for(self, length: int) -> KVCache:
+        """The static KV cache, holding at least `length` positions for max_batch_size rows. Sized by
+        what the prompts need, not by the model's context: Llama 3.2's 131,072 positions at batch 256
+        would be 137 GB where 256 tokens take 0.3 GB. Batches come longest first, so it is allocated
+        once per generate call at most; a captured decode graph belongs to one cache and goes with it."""
+        if self.cache is None or self.cache.max_len < length:
+            size = min(self.ctx, -(-length // CACHE_ROUND) * CACHE_ROUND)
+            self.cache = None  # free the old one before allocating the new one
+            self._graphs.clear()
+            self.cache = self.model.new_kv_cache(self.max_batch_size, size, self.device, self.dtype)
+        return self.cache
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices grouped into batches of similar length (longest first)."""
@@ -132,9 +147,10 @@ class Engine:
         reason = ["length"] * B
         active = list(range(B))  # original row of each cache row
         pad = batch.pad
+        cache = self._cache_for(L + params.max_new_tokens)
         with self._autocast():
             pos, mask = padded_positions_and_mask(pad, 0, L)
-            logits, _ = self.model(batch.tokens, cache=self.cache, positions=pos, mask=mask)
+            logits, _ = self.model(batch.tokens, cache=cache, positions=pos, mask=mask)
         logits = logits[:, -1].float()
         done = [False] * B
         for step in range(params.max_new_tokens):
@@ -158,9 +174,7 @@ class Engine:
                 break
             if len(running) <= len(active) // 2:  # compact: finished rows stop costing compute
                 sel = torch.tensor(running, device=self.device)
-                n = len(running)
-                self.cache.k[:, :n] = self.cache.k[:, sel]
-                self.cache.v[:, :n] = self.cache.v[:, sel]
+                cache.compact(sel)
                 pad, nxt = pad[sel], nxt[sel]
                 active = [active[j] for j in running]
             logits = self._decode(nxt[:, None], pad, L + step)
@@ -225,7 +239,7 @@ class _DecodeGraph:
 
     def __init__(self, engine: Engine, B: int):
         self.engine, self.B = engine, B
-        dev, S = engine.device, engine.ctx
+        dev, S = engine.device, engine.cache.max_len
         self.tok = torch.zeros((B, 1), dtype=torch.long, device=dev)
         self.slot = torch.zeros((1,), dtype=torch.long, device=dev)
         self.pos = torch.zeros((B, 1), dtype=torch.long, device=dev)

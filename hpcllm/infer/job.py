@@ -36,11 +36,12 @@ log = logging.getLogger("hpcllm.infer")
 
 
 def load_model_for(spec: JobSpec, prompts: PromptDataset):
-    """(model, tokenizer identity or None) — an hpcllm checkpoint or HF GPT-2 safetensors."""
+    """(model, extra stop ids): an hpcllm checkpoint, or an HF model directory (any family its
+    config.json names; its generation_config.json's eos ids stop a row too)."""
     path = Path(spec.infer.model)
     if not spec.infer.model or not path.exists():
-        raise InferError(f"infer.model '{spec.infer.model}' not found (an hpcllm run/checkpoint dir, or HF "
-                         "GPT-2 model.safetensors / its directory)")
+        raise InferError(f"infer.model '{spec.infer.model}' not found (an hpcllm run/checkpoint dir, or an HF "
+                         "model directory / a model.safetensors inside one)")
     is_hpcllm = (path / "checkpoints").is_dir() or (path / "meta.json").is_file()
     if is_hpcllm:
         from hpcllm.data.shards import read_manifest
@@ -51,18 +52,33 @@ def load_model_for(spec: JobSpec, prompts: PromptDataset):
             tok_id = read_manifest(dataset)["tokenizer"]
         except DataError:
             tok_id = None  # the training data moved: fall back to the vocabulary check below
+        if tok_id is not None and tok_id != prompts.tokenizer_id:
+            raise InferError(f"tokenizer mismatch: model {path} was trained with '{tok_id}', prompts {prompts.path} "
+                             f"were tokenized with '{prompts.tokenizer_id}' — re-prepare the prompts with the model's "
+                             "tokenizer")
+        extra_stops: list[int] = []
     else:
+        from hpcllm.data.tokenizer import check_model_tokenizer, tokenizer_identity_of
         from hpcllm.model import load_hf_model
+        from hpcllm.model.hf import generation_eos, model_dir
 
+        d = model_dir(path)
+        check_model_tokenizer(d, prompts.tokenizer_id, prompts.path)
+        tok_id = tokenizer_identity_of(d)
         model, cfg = load_hf_model(path)
-        tok_id = None
-    if tok_id is not None and tok_id != prompts.tokenizer_id:
-        raise InferError(f"tokenizer mismatch: model {path} was trained with '{tok_id}', prompts {prompts.path} "
-                         f"were tokenized with '{prompts.tokenizer_id}' — re-prepare the prompts with the model's tokenizer")
-    if model.config.vocab_size != prompts.vocab_size:
-        raise InferError(f"vocabulary mismatch: model {path} has {model.config.vocab_size} tokens, prompts "
-                         f"{prompts.path} use a tokenizer of {prompts.vocab_size}")
-    return model
+        extra_stops = [t for t in generation_eos(d) if 0 <= t < prompts.vocab_size]
+    n = model.config.vocab_size
+    # the same tokenizer may have fewer tokens than the embedding (rows padded to a multiple of 64 or
+    # 128, as Llama and Qwen ship): more is an error; with no tokenizer identity to compare, equal
+    if prompts.vocab_size > n or (tok_id is None and prompts.vocab_size != n):
+        where = f"{model_dir_of(path)}/config.json vocab_size={n}" if not is_hpcllm else f"model {path} has {n} tokens"
+        raise InferError(f"vocabulary mismatch: {where}, but the prompts' tokenizer "
+                         f"{prompts.path / prompts.tokenizer_file} has {prompts.vocab_size}")
+    return model, extra_stops
+
+
+def model_dir_of(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -146,10 +162,10 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
         raise InferError(f"infer.mode=score needs continuations in {ic.prompts} (prepare with data.continuation_field)")
     out_dir = Path(spec.run_dir) / "outputs"
     tok = prompts.load_tokenizer()
-    model = load_model_for(spec, prompts)
+    model, model_stops = load_model_for(spec, prompts)
     device = comm.device
     dtype = torch.bfloat16 if (ic.dtype == "bf16" or (ic.dtype == "auto" and device.type == "cuda")) else torch.float32
-    stop_ids = sorted(set(ic.stop_token_ids) | {tok.eos_id})
+    stop_ids = sorted(set(ic.stop_token_ids) | {tok.eos_id} | set(model_stops))
     # rank 0 checks what is already there and decides what is left (of this array task's share)
     task, tasks = array_slot(ic)
     mine_idx = [i for i in range(len(prompts.shards)) if i % tasks == task]

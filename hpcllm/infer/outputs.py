@@ -23,7 +23,7 @@ import numpy as np
 
 from hpcllm.atomic import atomic_path, write_json
 from hpcllm.data.prompts import PromptDataset, PromptShard, read_verified
-from hpcllm.data.shards import ragged, ragged_ok, read_texts, write_texts
+from hpcllm.data.shards import ragged, ragged_ok, read_texts, sha256_file, write_texts
 from hpcllm.errors import DataError, InferError
 
 log = logging.getLogger("hpcllm.infer")
@@ -154,13 +154,16 @@ def done_and_intact(out_dir: Path, shard: PromptShard, fp: dict) -> bool:
 
 
 def marked_done(out_dir: Path, shard: PromptShard) -> dict | None:
-    """The shard's marker if it is for this input and its output has the recorded size, whatever
-    configuration made it (the batch script's completeness check: no model to fingerprint there)."""
+    """The shard's marker if it is for this input and its output has the recorded size and
+    checksum, whatever configuration made it (the batch script's completeness check: no model to
+    fingerprint there). The file is hashed, never parsed, so a damaged one cannot hang the check."""
     info = _read_json(marker_path(out_dir, shard))
     path = out_dir / out_name(shard)
     if info is None or info.get("input_sha256") != shard.sha256 or "fingerprint" not in info:
         return None
     if not isinstance(info.get("bytes"), int) or not path.is_file() or path.stat().st_size != info["bytes"]:
+        return None
+    if sha256_file(path) != info.get("sha256"):
         return None
     return info
 

@@ -46,17 +46,22 @@ class TrainResult:
         return EXIT_REQUEUE if self.stopped else 0
 
 
-def build_model(spec: JobSpec, vocab_size: int, device) -> CausalLM:
+def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None = None,
+                dataset: str = "the dataset") -> CausalLM:
     """The model to train, whatever its family: from `model.init` (an HF directory: its config.json
-    says what it is) or fresh from the spec's `model` section, initialised from train.seed."""
+    says what it is, its tokenizer.json must be the data's) or fresh from the spec's `model`
+    section, initialised from train.seed."""
     if spec.model.init:
+        from hpcllm.data.tokenizer import check_model_tokenizer
         from hpcllm.model import load_hf_model
 
+        if tokenizer_id is not None:
+            check_model_tokenizer(spec.model.init, tokenizer_id, dataset)
         model, _ = load_hf_model(spec.model.init, dropout=spec.model.dropout)
         if vocab_size > model.config.vocab_size:
-            raise TrainingError(f"model.init {spec.model.init}: the dataset's tokenizer has {vocab_size} tokens, more "
-                                f"than the model's embedding ({model.config.vocab_size}): prepare the data with the "
-                                "model's tokenizer (data.tokenizer: the model directory)")
+            raise TrainingError(f"vocabulary mismatch: {dataset}'s tokenizer has {vocab_size} tokens, more than "
+                                f"model.init's config.json vocab_size={model.config.vocab_size} ({spec.model.init}): "
+                                "prepare the data with the model's tokenizer (data.tokenizer: the model directory)")
     else:
         try:
             cfg = spec.model.resolve(vocab_size)
@@ -158,7 +163,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     tc, device = spec.train, comm.device
     torch.manual_seed(tc.seed)
     ds = open_dataset(spec.data.dataset)
-    model = build_model(spec, ds.vocab_size, device)
+    model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path))
     optimizer = model.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas), fused=device.type == "cuda")
     loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank,
                          world_size=comm.size, seed=tc.seed, device=device)

@@ -217,6 +217,53 @@ def test_a_suspended_and_resumed_job_carries_on(tmp_path):
     assert "did not run for" in err  # the gap is noticed and said
 
 
+@pytest.mark.mpi
+def test_a_stopped_rank_is_named_and_once_continued_does_not_blame_the_others(tmp_path):
+    # one rank stopped (SIGSTOP; a debugger, a node's OOM freezer): the other times out naming it
+    # and ends the job; the stopped rank, continued while the job ends, must not report its own
+    # (frozen) time as waiting, nor say "every rank answered"
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    from tests.mpi_util import mpi_env, mpirun_cmd
+
+    script = tmp_path / "stopped.py"
+    # rank 1 waits in its allreduces while rank 0 sleeps between them: rank 1 is stopped mid-collective
+    script.write_text(SUSPENDED.replace("comm.rank == 1", "comm.rank == 0"))
+    proc = subprocess.Popen(mpirun_cmd(2, sys.executable, str(script), "mpi", str(tmp_path)), env=mpi_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all((tmp_path / f"pid{r}").exists() for r in (0, 1)):
+        time.sleep(0.1)
+    pid1 = int((tmp_path / "pid1").read_text())
+    time.sleep(0.5)
+    os.kill(pid1, signal.SIGSTOP)
+    lines: list[str] = []
+    fired = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "did not complete within" in line:
+                fired.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert fired.wait(30), "".join(lines)[-3000:]
+    try:
+        os.kill(pid1, signal.SIGCONT)  # while rank 0 is still asking the others, before the job ends
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == 4, err[-3000:]
+    assert "[hpcllm rank 0] collective" in err and "no answer from rank(s) 1" in err, err[-3000:]
+    assert "[hpcllm rank 1]" not in err and "every rank answered" not in err, err[-3000:]
+
+
 STUCK_LOADER = """
 import sys, time, torch
 from hpcllm.comm import DistConfig, init_comm

@@ -111,3 +111,10 @@ def test_an_inference_array_task_is_complete_with_its_own_shards(tmp_path):
     assert p.returncode == 9 and "1 prompt shard(s) without output" in p.stderr and "[array task 1 of 2]" in p.stderr
     p = finish(spec_file, 0)
     assert p.returncode == 9 and "1 prompt shard(s) without output" in p.stderr and "prompts-00001.h5" in p.stderr
+    # a done shard whose output was damaged in place (same size, one byte flipped) is not done
+    out = next((tmp_path / "inf" / "outputs").glob("out-00000*.h5"))
+    data = bytearray(out.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    out.write_bytes(bytes(data))
+    p = finish(spec_file, 0, "--array-task", "0", "--array-tasks", "2")
+    assert p.returncode == 9 and "1 prompt shard(s) without output" in p.stderr and "prompts-00000.h5" in p.stderr

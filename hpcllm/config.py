@@ -31,12 +31,9 @@ from hpcllm.launch.config import SlurmConfig
 from hpcllm.model.config import ModelConfig
 from hpcllm.train.config import TrainConfig
 
-KINDS = ("prepare", "train", "infer")
-
-
 @dataclass
 class JobSpec:
-    kind: Literal["prepare", "train", "infer"]
+    kind: str  # one of hpcllm.jobs.kind_names(): the job kinds' registry is the one list of them
     name: str
     run_dir: str = path_field("runs/default")
     dist: DistConfig = field(default_factory=DistConfig)
@@ -274,8 +271,15 @@ def load_spec(path: str | os.PathLike | None, overrides: list[str] = (), *, base
     data = read_yaml(path) if path is not None else dict(base or {})
     data = apply_overrides(data, list(overrides))
     source = str(path) if path is not None else "<built-in spec>"
+    from hpcllm.jobs import kind_names
+
+    kinds = kind_names()
     if "kind" not in data:
-        raise ConfigError(f"{source}: missing required key 'kind' (one of {', '.join(KINDS)})")
+        raise ConfigError(f"{source}: missing required key 'kind' (one of {', '.join(kinds)})")
+    if data["kind"] not in kinds:
+        close = difflib.get_close_matches(str(data["kind"]), kinds, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{source}: 'kind' must be one of {', '.join(kinds)}, got {data['kind']!r}{hint}")
     if "name" not in data:
         data["name"] = Path(path).stem if path is not None else "job"
     return from_dict(JobSpec, data, source=source)

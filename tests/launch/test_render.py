@@ -100,14 +100,16 @@ def _prepare_small(tmp_path):
 def _train_spec(tmp_path, ds, name, steps):
     return {"kind": "train", "name": name, "run_dir": str(tmp_path / name), "data": {"dataset": str(ds)},
             "dist": {"timeout_s": 60},
-            "model": {"size": "custom", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64},
-            "train": {"max_steps": steps, "batch_size": 2, "seq_len": 32, "log_interval": 1, "eval_interval": 0,
+            "model": {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128},
+            "train": {"max_steps": steps, "batch_size": 4, "seq_len": 128, "log_interval": 1, "eval_interval": 0,
                       "ckpt_interval": 0, "progress": False},
             "slurm": {"tasks_per_node": 2, "time": "00:05:00", "max_requeues": 2}}
 
 
-# ~80 steps/s here: long enough (~20 s) that the signal sent after 20 steps always lands mid-run
-STEPS = 1500
+# ~40 steps/s here (the model is sized so that a step costs ~25 ms, not tokens): ~15 s of training,
+# so the signal sent after 20 steps (~0.5 s in) lands mid-run with a margin of ~30x the test's own
+# latency. A tiny model ran 700 steps/s and sometimes finished before the signal (a flaky test).
+STEPS = 600
 
 
 @pytest.mark.slurm

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 TMP_SUFFIX = ".tmp"
 
@@ -105,6 +105,37 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir_quiet(final.parent)
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(final: str | os.PathLike, leader: bool, barrier: Callable[[], None]) -> Iterator[Path]:
+    """atomic_dir for a directory several processes write together (every rank of a job, e.g. a
+    sharded checkpoint): the leader empties `final.tmp`; all write into it; once every one is done
+    (a barrier), the leader fsyncs it and renames it onto `final`; a last barrier, and every rank
+    sees the complete directory. A rank that fails leaves the others in a barrier, which the job's
+    stall watchdog ends."""
+    final = Path(final)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    if leader:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    yield tmp
+    barrier()
+    if leader:
+        try:
+            for dirpath, _, files in os.walk(tmp):
+                for name in files:
+                    fsync_path(os.path.join(dirpath, name))
+                _fsync_dir_quiet(Path(dirpath))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir_quiet(final.parent)
+        finally:
+            barrier()
+    else:
+        barrier()
 
 
 def remove_stale_tmp(directory: str | os.PathLike, pattern: str = "*" + TMP_SUFFIX) -> int:

@@ -1,7 +1,7 @@
 """Job specs: one YAML format for every job, loaded into typed dataclasses.
 
 A job spec is a YAML file with `kind`, `name`, `run_dir` and one section per concern (`dist`, `data`,
-`model`, `train`, `infer`, `slurm`). Each section is a dataclass owned by the package it configures
+`model`, `train`, `parallel`, `infer`, `slurm`). Each section is a dataclass owned by the package it configures
 (`hpcllm/<pkg>/config.py`); this module only knows how to fill dataclasses from plain data, check the
 types, apply `a.b=c` overrides from the command line and report mistakes with the key and the file.
 
@@ -29,6 +29,7 @@ from hpcllm.fields import path_field
 from hpcllm.infer.config import InferConfig
 from hpcllm.launch.config import SlurmConfig
 from hpcllm.model.config import ModelConfig
+from hpcllm.parallel.config import ParallelConfig, check_backend
 from hpcllm.train.config import TrainConfig
 
 @dataclass
@@ -40,8 +41,14 @@ class JobSpec:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def validate(self) -> None:  # what no single section can check on its own
+        check_backend(self.parallel.shard, self.dist.backend)
+        if self.parallel.shard == "full" and self.dist.backend == "auto":
+            self.dist.backend = "torch"  # the one backend that carries FSDP2 (NCCL on GPU, gloo on CPU)
 
 
 # ----------------------------------------------------------------------------- dataclass <-> dict

@@ -3,6 +3,8 @@
 CPU (default): `mpirun -np N` ranks of this module's worker, one thread per rank, the same model and
 the same synthetic batches for every implementation, in timed rounds whose order rotates each round:
     hpcllm   the trainer's own step (`TrainStep`): bucketed gradient sync over the mpi backend
+             (with `--shard none,optimizer,full`: one such line per sharding mode, each with its
+             per-rank memory — ZeRO-1 over the mpi backend, FSDP2 over gloo)
     ddp      torch DistributedDataParallel over gloo, the same optimizer and clipping
     alone    hpcllm's step with no communication at all: every rank trains by itself
     1 rank   the same on rank 0 while the other ranks sleep: the single-process reference
@@ -53,7 +55,7 @@ def _worker(a: dict) -> None:
     from hpcllm.comm.torchdist import TorchCommunicator, release_gloo_work
     from hpcllm.model import ModelConfig, build_model
     from hpcllm.train.config import TrainConfig
-    from hpcllm.train.grad_sync import GradSync
+    from hpcllm.parallel.plans import build_plan
     from hpcllm.train.trainer import TrainStep, autocast_for
 
     cuda = a["device"] == "cuda"
@@ -84,10 +86,16 @@ def _worker(a: dict) -> None:
         x = data[batch["i"] % len(data)]
         return x[:, :-1], x[:, 1:]
 
-    def hpcllm_step(step_comm):
+    plans = {}
+
+    def hpcllm_step(step_comm, shard="none"):
         """The trainer's step, exactly; over `step_comm` (a world of one: no communication at all)."""
-        model, opt = make()
-        run_step = TrainStep(model, opt, GradSync(list(model.parameters()), step_comm, a["bucket_mb"]), step_comm, tc)
+        model = build_model(cfg).init_weights(0).to(device)
+        plan = build_plan(shard, model, step_comm, bucket_mb=a["bucket_mb"], bf16=a["dtype"] == "bf16",
+                          make_optimizer=lambda m: m.configure_optimizer(0.1, 1e-4, fused=cuda))
+        run_step = TrainStep(model, plan, step_comm, tc, accum=1)
+        if step_comm is comm:
+            plans[shard] = plan
 
         def step(i):
             batch["i"] = i
@@ -112,6 +120,9 @@ def _worker(a: dict) -> None:
 
     step_ours, ours = hpcllm_step(comm)
     impls = {"hpcllm": step_ours}
+    for shard in a.get("shard", ["none"]):
+        if shard != "none" and comm.size > 1:
+            impls[f"hpcllm {shard}"] = hpcllm_step(comm, shard)[0]
     if comm.size > 1:
         if not cuda:  # the gloo process group DDP uses (rendezvous over MPI); on GPU it is the comm's own
             TorchCommunicator(comm.world, device, 300.0, comm.comm)
@@ -162,7 +173,10 @@ def _worker(a: dict) -> None:
         from hpcllm.train.metrics import device_peak
 
         dev_name, peak = device_peak(device)
+    memory = {k: p.memory() for k, p in plans.items()}  # after the rounds: every buffer and state exists
+    if comm.rank == 0:
         print("RESULT " + json.dumps({"tokens_per_s": tps, "paired_ratios": paired, "params": ours.num_params(),
+                                      "memory": memory,
                                       "flops_per_token": ours.estimate_flops_per_token(T), "device": dev_name,
                                       "peak": peak}), flush=True)
     if "ddp" in impls:
@@ -199,6 +213,11 @@ def main(args) -> int:
     conf |= dict(device=args.device, rounds=args.rounds,
                  steps=args.steps if args.steps is not None else (20 if args.device == "cuda" else 6),
                  warmup=args.warmup if args.warmup is not None else (5 if conf["compile"] else 2))
+    conf["shard"] = [m.strip() for m in args.shard.split(",") if m.strip()] if getattr(args, "shard", None) else ["none"]
+    bad = [m for m in conf["shard"] if m not in ("none", "optimizer", "full")]
+    if bad or "none" not in conf["shard"]:
+        raise HpcllmError(f"bench train --shard: a comma list of none, optimizer, full including none (the "
+                          f"reference), got {args.shard!r}")
     for key in ("ranks", "steps", "rounds", "batch_size", "seq_len"):
         if conf[key] < 1:
             raise HpcllmError(f"bench train: --{key.replace('_', '-')} must be >= 1, got {conf[key]}")
@@ -224,6 +243,21 @@ def main(args) -> int:
     if args.device == "cuda":
         print(f"  ratio hpcllm / nanoGPT bench.py on one H100 ({NANOGPT_H100_TOKENS_PER_S:,} tokens/s): "
               f"{tps['hpcllm'] / (n * NANOGPT_H100_TOKENS_PER_S):.2f}x per GPU")
+    memory = res.get("memory", {})
+    if len(conf["shard"]) > 1 and n > 1:
+        ref = tps["hpcllm"]
+        base = memory.get("none", {})
+        print("  parallel.shard   tokens/s   vs none   per rank MB: params   grads   optimizer   model state vs none")
+        for mode in conf["shard"]:
+            name = "hpcllm" if mode == "none" else f"hpcllm {mode}"
+            m = memory.get(mode, {})
+            state = sum(m.get(k, 0) for k in ("params_bytes", "grads_bytes", "optimizer_bytes"))
+            base_state = sum(base.get(k, 0) for k in ("params_bytes", "grads_bytes", "optimizer_bytes"))
+            print(f"  {mode:<14} {tps[name]:>10,.0f}   {tps[name] / ref:>6.2f}x   "
+                  f"{m.get('params_bytes', 0) / 2**20:>16.1f} {m.get('grads_bytes', 0) / 2**20:>7.1f} "
+                  f"{m.get('optimizer_bytes', 0) / 2**20:>11.1f}   {state / max(base_state, 1):.2f}x "
+                  f"(optimizer {m.get('optimizer_bytes', 0) / max(base.get('optimizer_bytes', 1), 1):.2f}x)")
+        print(f"  peak RSS of rank 0 (all modes in one process): {base.get('peak_bytes', 0) / 2**20:.0f} MB")
     if "1 rank" in tps:
         ideal = n * tps["1 rank"]
         print(f"  {n} ranks  no communication  {tps['alone']:>9,.0f} tokens/s  (every rank trains alone)")

@@ -1,33 +1,36 @@
 """Checkpoints: the format that training writes and inference, export and the demo read.
 
-`run_dir/checkpoints/step_NNNNNNNN/` holds
+`run_dir/checkpoints/step_NNNNNNNN/` is a sharded checkpoint (hpcllm.checkpoint.sharded): every rank
+writes its part of the model and optimizer state through torch.distributed.checkpoint, and a run
+loads it on any number of ranks and in any sharding mode. Export and inference consolidate the
+model from the parts (`read_model_tensors`). Checkpoints of the first wave (one model.safetensors
+and a state.pt written by rank 0) are still read for export and inference, not resumed.
 
-  model.safetensors   the weights (safetensors: nothing executable in it)
-  state.pt            optimizer state, loader position, RNG, step — tensors and plain values only,
-                      loaded with torch.load(weights_only=True): no arbitrary unpickling, ever
-  meta.json           step, time, world size, the resolved job spec (for humans and `hpcllm plot`)
-
-A checkpoint is written into `step_N.tmp/` and renamed as a whole (hpcllm.atomic.atomic_dir): a
-directory without the `.tmp` suffix is complete by construction. Only the last `keep` are kept.
+A checkpoint is written into `step_N.tmp/` and renamed as a whole: a directory without the `.tmp`
+suffix is complete by construction; one that is not (damaged, or copied in part) is skipped for
+the previous complete step with a warning. Only the last `keep` are kept. Nothing in a checkpoint
+is unpickled beyond tensors and plain values (torch.load(weights_only=True), and DCP's index through
+an allow-list).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
 
-from hpcllm.atomic import atomic_dir
 from hpcllm.errors import CheckpointError
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
-__all__ = ["CheckpointError", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_trained_model",
-           "save_checkpoint"]
+__all__ = ["CheckpointError", "is_complete", "latest_checkpoint", "list_checkpoints", "load_trained_model",
+           "read_checkpoint_model", "save_checkpoint"]
+
+log = logging.getLogger("hpcllm.checkpoint")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -37,35 +40,43 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=lambda p: p.name)
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+def is_legacy(ckpt: Path) -> bool:
+    """A first-wave checkpoint: model.safetensors and state.pt, written by rank 0."""
+    return (ckpt / "model.safetensors").is_file() and (ckpt / "state.pt").is_file()
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without tied duplicates (safetensors refuses shared storage)."""
-    seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        out[name] = t.detach().to("cpu").contiguous()
-    return out
+def is_complete(ckpt: Path) -> bool:
+    from hpcllm.checkpoint.sharded import is_complete as sharded_complete
+
+    return sharded_complete(ckpt) or is_legacy(ckpt)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, meta: dict,
+def latest_checkpoint(run_dir: str | Path, *, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are skipped with a warning."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        if is_complete(ckpt):
+            return ckpt
+        if warn:
+            log.warning("%s is incomplete (no dcp/.metadata, state.pt or meta.json: damaged or copied in part); "
+                        "using the previous complete checkpoint", ckpt)
+    return None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, comm, state: dict, global_state: dict, meta: dict,
                     keep: int) -> Path:
-    from safetensors.torch import save_file
+    """A training checkpoint, written by every rank together (a collective): `state` is the sharding
+    plan's state_dict() (model and optimizer, each rank its part), `global_state` what rank 0 keeps
+    (step, loader position, ...)."""
+    from hpcllm.checkpoint.sharded import save_sharded
 
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    if comm.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    with atomic_dir(final) as tmp:
-        save_file(model_tensors(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **meta}, indent=2, default=str))
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    save_sharded(final, comm, state, {**global_state, "step": step}, meta)
+    if comm.rank == 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -83,8 +94,16 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state(file: Path) -> dict:
-    """state.pt through the weights-only unpickler. A file that needs anything else (arbitrary
-    classes, code) is refused as untrusted: loading it unsafely is never offered."""
+    """A checkpoint's state.pt (read_state_file), which must hold a step."""
+    state = read_state_file(file)
+    if "step" not in state:
+        raise CheckpointError(f"{file}: not an hpcllm checkpoint state (no step)")
+    return state
+
+
+def read_state_file(file: Path) -> dict:
+    """A .pt file of a checkpoint through the weights-only unpickler. A file that needs anything else
+    (arbitrary classes, code) is refused as untrusted: loading it unsafely is never offered."""
     import pickle
 
     if not file.is_file():
@@ -96,8 +115,8 @@ def read_state(file: Path) -> dict:
                               "values, which hpcllm never unpickles); was it written by hpcllm?") from None
     except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
         raise CheckpointError(f"{file}: unreadable checkpoint state ({_first_line(e)})") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{file}: not an hpcllm checkpoint state (no step)")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: not an hpcllm checkpoint state")
     return state
 
 
@@ -108,15 +127,6 @@ def read_meta(ckpt: Path) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{ckpt / 'meta.json'}: missing or unreadable ({_first_line(e)})") from None
     return meta
-
-
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
-    """Load weights into `model` and return the state dict (optimizer, loader, rng, step)."""
-    path = Path(path)
-    tensors = read_tensors(path / "model.safetensors")
-    state = read_state(path / "state.pt")
-    load_weights(path / "model.safetensors", model, tensors)
-    return state
 
 
 def model_config(ckpt: Path, meta: dict, tensors: dict[str, torch.Tensor]):
@@ -143,18 +153,36 @@ def load_trained_model(path: str | Path):
     """(model, ModelConfig, dataset path) from a run dir (its latest checkpoint) or a checkpoint dir."""
     from hpcllm.model import build_model
 
-    path = Path(path)
-    ckpt = path if (path / "model.safetensors").is_file() else latest_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"{path}: no checkpoint (neither a checkpoint dir nor a run dir with checkpoints/)")
+    ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
-    tensors = read_tensors(ckpt / "model.safetensors")
+    tensors = read_checkpoint_model(ckpt)
     cfg = model_config(ckpt, meta, tensors)
     with torch.device("meta"):
         model = build_model(cfg)
     model = model.materialize("cpu")
-    load_weights(ckpt / "model.safetensors", model, tensors)
+    load_weights(ckpt / "model.safetensors" if is_legacy(ckpt) else ckpt / "dcp", model, tensors)
     return model, cfg, meta["spec"]["data"]["dataset"]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or a run dir's latest complete checkpoint."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise CheckpointError(f"{path}: no complete checkpoint (neither a checkpoint dir nor a run dir with "
+                              "checkpoints/step_*)")
+    return ckpt
+
+
+def read_checkpoint_model(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's whole model by parameter name, consolidated from every rank's part."""
+    if is_legacy(ckpt):
+        return read_tensors(ckpt / "model.safetensors")
+    from hpcllm.checkpoint.sharded import read_model_tensors
+
+    return read_model_tensors(ckpt)
 
 
 def load_weights(file: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -4,6 +4,11 @@ Collectives work in place on torch tensors. `allreduce(..., async_op=True)` retu
 `wait()` the caller must call before reading the tensor: that is what lets the gradient sync launch a
 bucket's allreduce during the backward pass and await them all before the optimizer step.
 
+The sharded collectives of ZeRO work on a flat buffer of `size * k` elements split rank-major into
+`size` shards of k: `reduce_scatter(shard, full)` leaves in `shard` the reduction over ranks of the
+caller's own part of `full` (rank r gets elements r*k .. (r+1)*k), and `all_gather(full, shard)`
+leaves in `full` every rank's shard, in rank order. Both also take `async_op`.
+
 Every blocking point (a synchronous collective, or `Work.wait`) is reported to the stall watchdog, so
 a collective that never completes ends the job with the names of the ranks that did not arrive.
 
@@ -29,6 +34,8 @@ from hpcllm.comm.world import World
 
 ReduceOp = Literal["sum", "avg", "max", "min"]
 REDUCE_OPS = ("sum", "avg", "max", "min")
+ScatterOp = Literal["sum", "avg"]
+SCATTER_OPS = ("sum", "avg")  # what every backend's reduce-scatter has (Horovod: only these two)
 trace_log = logging.getLogger("hpcllm.comm")
 
 
@@ -66,6 +73,18 @@ class Communicator(ABC):
     @abstractmethod
     def allreduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", async_op: bool = False) -> Work | None:
         """Reduce `tensor` in place across ranks. With async_op, returns a Work to wait() on."""
+
+    @abstractmethod
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, op: ScatterOp = "sum",
+                       async_op: bool = False) -> Work | None:
+        """Reduce `input` (size*k elements, rank-major) across ranks and leave this rank's k
+        elements of the result, input[rank*k:(rank+1)*k] reduced over ranks, in `output` (k
+        elements). "avg" divides the sum by size. With async_op, returns a Work to wait() on."""
+
+    @abstractmethod
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, async_op: bool = False) -> Work | None:
+        """Concatenate every rank's `input` (k elements) in rank order into `output` (size*k
+        elements): output[r*k:(r+1)*k] is rank r's input. With async_op, returns a Work."""
 
     @abstractmethod
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
@@ -153,6 +172,18 @@ class SingleProcess(Communicator):
         _check_op(op)
         return Work(self, "allreduce", tensor, lambda: None) if async_op else None
 
+    def reduce_scatter(self, output, input, op="sum", async_op=False):
+        _check_shards("reduce_scatter", output, input, self.size, op)
+        if output.data_ptr() != input.data_ptr():
+            output.copy_(input)  # the sum or average over one rank: the input itself
+        return Work(self, f"reduce_scatter {op}", input, lambda: None) if async_op else None
+
+    def all_gather(self, output, input, async_op=False):
+        _check_shards("all_gather", input, output, self.size)
+        if output.data_ptr() != input.data_ptr():
+            output.copy_(input)
+        return Work(self, "all_gather", output, lambda: None) if async_op else None
+
     def broadcast(self, tensor, src=0):
         pass
 
@@ -166,3 +197,22 @@ class SingleProcess(Communicator):
 def _check_op(op: str) -> None:
     if op not in REDUCE_OPS:
         raise ValueError(f"unknown reduce op {op!r}; expected one of {REDUCE_OPS}")
+
+
+def _check_shards(what: str, shard: torch.Tensor, full: torch.Tensor, size: int, op: str | None = None) -> None:
+    """Arguments of the sharded collectives: `full` holds size * shard.numel() elements, both flat
+    (1-D), contiguous, of one dtype; reduce-scatter ops are sum and avg."""
+    if op is not None and op not in SCATTER_OPS:
+        raise ValueError(f"{what}: unknown reduce op {op!r}; expected one of {SCATTER_OPS}")
+    io = ("output", "input") if what == "reduce_scatter" else ("input", "output")  # (shard, full)
+    if shard.numel() * size != full.numel():
+        raise ValueError(
+            f"{what}: {io[1]} has {full.numel()} elements, {io[0]} {shard.numel()}; with {size} ranks "
+            f"{io[1]} must have size * {io[0]} elements = {size * shard.numel()}"
+        )
+    for name, t in zip(io, (shard, full)):
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{what}: {name} must be a flat contiguous tensor; got shape {tuple(t.shape)}"
+                             f"{'' if t.is_contiguous() else ', not contiguous'}")
+    if shard.dtype != full.dtype:
+        raise ValueError(f"{what}: dtypes differ: {io[0]} is {str(shard.dtype)[6:]}, {io[1]} {str(full.dtype)[6:]}")

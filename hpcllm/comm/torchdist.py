@@ -16,9 +16,15 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from hpcllm.comm.communicator import Communicator, Work, _check_op
+from hpcllm.comm.communicator import Communicator, Work, _check_op, _check_shards
 from hpcllm.comm.world import World
 from hpcllm.errors import DistError
+
+
+# The flat-tensor sharded collectives; gloo (CPU) has both natively, for bf16 too. torch 2.13 renamed
+# them *_single, same signature, and deprecates the old names with a FutureWarning on every call.
+_reduce_scatter = getattr(tdist, "reduce_scatter_single", None) or tdist.reduce_scatter_tensor
+_all_gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
 
 
 def _free_port() -> int:
@@ -103,6 +109,36 @@ class TorchCommunicator(Communicator):
                 tensor.div_(self.size)
 
         return Work(self, what, tensor, wait)
+
+    def reduce_scatter(self, output, input, op="sum", async_op=False):
+        _check_shards("reduce_scatter", output, input, self.size, op)
+        # as in allreduce: AVG in the NCCL kernel, a division afterwards on gloo (which has no AVG)
+        native_avg = op == "avg" and self.backend == "nccl"
+        red = tdist.ReduceOp.AVG if native_avg else tdist.ReduceOp.SUM
+        what = f"reduce_scatter {op}"
+        if not async_op:
+            with self.blocking(what, input):
+                _reduce_scatter(output, input, op=red)
+            if op == "avg" and not native_avg:
+                output.div_(self.size)
+            return None
+        handle = _reduce_scatter(output, input, op=red, async_op=True)
+
+        def wait() -> None:
+            handle.wait()
+            if op == "avg" and not native_avg:
+                output.div_(self.size)
+
+        return Work(self, what, input, wait)
+
+    def all_gather(self, output, input, async_op=False):
+        _check_shards("all_gather", input, output, self.size)
+        if not async_op:
+            with self.blocking("all_gather", output):
+                _all_gather(output, input)
+            return None
+        handle = _all_gather(output, input, async_op=True)
+        return Work(self, "all_gather", output, handle.wait)
 
     def broadcast(self, tensor, src=0):
         with self.blocking("broadcast", tensor):

@@ -2,10 +2,13 @@
 
 Windows of seq_len+1 tokens sit on a grid of slots (slot k starts at epoch_shift + k*(seq_len+1)).
 Each epoch visits the slots in an order fixed by (seed, epoch) — a permutation in `random` mode, in
-order in `sequential` mode — and global step s takes the next world_size*batch_size slots: rank r
+order in `sequential` mode — and micro-step s takes the next world_size*batch_size slots: rank r
 the r-th block of batch_size. So windows are disjoint across ranks (and within an epoch), the union
 over ranks is exactly what one process with the global batch would read, and the position
 (epoch, slots consumed) is the whole loader state: resume continues at exactly the next batch.
+An epoch is a whole number of optimizer steps of `global_batch` slots, and the position is counted
+in slots: a run resumed on another number of ranks (the same global batch, another accumulation)
+reads exactly the slots the first run would have read next.
 
 Shards are contiguous uncompressed HDF5 datasets, memory-mapped at their file offset: a random
 1025-token window is one memcpy, as fast as a raw .bin memmap.
@@ -132,7 +135,8 @@ def load_tokenizer(dataset: str | Path):
 
 class TokenLoader:
     def __init__(self, dataset, split: str = "train", *, seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, mode: str = "random", device="cpu", prefetch: int = 2):
+                 world_size: int = 1, seed: int = 0, mode: str = "random", device="cpu", prefetch: int = 2,
+                 global_batch: int = 0):
         self.ds = open_dataset(dataset)
         if split not in self.ds.manifest["splits"] or self.ds.num_tokens(split) == 0:
             raise DataError(f"{self.ds.path}: split '{split}' is empty or missing (splits: {self.ds.splits})")
@@ -143,14 +147,18 @@ class TokenLoader:
         self.device = torch.device(device)
         self.window = seq_len + 1
         self.per_step = world_size * batch_size
+        self.global_batch = global_batch or self.per_step  # slots per optimizer step
+        if self.global_batch % self.per_step:
+            raise ValueError(f"global batch {self.global_batch} is not a multiple of {world_size} x {batch_size}")
         n = self.ds.num_tokens(split)
         self.slots = (n - 1) // self.window if mode == "random" else n // self.window
-        if self.slots < self.per_step:
+        if self.slots < self.global_batch:
             raise DataError(
-                f"{self.ds.path}: split '{split}' has {n} tokens, too few for {world_size} rank(s) x batch "
-                f"{batch_size} x {self.window}-token windows"
+                f"{self.ds.path}: split '{split}' has {n} tokens, too few for a global batch of "
+                f"{self.global_batch} x {self.window}-token windows ({world_size} rank(s) x batch {batch_size})"
             )
-        self.steps_per_epoch = self.slots // self.per_step
+        # micro-steps per epoch: whole optimizer steps only, the same epochs on any number of ranks
+        self.steps_per_epoch = (self.slots // self.global_batch) * (self.global_batch // self.per_step)
         self.epoch, self.step_in_epoch = 0, 0
         # chunked shards are read through h5py, which must stay on one thread: no prefetch thread
         self.prefetch = 0 if self.ds.h5py_reads else prefetch
@@ -161,16 +169,25 @@ class TokenLoader:
 
     # -- position and state ------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, seed=self.seed, world_size=self.world,
-                    batch_size=self.B, seq_len=self.seq_len, split=self.split, mode=self.mode)
+        """The position in slots (windows) — the same on any number of ranks — and what fixes the order."""
+        return dict(epoch=self.epoch, slot=self.step_in_epoch * self.per_step, global_batch=self.global_batch,
+                    seed=self.seed, seq_len=self.seq_len, split=self.split, mode=self.mode,
+                    world_size=self.world, batch_size=self.B)
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("world_size", "batch_size", "seq_len", "split", "mode", "seed"):
-            mine = getattr(self, {"world_size": "world", "batch_size": "B"}.get(k, k))
-            if state.get(k) != mine:
-                raise DataError(f"cannot resume the loader: checkpoint has {k}={state.get(k)!r}, this run {mine!r}")
+        if "slot" not in state:
+            raise DataError("cannot resume the loader: its position was saved by an earlier hpcllm (per rank, not "
+                            "in slots); start a new run_dir (model.init can start from an exported model)")
+        for k in ("global_batch", "seq_len", "split", "mode", "seed"):
+            if state.get(k) != getattr(self, k):
+                raise DataError(f"cannot resume the loader: checkpoint has {k}={state.get(k)!r}, this run "
+                                f"{getattr(self, k)!r}")
+        slot = int(state["slot"])
+        if slot % self.per_step:
+            raise DataError(f"cannot resume the loader: position {slot} is not a multiple of {self.world} rank(s) x "
+                            f"batch {self.B}")
         self._stop_prefetch()
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), slot // self.per_step
 
     # -- batches ------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray | None, int]:

@@ -28,10 +28,11 @@ def run(spec) -> int:
 
 def incomplete(spec) -> str | None:
     """A training job is complete only when its run dir holds the checkpoint of step max_steps (the
-    trainer always writes it last; a checkpoint directory exists only once it is whole)."""
-    from hpcllm.checkpoint import list_checkpoints
+    trainer always writes it last; a checkpoint directory exists only once it is whole, and one that
+    was damaged since does not count)."""
+    from hpcllm.checkpoint import is_complete, list_checkpoints
 
-    ckpts = list_checkpoints(spec.run_dir)
+    ckpts = [c for c in list_checkpoints(spec.run_dir) if is_complete(c)]
     final = f"step_{spec.train.max_steps:08d}"
     if any(p.name == final for p in ckpts):
         return None

@@ -29,6 +29,20 @@ class CausalLM(nn.Module):
     """Base of every family's model: a decoder-only LM over `config`."""
 
     config: ModelConfig
+    # train.activation_checkpointing: each block's activations are recomputed in backward instead
+    # of kept (memory ~ one block's activations instead of n_layer's, for ~1/3 more compute)
+    activation_checkpointing: bool = False
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order: the unit of FSDP sharding and activation checkpointing."""
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, *args):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def tie_weights(self) -> None:
         """Share the output head with the token embedding when the config says so. Called at

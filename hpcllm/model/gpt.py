@@ -84,6 +84,9 @@ class GPT(CausalLM):
     def tie_weights(self) -> None:
         self.lm_head.weight = self.transformer.wte.weight  # always tied in this family
 
+    def blocks(self):
+        return self.transformer.h
+
     def lookup_only_parameters(self):
         return [self.transformer.wpe.weight]  # wte is also the output matrix (tied)
 
@@ -95,7 +98,7 @@ class GPT(CausalLM):
         positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, i, cache, start, mask)
+            x = self.run_block(block, x, i, cache, start, mask)
         logits = self.lm_head(self.transformer.ln_f(x))
         return logits, self.loss(logits, targets)
 

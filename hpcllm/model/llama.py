@@ -132,6 +132,9 @@ class Llama(CausalLM):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def blocks(self):
+        return self.model.layers
+
     def lookup_only_parameters(self):
         return [] if self.config.tie_embeddings else [self.model.embed_tokens.weight]
 
@@ -151,7 +154,7 @@ class Llama(CausalLM):
         x = self.model.embed_tokens(idx)
         cos, sin = self.rotary(positions.expand(idx.shape[0], -1), x.dtype)  # as HF: in the embeddings' dtype
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, cache, start, mask)
+            x = self.run_block(layer, x, cos, sin, i, cache, start, mask)
         logits = self.lm_head(self.model.norm(x))
         return logits, self.loss(logits, targets)
 

@@ -26,6 +26,8 @@ def register(sub, bench) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds, order rotating (the median is reported)")
     p.add_argument("--warmup", type=int, help="untimed steps per implementation first (default 2; 5 compiled)")
     p.add_argument("--bucket-mb", type=float, help="gradient bucket size (default 4 on cpu, 64 on cuda)")
+    p.add_argument("--shard", default="none", help="sharding modes to time beside each other, e.g. none,optimizer,full "
+                   "(parallel.shard; each is reported with its per-rank memory)")
     p.set_defaults(func=_bench)
 
 

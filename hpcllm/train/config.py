@@ -13,6 +13,11 @@ class TrainConfig:
     batch_size: int = 8  # sequences per rank per micro-step
     seq_len: int = 256
     grad_accum: int = 1  # micro-steps per optimizer step (no communication on all but the last)
+    # sequences per optimizer step over all ranks (0: batch_size x grad_accum x ranks). Set, it fixes
+    # the run's optimisation whatever the number of ranks: grad_accum becomes
+    # global_batch_size / (ranks x batch_size), so a run resumes exactly on another number of ranks
+    global_batch_size: int = 0
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20
@@ -32,10 +37,27 @@ class TrainConfig:
     sample_prompt: str = "def "  # the demo's sample at the end
     progress: bool = True  # tqdm bar on rank 0
 
+    def accumulation(self, ranks: int) -> int:
+        """Micro-steps per optimizer step on `ranks` ranks."""
+        if not self.global_batch_size:
+            return self.grad_accum
+        per_micro = ranks * self.batch_size
+        if self.global_batch_size % per_micro:
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of {ranks} rank(s) x "
+                             f"train.batch_size={self.batch_size} = {per_micro}: choose a global batch that every "
+                             "rank count you run on divides, or another batch_size")
+        return self.global_batch_size // per_micro
+
     def validate(self) -> None:
         for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_interval", "keep_checkpoints"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.global_batch_size < 0:
+            raise ValueError(f"global_batch_size must be >= 0 (0: batch_size x grad_accum x ranks), got "
+                             f"{self.global_batch_size}")
+        if self.global_batch_size and self.grad_accum != 1:
+            raise ValueError("set global_batch_size or grad_accum, not both: with global_batch_size the "
+                             "accumulation is global_batch_size / (ranks x batch_size)")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
         if self.min_lr > self.lr:

@@ -93,9 +93,17 @@ class GradSync:
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].params):
             b = self.buckets[self._next]
-            b.work = self.comm.allreduce(b.buffer, "sum", async_op=True)
+            b.work = self._launch(b)
             self._next += 1
             b.work.label = f"bucket {self._next}/{len(self.buckets)}"
+
+    def _launch(self, b: _Bucket) -> Work:
+        """Start the bucket's collective (a subclass may reduce-scatter instead: hpcllm.parallel.zero)."""
+        return self.comm.allreduce(b.buffer, "sum", async_op=True)
+
+    def _complete(self, b: _Bucket) -> None:
+        """After the bucket's collective: the gradients are the mean over the ranks."""
+        b.buffer.div_(self.comm.size)
 
     def finish(self) -> None:
         """Wait for every bucket (launching those whose gradients never came, e.g. unused
@@ -109,7 +117,7 @@ class GradSync:
         for b in self.buckets:
             b.work.wait()
             b.work, b.ready = None, 0
-            b.buffer.div_(self.comm.size)
+            self._complete(b)
         self._next = 0
         self.comm_wait_s += time.perf_counter() - t0
 

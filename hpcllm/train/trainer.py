@@ -1,9 +1,11 @@
 """The training job, top to bottom: `train(spec, comm)`.
 
-    setup   dataset, model (fresh, HF weights, or the latest checkpoint), optimizer, gradient sync;
-            every rank starts from rank 0's parameters (and optimizer state, on resume)
-    loop    for each step: grad_accum micro-steps (communication only on the last), one small
-            allreduce of [stop requested, loss not finite], clip, AdamW step; log, eval, checkpoint
+    setup   dataset, model (fresh, HF weights, or the latest checkpoint), its sharding plan
+            (parallel.shard: none | optimizer | full — hpcllm.parallel.plans) with the optimizer;
+            a resumed run loads the checkpoint on however many ranks it has now
+    loop    for each step: the micro-steps of the global batch (communication only on the last),
+            one small allreduce of [stop requested, loss not finite], clip, AdamW step; log, eval,
+            checkpoint (every rank writes its part)
     end     final checkpoint; a stop request (signal, time limit) ends with EXIT_REQUEUE
 """
 
@@ -20,12 +22,12 @@ import torch
 from hpcllm.config import JobSpec, to_dict
 from hpcllm.data import TokenLoader, open_dataset
 from hpcllm.comm import Communicator
-from hpcllm.errors import EXIT_REQUEUE, ConfigError, TrainingError
+from hpcllm.errors import EXIT_REQUEUE, CheckpointError, ConfigError, TrainingError
 from hpcllm.model import build_model as new_model
 from hpcllm.model.base import CausalLM
-from hpcllm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from hpcllm.checkpoint import is_legacy, latest_checkpoint, read_meta, read_state, save_checkpoint
+from hpcllm.parallel.plans import Plan, build_plan
 from hpcllm.train.config import TrainConfig
-from hpcllm.train.grad_sync import GradSync
 from hpcllm.train.metrics import MetricsLog, device_peak
 from hpcllm.train.schedule import lr_at
 from hpcllm.train.signals import StopRequest
@@ -75,42 +77,47 @@ def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None
     return model.to(device)
 
 
+def uses_bf16(device, dtype_cfg: str) -> bool:
+    return dtype_cfg == "bf16" or (dtype_cfg == "auto" and device.type == "cuda")
+
+
 def autocast_for(device, dtype_cfg: str):
     """train.dtype as a context: bf16 autocast (asked for, or `auto` on a GPU), else nothing."""
-    use_bf16 = dtype_cfg == "bf16" or (dtype_cfg == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(device, dtype_cfg):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 class TrainStep:
-    """One optimizer step: `grad_accum` micro-steps (gradients communicated on the last one only),
-    one small allreduce in which the ranks agree on [a stop was requested, the loss is not finite],
-    clipping, AdamW. `train` runs it every step, and `hpcllm bench train` times exactly this."""
+    """One optimizer step: `accum` micro-steps (gradients communicated on the last one only), one
+    small allreduce in which the ranks agree on [a stop was requested, the loss is not finite],
+    clipping, AdamW — through the sharding plan, whatever the mode. `train` runs it every step, and
+    `hpcllm bench train` times exactly this."""
 
-    def __init__(self, model: CausalLM, optimizer, gsync: GradSync, comm: Communicator, tc: TrainConfig):
-        self.model, self.optimizer, self.gsync, self.comm, self.tc = model, optimizer, gsync, comm, tc
+    def __init__(self, model: CausalLM, plan: Plan, comm: Communicator, tc: TrainConfig, accum: int | None = None):
+        self.model, self.plan, self.comm, self.tc = model, plan, comm, tc
+        self.accum = accum or tc.accumulation(comm.size)
         self.fwd = torch.compile(model) if tc.compile else model
         self.t_data = self.t_compute = 0.0  # seconds waiting for batches, in forward/backward
 
     def __call__(self, next_batch, step: int, stop_requested: bool) -> tuple[torch.Tensor, bool]:
         """Run step number `step` (1-based, as logged and checkpointed); returns its mean loss and
         whether any rank asked to stop."""
-        tc, device, gsync = self.tc, self.comm.device, self.gsync
+        tc, device, plan, accum = self.tc, self.comm.device, self.plan, self.accum
         step_loss = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum):
+        for micro in range(accum):
             t0 = time.perf_counter()
             with self.comm.waiting("the data loader (next training batch)"):
                 x, y = next_batch()
             t1 = time.perf_counter()
-            last = micro == tc.grad_accum - 1
-            with (contextlib.nullcontext() if last else gsync.no_sync()), autocast_for(device, tc.dtype):
+            last = micro == accum - 1
+            with (contextlib.nullcontext() if last else plan.no_sync()), autocast_for(device, tc.dtype):
                 _, loss = self.fwd(x, y)
-                (loss / tc.grad_accum).backward()
-            step_loss += loss.detach() / tc.grad_accum
+                (loss / accum).backward()
+            step_loss += loss.detach() / accum
             self.t_data += t1 - t0
             self.t_compute += time.perf_counter() - t1
-        gsync.finish()
+        plan.finish()
         # built on the device and read back once: one host-device synchronisation per step
         flags = torch.stack([torch.full((), float(stop_requested), device=device),
                              (~torch.isfinite(step_loss)).float()])
@@ -123,9 +130,9 @@ class TrainStep:
             log.warning("step %d: non-finite loss, step skipped", step)
         else:
             if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            self.optimizer.step()
-        gsync.zero_grad()
+                plan.clip_grad_norm(tc.grad_clip)
+            plan.step()
+        plan.zero_grad()
         return step_loss, stop_agreed
 
 
@@ -154,50 +161,52 @@ class LossWindow:
         return {"sums": comm.allgather_object(float(self.sum.item())), "steps": self.steps}
 
     def load(self, state: dict | None, comm: Communicator) -> None:
-        if state and len(state["sums"]) == comm.size:  # fp32 -> float -> fp32 is exact
+        if not state:
+            return
+        if len(state["sums"]) == comm.size:  # fp32 -> float -> fp32 is exact
             self.sum.fill_(state["sums"][comm.rank])
-            self.steps = int(state["steps"])
+        else:  # written on another number of ranks: each rank carries the mean, so the ranks' mean is it
+            self.sum.fill_(sum(state["sums"]) / len(state["sums"]))
+        self.steps = int(state["steps"])
 
 
 def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     tc, device = spec.train, comm.device
     torch.manual_seed(tc.seed)
+    try:
+        accum = tc.accumulation(comm.size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    global_batch = tc.batch_size * accum * comm.size
     ds = open_dataset(spec.data.dataset)
     model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path))
-    optimizer = model.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas), fused=device.type == "cuda")
+    model.activation_checkpointing = tc.activation_checkpointing
+    plan = build_plan(spec.parallel.shard, model, comm, bucket_mb=spec.dist.bucket_mb, bf16=uses_bf16(device, tc.dtype),
+                      make_optimizer=lambda m: m.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas),
+                                                                     fused=device.type == "cuda"))
+    optimizer = plan.optimizer
     loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank,
-                         world_size=comm.size, seed=tc.seed, device=device)
+                         world_size=comm.size, seed=tc.seed, device=device, global_batch=global_batch)
     has_val = tc.eval_interval > 0 and "val" in ds.splits
-    gsync = GradSync(list(model.parameters()), comm, spec.dist.bucket_mb)
     metrics = MetricsLog(spec.run_dir, comm.rank == 0)
 
     step = 0
     window = LossWindow(device)
-    ckpt = latest_checkpoint(spec.run_dir) if tc.resume else None
+    ckpt = latest_checkpoint(spec.run_dir, warn=comm.rank == 0) if tc.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise TrainingError(f"{ckpt}/state.pt: the optimizer state does not fit this run ({e}); "
-                                "use a new run_dir or train.resume=false") from None
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        step = int(state["step"])
-        window.load(state.get("log_window"), comm)
+        step = _resume(ckpt, spec, comm, plan, loader, window, global_batch)
         metrics.truncate_after(step)
-        log.info("resumed from %s (step %d)", ckpt, step)
-    # identical start on every rank: rank 0's parameters and optimizer state
-    opt_tensors = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    gsync.broadcast_parameters(list(model.parameters()) + opt_tensors)
-    run_step = TrainStep(model, optimizer, gsync, comm, tc)
+    else:
+        plan.same_start()
+    run_step = TrainStep(model, plan, comm, tc, accum)
 
     stop = StopRequest(tc.end_time_margin_s).install()
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * comm.size
+    tokens_per_step = global_batch * tc.seq_len
     dev_name, peak = device_peak(device)
     flops_per_token = model.estimate_flops_per_token(tc.seq_len)
-    log.info("model %.2fM params, %d tokens/step over %d rank(s), device %s%s", model.num_params() / 1e6,
-             tokens_per_step, comm.size, dev_name, "" if peak else " (peak FLOP/s unknown: no MFU)")
+    log.info("model %.2fM params, %d tokens/step (%d sequences: %d rank(s) x batch %d x %d micro-step(s)), "
+             "parallel.shard=%s, device %s%s", model.num_params() / 1e6, tokens_per_step, global_batch, comm.size,
+             tc.batch_size, accum, plan.mode, dev_name, "" if peak else " (peak FLOP/s unknown: no MFU)")
     bar = None
     if comm.rank == 0 and tc.progress:
         from tqdm import tqdm
@@ -205,7 +214,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
         bar = tqdm(total=tc.max_steps, initial=step, unit="step", desc="train", mininterval=1.0)
 
     last_loss = val_loss = None
-    gsync.comm_wait_s = 0.0
+    plan.comm_wait_s = 0.0
     t_log = time.perf_counter()
     steps_timed = 0  # steps of this process since t_log (a resumed window has fewer than window.steps)
     stopped = None
@@ -229,7 +238,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                 tps = tokens_per_step * steps_timed / dt
                 rec = dict(step=step, loss=last_loss, lr=lr, tokens_per_s=tps, dt_s=dt,
                            mfu=(flops_per_token * tps / (peak * comm.size)) if peak else None,
-                           t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=gsync.comm_wait_s)
+                           t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=plan.comm_wait_s, **plan.memory())
                 if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm)
                 metrics.write(rec)
@@ -239,14 +248,14 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                     log.info("step %d loss %.4f%s lr %.2e %.0f tok/s", step, last_loss,
                              f" val {rec['val_loss']:.4f}" if "val_loss" in rec else "", lr, tps)
                 steps_timed = 0
-                run_step.t_data = run_step.t_compute = gsync.comm_wait_s = 0.0
+                run_step.t_data = run_step.t_compute = plan.comm_wait_s = 0.0
                 t_log = time.perf_counter()
 
             if stop_agreed:
                 stopped = stop.reason or "another rank was asked to stop"
                 break
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps:
-                _save(spec, comm, step, model, optimizer, loader, window)
+                _save(spec, comm, step, plan, loader, window)
                 saved_at = step
     finally:
         stop.uninstall()
@@ -254,7 +263,14 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
         if bar is not None:
             bar.close()
 
-    path = _save(spec, comm, step, model, optimizer, loader, window) if saved_at != step else latest_checkpoint(spec.run_dir)
+    path = _save(spec, comm, step, plan, loader, window) if saved_at != step else latest_checkpoint(spec.run_dir)
+    mem = plan.memory()
+    log.info("memory per rank (parallel.shard=%s): parameters %s, gradients %s, optimizer state %s, peak %s %s",
+             plan.mode, *(_mb(mem[k]) for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "peak_bytes")),
+             "CUDA allocated" if device.type == "cuda" else "RSS")
+    from hpcllm.comm.torch_group import close_process_group
+
+    close_process_group(comm)
     if stopped:
         log.warning("stopping at step %d (%s): checkpoint %s; exit %d so the job can be requeued", step, stopped,
                     path, EXIT_REQUEUE)
@@ -282,15 +298,51 @@ def evaluate(model: CausalLM, ds, spec: JobSpec, comm: Communicator) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
 
 
-def _save(spec, comm, step, model, optimizer, loader, window: LossWindow):
-    log_window = window.state(comm)  # a collective: every rank, before rank 0 writes
-    comm.barrier()
-    path = None
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLoader, window: LossWindow,
+            global_batch: int) -> int:
+    """Load `ckpt` on this run's ranks (any number, any sharding mode); returns its step."""
+    if is_legacy(ckpt):
+        raise CheckpointError(f"{ckpt}: written by an earlier hpcllm (one model.safetensors for every rank), which "
+                              f"can be exported and served but not resumed: `hpcllm export {spec.run_dir} DIR`, then "
+                              "train in a new run_dir with model.init=DIR")
+    from hpcllm.checkpoint.sharded import check_fits, load_sharded, restore_rank_rng
+
+    state = read_state(ckpt / "state.pt")
+    tree = plan.state_dict()
+    check_fits(ckpt, tree)  # another model first: that is what a changed model.* means
+    old_ranks, old_batch = state.get("world_size"), state.get("global_batch")
+    old_mode = read_meta(ckpt).get("shard", "none")
+    if old_batch != global_batch:
+        raise TrainingError(f"{ckpt}: written with a global batch of {old_batch} sequences per step ({old_ranks} "
+                            f"rank(s)); this run has {global_batch} ({comm.size} rank(s) x train.batch_size="
+                            f"{spec.train.batch_size} x {global_batch // (comm.size * spec.train.batch_size)} "
+                            f"micro-step(s)): set train.global_batch_size={old_batch} to resume it on {comm.size} rank(s)")
+    load_sharded(ckpt, comm, tree)
+    plan.load_state_dict(tree)
+    loader.load_state_dict(state["loader"])
+    step = int(state["step"])
+    if old_ranks == comm.size:
+        restore_rank_rng(ckpt, comm.rank)
+    else:  # no rank continues another's stream: a fresh one per (seed, step, rank)
+        torch.manual_seed(hash((spec.train.seed, step, comm.rank)) % 2**63)
+    window.load(state.get("log_window"), comm)
+    if old_ranks != comm.size or old_mode != plan.mode:
+        log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s): %s", step, old_ranks,
+                 comm.size, old_mode, plan.mode, ckpt)
+    log.info("resumed from %s (step %d)", ckpt, step)
+    return step
+
+
+def _save(spec, comm, step, plan: Plan, loader, window: LossWindow):
+    log_window = window.state(comm)  # a collective: every rank
+    global_state = dict(loader=loader.state_dict(), log_window=log_window, world_size=comm.size,
+                        global_batch=loader.global_batch)
+    meta = {"spec": to_dict(spec), "model": to_dict(plan.model.config), "world_size": comm.size, "shard": plan.mode}
+    path = save_checkpoint(spec.run_dir, step, comm, plan.state_dict(), global_state, meta, spec.train.keep_checkpoints)
     if comm.rank == 0:
-        state = dict(step=step, optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=torch.get_rng_state(),
-                     log_window=log_window)
-        meta = {"spec": to_dict(spec), "model": to_dict(model.config), "world_size": comm.size}
-        path = save_checkpoint(spec.run_dir, step, model, state, meta, spec.train.keep_checkpoints)
         log.info("checkpoint %s", path)
-    comm.barrier()
     return path

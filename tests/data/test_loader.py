@@ -82,8 +82,18 @@ def test_exact_resume_mid_epoch_and_across_epochs(dataset, mode):
     resumed.load_state_dict(state)
     got += [resumed.next_batch()[0] for _ in range(total - 11)]
     assert all(torch.equal(a, b) for a, b in zip(want, got))
-    with pytest.raises(DataError, match="checkpoint has batch_size=8, this run 4"):
+    with pytest.raises(DataError, match="checkpoint has global_batch=8, this run 4"):
         TokenLoader(dataset, seq_len=100, batch_size=4, seed=9, mode=mode).load_state_dict(state)
+    # the same global batch on 2 ranks x 2 sequences x 2 micro-steps: the position is in slots, so the
+    # resumed ranks read exactly the rows the 1-rank run reads next, across the epoch boundary too
+    ranks = [TokenLoader(dataset, seq_len=100, batch_size=2, seed=9, mode=mode, rank=r, world_size=2, global_batch=8)
+             for r in range(2)]
+    for ld in ranks:
+        ld.load_state_dict(state)
+        assert ld.steps_per_epoch == 2 * ref.steps_per_epoch
+    for step in range(11, total):
+        micro = [[ld.next_batch()[0] for ld in ranks] for _ in range(2)]
+        assert torch.equal(torch.cat([x for m in micro for x in m]), want[step])
 
 
 def test_sequential_val_batches(dataset):
@@ -169,7 +179,7 @@ def test_verify_names_every_bad_shard(dataset, tmp_path):
 def test_empty_split_and_too_small_dataset_are_clear(dataset):
     with pytest.raises(DataError, match="split 'test' is empty or missing"):
         TokenLoader(dataset, "test", seq_len=8, batch_size=1)
-    with pytest.raises(DataError, match="too few for 2 rank"):
+    with pytest.raises(DataError, match=r"too few for a global batch of 2 x 20001-token windows \(2 rank"):
         TokenLoader(dataset, "val", seq_len=20000, batch_size=1, world_size=2)
 
 

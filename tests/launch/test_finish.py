@@ -44,11 +44,19 @@ def test_training_is_complete_only_with_the_checkpoint_of_max_steps(tmp_path):
     assert p.stderr == (f"hpcllm: train job (not under Slurm) did not finish although its step exited 0: no checkpoint "
                         f"of step 300 (train.max_steps) in {tmp_path / 'run'}/checkpoints (no checkpoint at all) (the "
                         "step failed to launch or ended early: see the srun lines above)\n")
-    model = torch.nn.Linear(2, 2)
-    save_checkpoint(spec.run_dir, 115, model, {"step": 115}, {"spec": {}}, keep=2)  # the run: step 115 of 300
+    from hpcllm.comm import SingleProcess, detect_world
+
+    comm = SingleProcess(detect_world(), torch.device("cpu"), 10.0)
+    state = {"model": {"w": torch.zeros(2)}}
+    save_checkpoint(spec.run_dir, 115, comm, state, {}, {"spec": {}}, keep=2)  # the run: step 115 of 300
     code, line = decide(spec, 0, "1234", 0)
     assert code == 9 and "no checkpoint of step 300" in line and "(latest step_00000115)" in line and "job 1234" in line
-    save_checkpoint(spec.run_dir, 300, model, {"step": 300}, {"spec": {}}, keep=2)
+    torn = Path(spec.run_dir) / "checkpoints" / "step_00000300"
+    torn.mkdir()  # a step directory without its parts is not the end of the run
+    code, line = decide(spec, 0, "1234", 0)
+    assert code == 9 and "(latest step_00000115)" in line
+    torn.rmdir()
+    save_checkpoint(spec.run_dir, 300, comm, state, {}, {"spec": {}}, keep=2)
     p = finish(spec_file, 0)
     assert (p.returncode, p.stdout, p.stderr) == (0, "hpcllm: train job (not under Slurm): complete\n", "")
 

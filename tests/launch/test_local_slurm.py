@@ -109,7 +109,7 @@ srun {py} -m hpcllm.cli train {quote(str(train))}
     assert wait_job(job, 180) == "COMPLETED", (tmp_path / "o.txt").read_text()[-3000:]
     out = (tmp_path / "o.txt").read_text()
     assert "2 rank(s), backend mpi" in out
-    assert (tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000006" / "dcp" / ".metadata").exists()
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
     assert {r["State"] for r in sacct_rows(job)} == {"COMPLETED"}

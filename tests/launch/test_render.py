@@ -115,7 +115,7 @@ STEPS = 600
 @pytest.mark.slurm
 def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_path):
     require_slurm()
-    from safetensors.torch import load_file
+    from hpcllm.checkpoint import read_checkpoint_model as load_file
 
     ds = _prepare_small(tmp_path)
     # reference: the same job on 2 ranks, uninterrupted
@@ -147,8 +147,8 @@ def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_pat
     assert "REQUEUED" in restarts, restarts
     losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
     assert losses("job") == losses("ref")
-    a = load_file(str(tmp_path / "ref" / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
-    b = load_file(str(tmp_path / "job" / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
+    a = load_file(tmp_path / "ref" / "checkpoints" / f"step_{STEPS:08d}")
+    b = load_file(tmp_path / "job" / "checkpoints" / f"step_{STEPS:08d}")
     assert all((a[k] == b[k]).all() for k in a)
 
 
@@ -233,7 +233,7 @@ def test_a_step_that_did_not_launch_is_started_once_more(tmp_path, path):
         "".join(q.read_text() for q in (tmp_path / "relaunch").rglob("*.out"))
     assert "StepId=" in logs and "aborted before step completely launched" in logs, logs[-3000:]
     assert "srun did not start the job step; starting it once more" in logs
-    assert (tmp_path / "relaunch" / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
+    assert (tmp_path / "relaunch" / "checkpoints" / "step_00000006" / "dcp" / ".metadata").is_file()
 
 
 @pytest.mark.slurm
@@ -257,4 +257,4 @@ def test_signal_to_the_batch_shell_of_a_rendered_job_requeues_it(tmp_path):
     assert "checkpointed, requeueing job" in log and "resumed from" in log and f"train job {job}: complete" in log
     states = run(["sacct", "-j", str(job), "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
     assert states == ["REQUEUED", "COMPLETED"], states
-    assert (tmp_path / "batchsig" / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors").exists()
+    assert (tmp_path / "batchsig" / "checkpoints" / f"step_{STEPS:08d}" / "dcp" / ".metadata").exists()

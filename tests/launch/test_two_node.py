@@ -96,9 +96,9 @@ def train_spec(root: Path, name: str, backend: str = "mpi", *, steps: int = UNIO
 
 
 def weights(run_dir: Path, step: int) -> dict:
-    from safetensors.torch import load_file
+    from hpcllm.checkpoint import read_checkpoint_model as load_file
 
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}")
 
 
 def max_diff(a: dict, b: dict) -> float:

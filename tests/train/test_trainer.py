@@ -58,10 +58,10 @@ def losses(run_dir):
 
 
 def weights(run_dir):
-    from safetensors.torch import load_file
+    from hpcllm.checkpoint import read_checkpoint_model
 
     ckpts = sorted((Path(run_dir) / "checkpoints").iterdir())
-    return load_file(str(ckpts[-1] / "model.safetensors")), ckpts[-1].name
+    return read_checkpoint_model(ckpts[-1]), ckpts[-1].name
 
 
 @pytest.mark.mpi
@@ -201,8 +201,17 @@ def test_untrusted_or_unreadable_checkpoints_are_refused_in_one_line(tmp_path, d
     assert p.returncode == 6, p.stderr[-2000:]
     assert "state.pt: not a trusted checkpoint" in p.stderr and "Traceback" not in p.stderr
     assert "weights_only" not in p.stderr  # never suggest unsafe loading
-    (ckpt / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+    import pickle
+
+    index = ckpt / "dcp" / ".metadata"
+    good = index.read_bytes()
+    index.write_bytes(pickle.dumps(NotATensor()))  # the index is a pickle: only DCP's own classes may load
+    with pytest.raises(CheckpointError, match=r"dcp/.metadata: not a trusted checkpoint index"):
+        load_trained_model(tmp_path / "trust")
+    index.write_bytes(good)
+    shard = next((ckpt / "dcp").glob("*.distcp"))
+    shard.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"dcp: cannot be read"):
         load_trained_model(tmp_path / "trust")
 
 

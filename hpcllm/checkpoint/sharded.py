@@ -1,0 +1,225 @@
+"""Training checkpoints that every rank writes its own part of, and that load on any number of ranks.
+
+    run_dir/checkpoints/step_NNNNNNNN/
+        dcp/            torch.distributed.checkpoint: model and optimizer state by parameter name,
+                        each rank's part in its own __R_0.distcp file, the global index in .metadata
+        state.pt        step, loader position, log window, world size, global batch (rank 0)
+        rng/rank_R.pt   rank R's RNG state (dropout) — restored when the world size is the same
+        meta.json       step, time, world size, sharding mode, model config, the resolved job spec
+
+The ranks write into `step_N.tmp/` together; rank 0 renames it once every rank's files and the
+.metadata are on disk (hpcllm.atomic.shared_atomic_dir), so a step directory is complete by
+construction. One that is not (copied in part, a filesystem without atomic renames) is skipped with
+a warning for the previous complete step; a missing rank file or a tensor of another shape is an
+error naming the file — never a partial load.
+
+DCP's .metadata is a pickle: it is read through an unpickler that admits only DCP's own metadata
+classes, torch sizes and dtypes; tensors are read by DCP with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+
+from hpcllm.atomic import shared_atomic_dir
+from hpcllm.errors import CheckpointError
+
+log = logging.getLogger("hpcllm.checkpoint")
+
+DCP_DIR = "dcp"
+METADATA = ".metadata"
+
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {"BytesStorageMetadata", "ChunkStorageMetadata", "Metadata",
+                                              "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _ALLOWED.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+
+
+def read_dcp_metadata(dcp_dir: Path):
+    """The DCP index of a checkpoint, or a one-line CheckpointError naming the file."""
+    f = dcp_dir / METADATA
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing")
+    try:
+        with open(f, "rb") as fh:
+            return _MetadataUnpickler(fh).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{f}: not a trusted checkpoint index ({e}); hpcllm never unpickles anything else") from None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{f}: unreadable checkpoint index ({type(e).__name__}: {e})") from None
+
+
+def _reader(dcp_dir: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            md = read_dcp_metadata(Path(self.path))
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(str(dcp_dir))
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / DCP_DIR / METADATA).is_file() and (ckpt / "state.pt").is_file() and (ckpt / "meta.json").is_file()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """DCP's names for a nested state dict: keys joined with '.'."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_fits(ckpt: Path, template: dict) -> None:
+    """Every tensor the run needs is in the checkpoint with its shape, and every rank file the index
+    names is there: otherwise one line naming the file and the tensor."""
+    dcp_dir = ckpt / DCP_DIR
+    md = read_dcp_metadata(dcp_dir)
+    have = md.state_dict_metadata
+    for key, t in flatten(template).items():
+        if key not in have:
+            raise CheckpointError(f"{dcp_dir / METADATA}: no tensor '{key}' — the checkpoint is of another model "
+                                  "(was model.* changed since it was written?). Use a new run_dir or train.resume=false")
+        size = tuple(getattr(have[key], "size", ()))
+        if torch.is_tensor(t) and size != tuple(t.shape):
+            raise CheckpointError(f"{dcp_dir / METADATA}: tensor '{key}' is {size} in the checkpoint but "
+                                  f"{tuple(t.shape)} in this model — was model.* (n_embd, n_layer, block_size, "
+                                  "vocab) changed since it was written? Use a new run_dir or train.resume=false")
+    files = sorted({info.relative_path for info in (md.storage_data or {}).values()})
+    for name in files:
+        if not (dcp_dir / name).is_file():
+            raise CheckpointError(f"{dcp_dir / name}: missing — one rank's part of step {ckpt.name} is gone, so the "
+                                  f"checkpoint cannot be loaded (its index lists {len(files)} files)")
+
+
+def save_sharded(final: Path, comm, state: dict, global_state: dict, meta: dict) -> None:
+    """Write one checkpoint directory together with every rank (a collective)."""
+    import json
+    import time
+
+    import torch.distributed.checkpoint as dcp
+
+    _process_group(comm)
+    with shared_atomic_dir(final, comm.rank == 0, comm.barrier) as tmp:
+        if comm.rank == 0:
+            (tmp / DCP_DIR).mkdir()
+            (tmp / "rng").mkdir()
+        comm.barrier()
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR), thread_count=1),
+                 no_dist=comm.size == 1)
+        torch.save(rank_rng_state(), tmp / "rng" / f"rank_{comm.rank:05d}.pt")
+        if comm.rank == 0:
+            torch.save(global_state, tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": global_state["step"], "time": time.time(), **meta},
+                                                      indent=2, default=str))
+
+
+def load_sharded(ckpt: Path, comm, state: dict) -> None:
+    """Load a checkpoint's model and optimizer into `state` (a plan's state_dict(), any layout), in place."""
+    import torch.distributed.checkpoint as dcp
+
+    check_fits(ckpt, state)
+    _process_group(comm)
+    try:
+        dcp.load(state, storage_reader=_reader(ckpt / DCP_DIR), no_dist=comm.size == 1)
+    except (KeyboardInterrupt, SystemExit, CheckpointError):
+        raise
+    except BaseException as e:  # DCP's CheckpointException (a BaseException) wraps every rank's failure
+        raise CheckpointError(f"{ckpt / DCP_DIR}: cannot be loaded ({_why(e)})") from None
+
+
+def _why(e: BaseException) -> str:
+    """One line for a failed DCP load: the first rank's own error, without torch's advice (a hint to
+    load with weights_only=False is never passed on)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        rank, inner = sorted(failures.items())[0]
+        e = inner[0] if isinstance(inner, tuple) else inner
+    text = str(e).strip().splitlines()
+    first = text[0][:300] if text else ""
+    if isinstance(e, pickle.UnpicklingError):
+        first = "a part is damaged: not a tensor file"
+    return f"{type(e).__name__}: {first}"
+
+
+def _process_group(comm) -> None:
+    """DCP coordinates the ranks' parts over torch.distributed (one rank writes without it)."""
+    if comm.size > 1:
+        from hpcllm.comm.torch_group import ensure_process_group
+
+        ensure_process_group(comm)
+
+
+def rank_rng_state() -> dict:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def restore_rank_rng(ckpt: Path, rank: int) -> bool:
+    """This rank's RNG as it was saved; False when the checkpoint has no file for this rank."""
+    from hpcllm.checkpoint import read_state_file
+
+    f = ckpt / "rng" / f"rank_{rank:05d}.pt"
+    if not f.is_file():
+        return False
+    st = read_state_file(f)
+    torch.set_rng_state(st["cpu"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+    return True
+
+
+def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The whole model of a checkpoint, consolidated from every rank's part, in one process (export,
+    inference, tests): {parameter name: tensor}."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    dcp_dir = ckpt / DCP_DIR
+    md = read_dcp_metadata(dcp_dir)
+    template = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+                if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    if not template:
+        raise CheckpointError(f"{dcp_dir / METADATA}: no model tensors in this checkpoint")
+    check_fits(ckpt, {})
+    tree = {"model": {k[len("model."):]: t for k, t in template.items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        try:
+            dcp.load(tree, storage_reader=_reader(dcp_dir), no_dist=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            raise CheckpointError(f"{dcp_dir}: cannot be read ({_why(e)})") from None
+    return tree["model"]

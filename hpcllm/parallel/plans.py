@@ -1,0 +1,226 @@
+"""A sharding plan: how the model's parameters, gradients and optimizer state are held across the
+ranks, and the one interface the trainer steps through whatever the mode (`parallel.shard`).
+
+    plan = build_plan(spec, model, comm)
+    with plan.no_sync(): ...backward...       # accumulation micro-steps: nothing communicated
+    ...backward...; plan.finish()              # gradients are the mean over ranks (or this rank's part)
+    plan.clip_grad_norm(1.0); plan.step(); plan.zero_grad()
+    state = plan.state_dict()                  # model and optimizer by parameter name, for the checkpoint
+
+`state_dict()` is the same tree in every mode — {"model": {name: tensor}, "optim": {name: {"step",
+"exp_avg", "exp_avg_sq"}}} — with plain tensors where a rank holds all of a value and DTensors
+(placement Shard(0)) where it holds a part. torch.distributed.checkpoint saves each rank's part and
+loads into any other layout, which is what makes a checkpoint resumable on any number of ranks and in
+any mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+
+import torch
+
+from hpcllm.comm import Communicator
+from hpcllm.train.grad_sync import GradSync
+
+MODES = ("none", "optimizer", "full")
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by name, a tied one once (under its first name), as detached aliases: loading into
+    them loads into the model."""
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA peak allocated on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Plan:
+    """`none`: every rank holds everything; gradients are allreduced in buckets (GradSync)."""
+
+    mode = "none"
+
+    def __init__(self, model, optimizer, comm: Communicator, bucket_mb: float):
+        self.model, self.optimizer, self.comm = model, optimizer, comm
+        self.gsync = GradSync(list(model.parameters()), comm, bucket_mb)
+
+    @property
+    def comm_wait_s(self) -> float:
+        return self.gsync.comm_wait_s
+
+    @comm_wait_s.setter
+    def comm_wait_s(self, v: float) -> None:
+        self.gsync.comm_wait_s = v
+
+    def no_sync(self):
+        return self.gsync.no_sync()
+
+    def finish(self) -> None:
+        self.gsync.finish()
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.gsync.zero_grad()
+
+    def same_start(self) -> None:
+        """Every rank starts from rank 0's parameters (an HF init read on each rank is the same
+        anyway; this makes it certain)."""
+        self.gsync.broadcast_parameters(list(self.model.parameters()))
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def _optim_entry(self, name: str, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        st = self.optimizer.state.get(p)
+        if not st:  # before the first step: zeros to load into (AdamW's own initial state)
+            st = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p.detach()),
+                  "exp_avg_sq": torch.zeros_like(p.detach())}
+        return st
+
+    def state_dict(self) -> dict:
+        return {"model": model_state(self.model),
+                "optim": {n: self._optim_entry(n, p) for n, p in self.model.named_parameters()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """After an in-place load into a tree from `state_dict()`: adopt its optimizer tensors."""
+        for name, p in self.model.named_parameters():
+            self.optimizer.state[p] = state["optim"][name]
+
+    # -- memory --------------------------------------------------------------------------------
+    def grads_bytes(self) -> int:
+        if self.gsync.buckets:
+            return sum(b.buffer.numel() * b.buffer.element_size() for b in self.gsync.buckets)
+        return sum(tensor_bytes(p) for p in self.model.parameters() if p.requires_grad)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes on this rank: parameters, gradients (and the buffers they are reduced in), optimizer
+        state, and the peak of the process (CUDA peak allocated, or peak RSS on CPU)."""
+        optim = sum(tensor_bytes(t) for st in self.optimizer.state.values() for t in st.values()
+                    if torch.is_tensor(t))
+        return {"params_bytes": sum(tensor_bytes(p) for p in self.model.parameters()),
+                "grads_bytes": self.grads_bytes(), "optimizer_bytes": optim,
+                "peak_bytes": peak_memory_bytes(self.comm.device)}
+
+
+class Zero1Plan(Plan):
+    """`optimizer`: ZeRO-1 (hpcllm.parallel.zero) — the optimizer state and step are 1/N per rank."""
+
+    mode = "optimizer"
+
+    def __init__(self, model, optimizer, comm: Communicator, bucket_mb: float):
+        from hpcllm.parallel.zero import Zero1
+
+        self.model, self.comm = model, comm
+        self.gsync = self.zero = Zero1(model, comm, bucket_mb, optimizer)
+        self.optimizer = self.zero.optimizer
+
+    def clip_grad_norm(self, max_norm: float) -> None:
+        self.zero.clip_grad_norm(max_norm)
+
+    def step(self) -> None:
+        self.zero.step()
+
+    def grads_bytes(self) -> int:
+        return super().grads_bytes() + self.zero.communication_bytes()
+
+    def state_dict(self) -> dict:
+        from torch.distributed.tensor import DTensor, Shard
+
+        mesh = device_mesh(self.comm)
+        optim = {}
+        for name, p in self.model.named_parameters():
+            piece = self.zero.pieces[p]
+            st = self.zero.local_state(piece)
+            rows = (piece.hi - piece.lo,) + tuple(p.shape[1:])
+            if not st:
+                st = {"step": torch.zeros((), dtype=torch.float32),
+                      "exp_avg": torch.zeros(rows, dtype=p.dtype, device=p.device),
+                      "exp_avg_sq": torch.zeros(rows, dtype=p.dtype, device=p.device)}
+            optim[name] = {"step": st["step"], **{
+                k: DTensor.from_local(st[k], mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
+                for k in ("exp_avg", "exp_avg_sq")}}
+        return {"model": model_state(self.model), "optim": optim}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, p in self.model.named_parameters():
+            piece = self.zero.pieces[p]
+            if piece.shard is not None:
+                st = state["optim"][name]
+                self.optimizer.state[piece.shard] = {"step": st["step"], "exp_avg": st["exp_avg"].to_local(),
+                                                     "exp_avg_sq": st["exp_avg_sq"].to_local()}
+
+
+class FsdpPlan(Plan):
+    """`full`: FSDP2 (`fully_shard` per block, then the root) — parameters, gradients and optimizer
+    state are DTensors sharded on dim 0; parameters are all-gathered per block for forward and
+    backward and gradients reduce-scattered (fp32 reduction; bf16 parameters under train.dtype bf16)."""
+
+    mode = "full"
+    comm_wait_s = 0.0  # FSDP2's collectives are waited on inside forward/backward: not measured apart
+
+    def __init__(self, model, make_optimizer, comm: Communicator, bf16: bool):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = device_mesh(comm)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        for block in model.blocks():
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        self.model, self.comm = model, comm
+        self.optimizer = make_optimizer(model)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def finish(self) -> None:
+        pass
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def same_start(self) -> None:
+        pass  # every rank built the same full model before sharding it
+
+    def grads_bytes(self) -> int:
+        return sum(tensor_bytes(p) for p in self.model.parameters() if p.requires_grad)  # sharded, as held
+
+
+def device_mesh(comm: Communicator):
+    """A 1-D DeviceMesh over every rank, on torch.distributed (created beside the job's own backend
+    when that is mpi or horovod: gloo on CPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hpcllm.comm.torch_group import ensure_process_group
+
+    ensure_process_group(comm)
+    return init_device_mesh(comm.device.type, (comm.size,))
+
+
+def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_mb: float, bf16: bool) -> Plan:
+    """The plan for parallel.shard=`mode`. With one rank every mode holds everything: `none`."""
+    if mode not in MODES:
+        raise ValueError(f"parallel.shard must be one of {MODES}, got {mode!r}")
+    if comm.size == 1 or mode == "none":
+        return Plan(model, make_optimizer(model), comm, bucket_mb)
+    if mode == "optimizer":
+        return Zero1Plan(model, make_optimizer(model), comm, bucket_mb)
+    return FsdpPlan(model, make_optimizer, comm, bf16)

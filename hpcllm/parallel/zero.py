@@ -1,0 +1,155 @@
+"""ZeRO-1 (`parallel.shard: optimizer`): each rank keeps and updates 1/N of the optimizer state.
+
+Every parameter is cut along its first dimension as `torch.chunk` cuts it (rank r owns rows
+[r*c, (r+1)*c), c = ceil(rows / N); the last ranks may own fewer or none) — the layout of a DTensor
+with placement Shard(0), so a checkpoint of this state is resharded by torch.distributed.checkpoint
+like FSDP2's.
+
+Gradients still go into the flat bucket buffers of the gradient sync (hpcllm.train.grad_sync), and
+when a bucket is complete during backward, instead of an allreduce:
+
+    copy-in         the bucket's gradients, rank-major: [rank 0's rows of p1, p2, ...][rank 1's rows ...]
+    reduce-scatter  this rank receives the sum of its own rows (then / N: the mean over ranks)
+    step            AdamW on this rank's rows only (parameters that are views of those rows)
+    all-gather      every rank's updated rows, copied back into the full parameters
+
+Communication volume equals one allreduce (a reduce-scatter plus an all-gather); the optimizer state
+and the optimizer step are 1/N. Weight decay follows the model's own parameter groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hpcllm.comm import Communicator
+from hpcllm.train.grad_sync import GradSync, _Bucket
+
+
+@dataclass
+class _Piece:
+    """This rank's rows of one parameter, and where all ranks' rows sit in its bucket's buffers."""
+
+    name: str
+    param: torch.nn.Parameter
+    rows: int  # c: rows per rank (padded: the last ranks' chunks may be short or empty)
+    lo: int
+    hi: int  # this rank owns rows lo..hi-1
+    width: int  # elements per row
+    offset: int  # where the piece starts in a rank's part of the bucket
+    shard: torch.nn.Parameter | None = None  # the optimizer's parameter: a view of rows lo..hi-1
+
+    @property
+    def span(self) -> int:
+        return self.rows * self.width
+
+
+class Zero1(GradSync):
+    """The gradient sync and the optimizer of ZeRO-1 in one: `finish()` leaves this rank's rows of
+    the mean gradient in `self.optimizer`'s parameters; `step()` updates them and all-gathers."""
+
+    def __init__(self, model: torch.nn.Module, comm: Communicator, bucket_mb: float, full_optimizer):
+        super().__init__(list(model.parameters()), comm, bucket_mb)
+        n, r = comm.size, comm.rank
+        names = {p: name for name, p in model.named_parameters()}
+        self.pieces: dict[torch.nn.Parameter, _Piece] = {}
+        for b in self.buckets:
+            b.pieces, offset = [], 0
+            for p in b.params:
+                d0 = p.shape[0] if p.dim() else 1
+                c = math.ceil(d0 / n)
+                lo, hi = min(r * c, d0), min((r + 1) * c, d0)
+                piece = _Piece(names[p], p, c, lo, hi, p.numel() // max(d0, 1), offset)
+                b.pieces.append(piece)
+                self.pieces[p] = piece
+                offset += piece.span
+            b.send = torch.zeros(n * offset, device=b.buffer.device, dtype=b.buffer.dtype)  # rank-major
+            b.shard = torch.zeros(offset, device=b.buffer.device, dtype=b.buffer.dtype)  # my rows
+            for piece in b.pieces:
+                if piece.hi > piece.lo:
+                    rows = piece.param.data.view(-1, piece.width)[piece.lo : piece.hi]
+                    piece.shard = torch.nn.Parameter(rows.view(piece.hi - piece.lo, *piece.param.shape[1:]))
+                    piece.shard.grad = b.shard[piece.offset : piece.offset + rows.numel()].view_as(piece.shard)
+        # the model's own groups (weight decay on matrices only, ...) over this rank's rows
+        groups = []
+        for g in full_optimizer.param_groups:
+            shards = [self.pieces[p].shard for p in g["params"] if self.pieces[p].shard is not None]
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": shards})
+        self.optimizer = type(full_optimizer)(groups)  # each group carries every setting (lr, betas, ...)
+
+    # -- rank-major layout -------------------------------------------------------------------
+    def _ranks_view(self, b: _Bucket, piece: _Piece) -> torch.Tensor:
+        """(N, rows, width) view of `piece` in the rank-major buffer b.send."""
+        k = b.shard.numel()
+        return b.send.view(self.comm.size, k)[:, piece.offset : piece.offset + piece.span].view(
+            self.comm.size, piece.rows, piece.width)
+
+    def _copy_in(self, b: _Bucket) -> None:
+        for piece in b.pieces:
+            dst, src = self._ranks_view(b, piece), piece.param.grad.view(-1, piece.width)
+            d0 = src.shape[0]
+            if piece.rows * self.comm.size == d0:
+                dst.copy_(src.view_as(dst))
+                continue
+            for r in range(self.comm.size):
+                lo, hi = min(r * piece.rows, d0), min((r + 1) * piece.rows, d0)
+                dst[r, : hi - lo].copy_(src[lo:hi])
+                dst[r, hi - lo :].zero_()
+
+    def _copy_out(self, b: _Bucket) -> None:
+        with torch.no_grad():
+            for piece in b.pieces:
+                src, dst = self._ranks_view(b, piece), piece.param.data.view(-1, piece.width)
+                d0 = dst.shape[0]
+                if piece.rows * self.comm.size == d0:
+                    dst.copy_(src.reshape(d0, piece.width))
+                    continue
+                for r in range(self.comm.size):
+                    lo, hi = min(r * piece.rows, d0), min((r + 1) * piece.rows, d0)
+                    dst[lo:hi].copy_(src[r, : hi - lo])
+
+    # -- the gradient sync's collective: reduce-scatter ----------------------------------------
+    def _launch(self, b: _Bucket):
+        self._copy_in(b)
+        return self.comm.reduce_scatter(b.shard, b.send, "sum", async_op=True)
+
+    def _complete(self, b: _Bucket) -> None:
+        b.shard.div_(self.comm.size)
+
+    # -- clipping, step, all-gather ------------------------------------------------------------
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the (global) gradient norm as torch.nn.utils.clip_grad_norm_ does for the whole
+        model: the squared norms of every rank's rows are summed in one small allreduce."""
+        sq = torch.zeros(1, device=self.comm.device, dtype=torch.float32)
+        for b in self.buckets:
+            sq += b.shard.float().pow(2).sum()
+        self.comm.allreduce(sq, "sum")
+        norm = sq.sqrt()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for b in self.buckets:
+            b.shard.mul_(coef.to(b.shard.dtype))
+        return float(norm.item())
+
+    def step(self) -> None:
+        self.optimizer.step()
+        works = []
+        for b in self.buckets:  # my updated rows, rank-major into b.send: every rank's
+            for piece in b.pieces:
+                if piece.shard is not None:
+                    b.shard[piece.offset : piece.offset + piece.shard.numel()].copy_(piece.shard.detach().view(-1))
+            works.append(self.comm.all_gather(b.send, b.shard, async_op=True))
+        for i, (b, w) in enumerate(zip(self.buckets, works)):
+            w.label = f"bucket {i + 1}/{len(self.buckets)}"
+            w.wait()
+            self._copy_out(b)
+        # b.shard now holds parameters, not gradients: the next reduce-scatter overwrites it
+
+    def local_state(self, piece: _Piece) -> dict[str, torch.Tensor] | None:
+        return self.optimizer.state.get(piece.shard) if piece.shard is not None else None
+
+    def communication_bytes(self) -> int:
+        """Bytes of the buffers ZeRO-1 adds to the gradient buckets (rank-major copy, own rows)."""
+        return sum(b.send.numel() * b.send.element_size() + b.shard.numel() * b.shard.element_size()
+                   for b in self.buckets)

@@ -94,16 +94,21 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        for dirpath, _, files in os.walk(tmp):
-            for name in files:
-                fsync_path(os.path.join(dirpath, name))
-            _fsync_dir_quiet(Path(dirpath))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """fsync every file and directory under `tmp`, then rename it onto `final` (replacing it)."""
+    for dirpath, _, files in os.walk(tmp):
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        _fsync_dir_quiet(Path(dirpath))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     _fsync_dir_quiet(final.parent)
 
 
@@ -124,14 +129,7 @@ def shared_atomic_dir(final: str | os.PathLike, leader: bool, barrier: Callable[
     barrier()
     if leader:
         try:
-            for dirpath, _, files in os.walk(tmp):
-                for name in files:
-                    fsync_path(os.path.join(dirpath, name))
-                _fsync_dir_quiet(Path(dirpath))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir_quiet(final.parent)
+            _replace_dir(tmp, final)
         finally:
             barrier()
     else:

@@ -97,11 +97,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def check_fits(ckpt: Path, template: dict) -> None:
+def check_fits(ckpt: Path, template: dict, md=None) -> None:
     """Every tensor the run needs is in the checkpoint with its shape, and every rank file the index
-    names is there: otherwise one line naming the file and the tensor."""
+    (`md`, read here if not given) names is there: otherwise one line naming the file and the tensor."""
     dcp_dir = ckpt / DCP_DIR
-    md = read_dcp_metadata(dcp_dir)
+    md = md if md is not None else read_dcp_metadata(dcp_dir)
     have = md.state_dict_metadata
     for key, t in flatten(template).items():
         if key not in have:
@@ -212,7 +212,7 @@ def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
                 if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
     if not template:
         raise CheckpointError(f"{dcp_dir / METADATA}: no model tensors in this checkpoint")
-    check_fits(ckpt, {})
+    check_fits(ckpt, {}, md)  # every part is there
     tree = {"model": {k[len("model."):]: t for k, t in template.items()}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is

@@ -83,7 +83,7 @@ class Plan:
         self.gsync.broadcast_parameters(list(self.model.parameters()))
 
     # -- checkpoint state ----------------------------------------------------------------------
-    def _optim_entry(self, name: str, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+    def _optim_entry(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         st = self.optimizer.state.get(p)
         if not st:  # before the first step: zeros to load into (AdamW's own initial state)
             st = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p.detach()),
@@ -92,7 +92,7 @@ class Plan:
 
     def state_dict(self) -> dict:
         return {"model": model_state(self.model),
-                "optim": {n: self._optim_entry(n, p) for n, p in self.model.named_parameters()}}
+                "optim": {n: self._optim_entry(p) for n, p in self.model.named_parameters()}}
 
     def load_state_dict(self, state: dict) -> None:
         """After an in-place load into a tree from `state_dict()`: adopt its optimizer tensors."""
@@ -126,6 +126,7 @@ class Zero1Plan(Plan):
         self.model, self.comm = model, comm
         self.gsync = self.zero = Zero1(model, comm, bucket_mb, optimizer)
         self.optimizer = self.zero.optimizer
+        self._mesh = None  # the DeviceMesh of the checkpoint's DTensors, made at the first checkpoint
 
     def clip_grad_norm(self, max_norm: float) -> None:
         self.zero.clip_grad_norm(max_norm)
@@ -139,8 +140,9 @@ class Zero1Plan(Plan):
     def state_dict(self) -> dict:
         from torch.distributed.tensor import DTensor, Shard
 
-        mesh = device_mesh(self.comm)
-        optim = {}
+        if self._mesh is None:
+            self._mesh = device_mesh(self.comm)
+        mesh, optim = self._mesh, {}
         for name, p in self.model.named_parameters():
             piece = self.zero.pieces[p]
             st = self.zero.local_state(piece)

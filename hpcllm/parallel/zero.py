@@ -86,15 +86,18 @@ class Zero1(GradSync):
         return b.send.view(self.comm.size, k)[:, piece.offset : piece.offset + piece.span].view(
             self.comm.size, piece.rows, piece.width)
 
+    def _rank_rows(self, piece: _Piece, d0: int):
+        """(rank, lo, hi): the rows of a d0-row parameter each rank owns (torch.chunk's cut)."""
+        for r in range(self.comm.size):
+            yield r, min(r * piece.rows, d0), min((r + 1) * piece.rows, d0)
+
     def _copy_in(self, b: _Bucket) -> None:
         for piece in b.pieces:
             dst, src = self._ranks_view(b, piece), piece.param.grad.view(-1, piece.width)
-            d0 = src.shape[0]
-            if piece.rows * self.comm.size == d0:
+            if piece.rows * self.comm.size == src.shape[0]:  # an even cut: one copy
                 dst.copy_(src.view_as(dst))
                 continue
-            for r in range(self.comm.size):
-                lo, hi = min(r * piece.rows, d0), min((r + 1) * piece.rows, d0)
+            for r, lo, hi in self._rank_rows(piece, src.shape[0]):
                 dst[r, : hi - lo].copy_(src[lo:hi])
                 dst[r, hi - lo :].zero_()
 
@@ -102,12 +105,10 @@ class Zero1(GradSync):
         with torch.no_grad():
             for piece in b.pieces:
                 src, dst = self._ranks_view(b, piece), piece.param.data.view(-1, piece.width)
-                d0 = dst.shape[0]
-                if piece.rows * self.comm.size == d0:
-                    dst.copy_(src.reshape(d0, piece.width))
+                if piece.rows * self.comm.size == dst.shape[0]:
+                    dst.copy_(src.reshape(dst.shape))
                     continue
-                for r in range(self.comm.size):
-                    lo, hi = min(r * piece.rows, d0), min((r + 1) * piece.rows, d0)
+                for r, lo, hi in self._rank_rows(piece, dst.shape[0]):
                     dst[lo:hi].copy_(src[r, : hi - lo])
 
     # -- the gradient sync's collective: reduce-scatter ----------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.train.corpus import prepare_python_corpus
 from tests.mpi_util import run_mpi
 
 pytestmark = pytest.mark.mpi
@@ -26,19 +27,7 @@ GPT = {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    import email
-
-    for p in sorted(Path(email.__file__).parent.glob("*.py")):
-        (corpus / p.name).write_text(p.read_text())
-    spec = root / "prep.yaml"
-    spec.write_text(json.dumps({"kind": "prepare", "run_dir": str(root / "prep"),
-                                "data": {"inputs": [str(corpus)], "dataset": str(root / "ds"), "val_fraction": 0.1}}))
-    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(spec)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    return root / "ds"
+    return prepare_python_corpus(tmp_path_factory.mktemp("sharded"), val_fraction=0.1)
 
 
 def spec_file(root: Path, dataset, name: str, model: dict, *, shard="none", backend="mpi", batch=None, **train) -> Path:

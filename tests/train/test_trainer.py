@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.train.corpus import prepare_python_corpus
 from tests.mpi_util import mpi_env, mpirun_cmd, run_mpi
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,20 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    import email
-
-    src = Path(email.__file__).parent  # real Python source: ~30 files, a few hundred KB
-    for p in sorted(src.glob("*.py")):
-        (corpus / p.name).write_text(p.read_text())
-    spec = root / "prep.yaml"
-    spec.write_text(json.dumps({"kind": "prepare", "run_dir": str(root / "prep"),
-                                "data": {"inputs": [str(corpus)], "dataset": str(root / "ds"), "val_fraction": 0.2}}))
-    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(spec)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    return root / "ds"
+    return prepare_python_corpus(tmp_path_factory.mktemp("train"), val_fraction=0.2)
 
 
 def train_spec(tmp_path, dataset, name="t", **train):

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "hpcllm.comm.cli",
     "hpcllm.data.cli",
     "hpcllm.train.cli",
+    "hpcllm.parallel.cli",
     "hpcllm.infer.cli",
     "hpcllm.checkpoint.cli",
     "hpcllm.launch.cli",

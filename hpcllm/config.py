@@ -29,7 +29,7 @@ from hpcllm.fields import path_field
 from hpcllm.infer.config import InferConfig
 from hpcllm.launch.config import SlurmConfig
 from hpcllm.model.config import ModelConfig
-from hpcllm.parallel.config import ParallelConfig, check_backend
+from hpcllm.parallel.config import ParallelConfig, check_backend, check_model
 from hpcllm.train.config import TrainConfig
 
 @dataclass
@@ -46,9 +46,16 @@ class JobSpec:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def validate(self) -> None:  # what no single section can check on its own
-        check_backend(self.parallel.shard, self.dist.backend)
-        if self.parallel.shard == "full" and self.dist.backend == "auto":
-            self.dist.backend = "torch"  # the one backend that carries FSDP2 (NCCL on GPU, gloo on CPU)
+        check_backend(self.parallel, self.dist.backend)
+        if (self.parallel.shard == "full" or self.parallel.tp > 1) and self.dist.backend == "auto":
+            self.dist.backend = "torch"  # the one backend that carries FSDP2 and DTensor (NCCL on GPU, gloo on CPU)
+        if self.parallel.tp > 1 and not self.model.init:  # a model.init's heads are checked when it is read
+            try:
+                resolved = self.model.resolve(self.model.vocab_size or 1)  # the vocabulary does not matter here
+            except ValueError:
+                resolved = None  # the model section's own errors are reported where they are checked
+            if resolved is not None:
+                check_model(self.parallel, resolved)
 
 
 # ----------------------------------------------------------------------------- dataclass <-> dict

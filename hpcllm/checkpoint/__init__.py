@@ -179,7 +179,12 @@ def find_checkpoint(path: str | Path) -> Path:
 def read_checkpoint_model(ckpt: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's whole model by parameter name, consolidated from every rank's part."""
     if is_legacy(ckpt):
-        return read_tensors(ckpt / "model.safetensors")
+        from hpcllm.model.registry import get_family
+
+        tensors = read_tensors(ckpt / "model.safetensors")
+        cfg = model_config(ckpt, read_meta(ckpt), tensors)
+        family = get_family(cfg.arch)
+        return {name: family.tensor_from_legacy(name, t, cfg) for name, t in tensors.items()}
     from hpcllm.checkpoint.sharded import read_model_tensors
 
     return read_model_tensors(ckpt)

@@ -123,6 +123,7 @@ def save_sharded(final: Path, comm, state: dict, global_state: dict, meta: dict)
     """Write one checkpoint directory together with every rank (a collective)."""
     import json
     import time
+    import warnings
 
     import torch.distributed.checkpoint as dcp
 
@@ -132,8 +133,15 @@ def save_sharded(final: Path, comm, state: dict, global_state: dict, meta: dict)
             (tmp / DCP_DIR).mkdir()
             (tmp / "rng").mkdir()
         comm.barrier()
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR), thread_count=1),
-                 no_dist=comm.size == 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process": it is
+            try:
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR), thread_count=1),
+                         no_dist=comm.size == 1)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # CheckpointException (a BaseException): one line, not every rank's traceback
+                raise CheckpointError(f"{final}: cannot be written ({_why(e)}); the previous checkpoint is kept") from None
         torch.save(rank_rng_state(), tmp / "rng" / f"rank_{comm.rank:05d}.pt")
         if comm.rank == 0:
             torch.save(global_state, tmp / "state.pt")

@@ -176,13 +176,25 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
         prepare_out_dir(out_dir, fp, force)
         plan = (fp, [i for i in mine_idx if not done_and_intact(out_dir, prompts.shards[i], fp)])
     fp, todo = comm.broadcast_object(plan)
+    tp = spec.parallel.tp
+    if tp > 1:  # every rank loaded the whole model; each keeps its heads and its part of each layer
+        from hpcllm.parallel.config import check_model
+        from hpcllm.parallel.tensor import for_inference
+
+        try:
+            spec.parallel.data_parallel(comm.size)
+            check_model(spec.parallel, model.config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        model = for_inference(model, comm, tp)
+    leader = comm.rank % tp == 0  # the rank of its tensor-parallel group that writes the outputs
     engine = Engine(model, device=device, dtype=dtype, max_batch_size=ic.batch_size, pad_id=tok.pad_id,
                     overflow=ic.overflow, use_cuda_graphs=ic.cuda_graphs)
     params = SamplingParams(max_new_tokens=ic.max_new_tokens, temperature=ic.temperature, top_k=ic.top_k,
                             top_p=ic.top_p, stop_token_ids=stop_ids, seed=ic.seed)
     stops = [s.encode("utf-8") for s in ic.stop_strings]
     skipped = len(mine_idx) - len(todo)
-    queue = make_queue(comm, todo, ic.schedule)
+    queue = make_queue(comm, todo, ic.schedule, tp)
     if comm.rank == 0:
         if skipped:
             log.info("resuming: %d of %d shards already done", skipped, len(mine_idx))
@@ -197,7 +209,8 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
     mine = {"records": 0, "new_tokens": 0, "shards": 0}
 
     def progress(n, toks):
-        mine["new_tokens"] += toks
+        if leader:
+            mine["new_tokens"] += toks
         if bar is not None:
             bar.update(n)
 
@@ -221,6 +234,8 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
                 results = engine.score(rec.prompts, rec.continuations, rec.ids)
                 texts = None
                 progress(len(results), 0)
+            if not leader:  # its group's leader has the same results and writes them
+                continue
             write_output(out_dir, shard, rec.ids, results, ic.mode, texts, fp, time.perf_counter() - ts)
             mine["records"] += len(results)
             mine["shards"] += 1

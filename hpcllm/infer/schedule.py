@@ -45,8 +45,13 @@ class ShardQueue(Protocol):
         """On an error: stop without waiting for any peer."""
 
 
-def make_queue(comm: Communicator, todo: list[int], schedule: str) -> ShardQueue:
-    """Collective: every rank calls it at the same point with the same `todo`."""
+def make_queue(comm: Communicator, todo: list[int], schedule: str, tp: int = 1) -> ShardQueue:
+    """Collective: every rank calls it at the same point with the same `todo`. With tp > 1 the
+    ranks of a tensor-parallel group (adjacent ranks) take the same shards, one group after another."""
+    if tp > 1:
+        if schedule != "static":
+            log.warning("infer.schedule=dynamic with parallel.tp=%d: shards go to the tp groups in turn (static)", tp)
+        return StaticQueue(comm, todo, tp)
     if schedule == "static" or comm.size == 1:
         return StaticQueue(comm, todo)
     world = _mpi_world(comm)
@@ -77,8 +82,10 @@ def _mpi_world(comm: Communicator):
 class StaticQueue:
     description = "static (shard i to rank i % ranks)"
 
-    def __init__(self, comm: Communicator, todo: list[int]):
-        self._mine = iter(todo[comm.rank :: comm.size])
+    def __init__(self, comm: Communicator, todo: list[int], tp: int = 1):
+        self._mine = iter(todo[comm.rank // tp :: comm.size // tp])
+        if tp > 1:
+            self.description = f"static (shard i to tensor-parallel group i % {comm.size // tp}, {tp} ranks each)"
 
     def next(self) -> int | None:
         return next(self._mine, None)

@@ -25,7 +25,7 @@ class _Intermixed(argparse.ArgumentParser):
             self._inner = False
 
 
-def _parser(sub, name: str, **kw) -> argparse.ArgumentParser:
+def intermixed_parser(sub, name: str, **kw) -> argparse.ArgumentParser:
     p = sub.add_parser(name, **kw)
     p.__class__ = _Intermixed  # same parser, intermixed parsing (add_parser has no per-parser class)
     return p
@@ -34,29 +34,29 @@ def _parser(sub, name: str, **kw) -> argparse.ArgumentParser:
 def register(sub, bench) -> None:
     from hpcllm.cli import add_spec_args
 
-    p = _parser(sub, "render", help="write a plain sbatch script for a job spec (slurm/templates)")
+    p = intermixed_parser(sub, "render", help="write a plain sbatch script for a job spec (slurm/templates)")
     add_spec_args(p)
     p.add_argument("-o", "--output", help="script file to write (default: print it)")
     p.set_defaults(func=_render)
 
-    p = _parser(sub, "submit", help="submit job specs to Slurm through submitit (--dry-run prints the sbatch scripts)")
+    p = intermixed_parser(sub, "submit", help="submit job specs to Slurm through submitit (--dry-run prints the sbatch scripts)")
     p.add_argument("specs", nargs="+", metavar="SPEC|key=value", help="job specs, and overrides for all of them")
     p.add_argument("--dry-run", action="store_true", help="check everything and print what would be submitted; submit nothing")
     p.add_argument("--chain", action="store_true", help="each job starts after the previous one succeeded (afterok)")
     p.set_defaults(func=_submit)
 
-    p = _parser(sub, "jobs", help="submitted jobs and their Slurm state (sacct)")
+    p = intermixed_parser(sub, "jobs", help="submitted jobs and their Slurm state (sacct)")
     p.add_argument("run_dirs", nargs="*", help="run dirs (default: runs/*)")
     p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds (at least 10)")
     p.set_defaults(func=_jobs)
-    p = _parser(sub, "logs", help="a rank's stdout (or --err) of a submitted job")
+    p = intermixed_parser(sub, "logs", help="a rank's stdout (or --err) of a submitted job")
     p.add_argument("job", help="job id (array task: ID_i)")
     p.add_argument("run_dirs", nargs="*", help="run dirs to look in (default: runs/*)")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--err", action="store_true", help="stderr instead of stdout")
     p.set_defaults(func=_logs)
 
-    p = _parser(sub, "debug", help="print (--run: run) the salloc/srun commands that reproduce a job interactively")
+    p = intermixed_parser(sub, "debug", help="print (--run: run) the salloc/srun commands that reproduce a job interactively")
     add_spec_args(p)
     p.add_argument("--run", action="store_true", help="allocate and run the job under srun now")
     p.set_defaults(func=_debug)

@@ -32,6 +32,7 @@ class CausalLM(nn.Module):
     # train.activation_checkpointing: each block's activations are recomputed in backward instead
     # of kept (memory ~ one block's activations instead of n_layer's, for ~1/3 more compute)
     activation_checkpointing: bool = False
+    tp_size: int = 1  # tensor-parallel ranks the model is split over (hpcllm.parallel.tensor.split_model)
 
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, in order: the unit of FSDP sharding and activation checkpointing."""
@@ -43,6 +44,12 @@ class CausalLM(nn.Module):
 
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def tp_plan(self, vocab_parallel: bool) -> dict:
+        """{module path: torch.distributed.tensor.parallel style} for `parallelize_module`: which
+        linear layers split their outputs (column) or inputs (row) over the tensor-parallel ranks
+        (hpcllm.parallel.tensor has the styles)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tensor-parallel plan")
 
     def tie_weights(self) -> None:
         """Share the output head with the token embedding when the config says so. Called at
@@ -88,8 +95,8 @@ class CausalLM(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
 
     def new_kv_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
-        c = self.config
-        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch, max_len, device, dtype)
+        c = self.config  # a tensor-parallel rank keeps the keys and values of its own kv heads
+        return KVCache(c.n_layer, c.n_kv_head // self.tp_size, c.head_dim, batch, max_len, device, dtype)
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
@@ -98,8 +105,10 @@ class CausalLM(nn.Module):
             return None
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
-    def configure_optimizer(self, weight_decay: float, lr: float, betas=(0.9, 0.95), fused: bool | None = None):
-        """AdamW; weight decay on matrices only (not biases, norms); fused kernel on CUDA."""
+    def configure_optimizer(self, weight_decay: float, lr: float, betas=(0.9, 0.95), fused: bool | None = None,
+                            foreach: bool | None = None):
+        """AdamW; weight decay on matrices only (not biases, norms); fused kernel on CUDA; `foreach`
+        False: one parameter at a time (DTensor and plain parameters mixed)."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -107,7 +116,7 @@ class CausalLM(nn.Module):
         ]
         if fused is None:
             fused = next(self.parameters()).is_cuda and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=bool(fused), foreach=foreach)
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,9 @@ class Family:
     # HF tensor name -> ours (None: a tensor to skip, e.g. a rotary cache); ours -> HF
     name_from_hf: Callable[[str], str | None]
     name_to_hf: Callable[[str], str]
-    # tensor as stored by HF -> ours, and back (e.g. GPT-2's Conv1D weights are transposed)
-    tensor_from_hf: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
-    tensor_to_hf: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+    # tensor as stored by HF -> ours, and back, given the model config (e.g. GPT-2's Conv1D weights
+    # are transposed and its fused q/k/v rows reordered by head)
+    tensor_from_hf: Callable[[str, torch.Tensor, ModelConfig], torch.Tensor] = lambda name, t, cfg: t
+    tensor_to_hf: Callable[[str, torch.Tensor, ModelConfig], torch.Tensor] = lambda name, t, cfg: t
+    # tensor as a single-file checkpoint of an earlier hpcllm stored it -> ours
+    tensor_from_legacy: Callable[[str, torch.Tensor, ModelConfig], torch.Tensor] = lambda name, t, cfg: t

@@ -28,12 +28,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, layer: int = 0, cache: KVCache | None = None, start=0, mask=None):
+        # c_attn's rows are head-major (q, k, v of head 0, then of head 1, ...; see qkv_to_head_major),
+        # so a tensor-parallel rank's contiguous rows are whole heads: the head count is -1 here
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        D = C // self.n_head
+        q, k, v = self.c_attn(x).view(B, T, -1, 3, D).unbind(3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         y = causal_attention(q, k, v, layer=layer, cache=cache, start=start, mask=mask,
                              dropout=self.dropout if self.training else 0.0)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -89,6 +92,14 @@ class GPT(CausalLM):
 
     def lookup_only_parameters(self):
         return [self.transformer.wpe.weight]  # wte is also the output matrix (tied)
+
+    def tp_plan(self, vocab_parallel: bool) -> dict:
+        from hpcllm.parallel.tensor import block_plan, vocab_plan
+
+        return {**vocab_plan("transformer.wte", "lm_head", vocab_parallel),
+                **{f"transformer.h.{i}.{k}": v for i in range(self.config.n_layer)
+                   for k, v in block_plan(column=("attn.c_attn", "mlp.c_fc"),
+                                          row=("attn.c_proj", "mlp.c_proj")).items()}}
 
     def forward(self, idx, targets=None, *, cache: KVCache | None = None, start=0, positions=None, mask=None):
         """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).
@@ -146,9 +157,29 @@ def name_from_hf(name: str) -> str | None:
     return name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"  # some drop the prefix
 
 
+def qkv_to_head_major(t, n_head: int):
+    """HF's c_attn rows (all q, all k, all v) -> ours (q, k, v of each head in turn); a bias too."""
+    return t.reshape(3, n_head, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def qkv_from_head_major(t, n_head: int):
+    return t.reshape(n_head, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def tensor_from_hf(name: str, t, cfg: ModelConfig):
+    t = t.t() if name.endswith(_TRANSPOSED) else t
+    return qkv_to_head_major(t, cfg.n_head) if ".attn.c_attn." in name else t
+
+
+def tensor_to_hf(name: str, t, cfg: ModelConfig):
+    t = qkv_from_head_major(t, cfg.n_head) if ".attn.c_attn." in name else t
+    return t.t() if name.endswith(_TRANSPOSED) else t
+
+
 FAMILY = Family(
     name="gpt2", model=GPT, config_from_hf=config_from_hf, config_to_hf=config_to_hf,
     name_from_hf=name_from_hf, name_to_hf=lambda name: name,
-    tensor_from_hf=lambda name, t: t.t() if name.endswith(_TRANSPOSED) else t,
-    tensor_to_hf=lambda name, t: t.t() if name.endswith(_TRANSPOSED) else t,
+    tensor_from_hf=tensor_from_hf, tensor_to_hf=tensor_to_hf,
+    # checkpoints of hpcllm <= 0.2 (one model.safetensors) kept HF's q|k|v row order
+    tensor_from_legacy=lambda name, t, cfg: qkv_to_head_major(t, cfg.n_head) if ".attn.c_attn." in name else t,
 )

@@ -112,7 +112,7 @@ def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
                     if name not in own:
                         raise WeightsError(f"{file}: unexpected tensor '{key}' — not a {cfg.arch} checkpoint of "
                                            "this config?")
-                    t = family.tensor_from_hf(name, f.get_tensor(key))
+                    t = family.tensor_from_hf(name, f.get_tensor(key), cfg)
                     if t.shape != own[name].shape:
                         raise WeightsError(f"{file}: tensor '{key}' has shape {tuple(t.shape)}, config.json implies "
                                            f"{tuple(own[name].shape)}")
@@ -171,7 +171,7 @@ def save_hf_model(model: CausalLM, out_dir: str | Path, *, max_shard_bytes: int 
         if name in tied:
             continue
         t = t.detach().to("cpu", dtype or t.dtype)
-        tensors[family.name_to_hf(name)] = family.tensor_to_hf(name, t).contiguous()
+        tensors[family.name_to_hf(name)] = family.tensor_to_hf(name, t, model.config).contiguous()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():

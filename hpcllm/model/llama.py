@@ -72,10 +72,11 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, layer: int = 0, cache: KVCache | None = None, start=0, mask=None):
+        # heads are -1: under tensor parallelism a rank holds n_head / tp of them (and of the kv heads)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -83,7 +84,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         y = causal_attention(q, k, v, layer=layer, cache=cache, start=start, mask=mask,
                              dropout=self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -137,6 +138,15 @@ class Llama(CausalLM):
 
     def lookup_only_parameters(self):
         return [] if self.config.tie_embeddings else [self.model.embed_tokens.weight]
+
+    def tp_plan(self, vocab_parallel: bool) -> dict:
+        from hpcllm.parallel.tensor import block_plan, vocab_plan
+
+        return {**vocab_plan("model.embed_tokens", "lm_head", vocab_parallel),
+                **{f"model.layers.{i}.{k}": v for i in range(self.config.n_layer)
+                   for k, v in block_plan(column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                  "mlp.gate_proj", "mlp.up_proj"),
+                                          row=("self_attn.o_proj", "mlp.down_proj")).items()}}
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin (B, 1, T, head_dim) for per-row positions (B, T), computed in fp32."""

@@ -32,6 +32,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
+def as_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of the whole value (a loss computed on tensor-parallel parts is a DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters by name, a tied one once (under its first name), as detached aliases: loading into
     them loads into the model."""
@@ -49,6 +54,11 @@ class Plan:
     """`none`: every rank holds everything; gradients are allreduced in buckets (GradSync)."""
 
     mode = "none"
+    tp = 1
+
+    def loss_context(self):
+        """Where forward and backward of the loss run (tensor parallelism: on vocabulary-split logits)."""
+        return contextlib.nullcontext()
 
     def __init__(self, model, optimizer, comm: Communicator, bucket_mb: float):
         self.model, self.optimizer, self.comm = model, optimizer, comm
@@ -173,10 +183,10 @@ class FsdpPlan(Plan):
     mode = "full"
     comm_wait_s = 0.0  # FSDP2's collectives are waited on inside forward/backward: not measured apart
 
-    def __init__(self, model, make_optimizer, comm: Communicator, bf16: bool):
+    def __init__(self, model, make_optimizer, comm: Communicator, bf16: bool, mesh=None):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = device_mesh(comm)
+        mesh = mesh if mesh is not None else device_mesh(comm)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
         for block in model.blocks():
@@ -206,21 +216,31 @@ class FsdpPlan(Plan):
         return sum(tensor_bytes(p) for p in self.model.parameters() if p.requires_grad)  # sharded, as held
 
 
-def device_mesh(comm: Communicator):
-    """A 1-D DeviceMesh over every rank, on torch.distributed (created beside the job's own backend
-    when that is mpi or horovod: gloo on CPU)."""
+def device_mesh(comm: Communicator, tp: int = 1):
+    """The DeviceMesh of the job on torch.distributed (created beside the job's own backend when that
+    is mpi or horovod: gloo on CPU): 1-D over every rank, or (dp, tp) with tp > 1 — the tp ranks of a
+    group adjacent (rank = dp_rank * tp + tp_rank), so they share a node and its fast links."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from hpcllm.comm.torch_group import ensure_process_group
 
     ensure_process_group(comm)
-    return init_device_mesh(comm.device.type, (comm.size,))
+    if tp == 1:
+        return init_device_mesh(comm.device.type, (comm.size,))
+    return init_device_mesh(comm.device.type, (comm.size // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
-def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_mb: float, bf16: bool) -> Plan:
-    """The plan for parallel.shard=`mode`. With one rank every mode holds everything: `none`."""
+def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_mb: float, bf16: bool,
+               tp: int = 1, vocab_parallel: bool = True) -> Plan:
+    """The plan for parallel.shard=`mode` (and parallel.tp). With one rank every mode holds
+    everything: `none`."""
     if mode not in MODES:
         raise ValueError(f"parallel.shard must be one of {MODES}, got {mode!r}")
+    if tp > 1:
+        from hpcllm.parallel.tensor import TensorParallelPlan
+
+        return TensorParallelPlan(model, make_optimizer, comm, device_mesh(comm, tp), vocab_parallel=vocab_parallel,
+                                  fsdp=mode == "full", bf16=bf16)
     if comm.size == 1 or mode == "none":
         return Plan(model, make_optimizer(model), comm, bucket_mb)
     if mode == "optimizer":

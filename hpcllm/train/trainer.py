@@ -26,7 +26,9 @@ from hpcllm.errors import EXIT_REQUEUE, CheckpointError, ConfigError, TrainingEr
 from hpcllm.model import build_model as new_model
 from hpcllm.model.base import CausalLM
 from hpcllm.checkpoint import is_legacy, latest_checkpoint, read_meta, read_state, save_checkpoint
-from hpcllm.parallel.plans import Plan, build_plan
+from hpcllm.parallel.config import check_model
+from hpcllm.parallel.estimate import estimate_memory
+from hpcllm.parallel.plans import Plan, as_tensor, build_plan
 from hpcllm.train.config import TrainConfig
 from hpcllm.train.metrics import MetricsLog, device_peak
 from hpcllm.train.schedule import lr_at
@@ -111,10 +113,11 @@ class TrainStep:
                 x, y = next_batch()
             t1 = time.perf_counter()
             last = micro == accum - 1
-            with (contextlib.nullcontext() if last else plan.no_sync()), autocast_for(device, tc.dtype):
+            with (contextlib.nullcontext() if last else plan.no_sync()), autocast_for(device, tc.dtype), \
+                    plan.loss_context():
                 _, loss = self.fwd(x, y)
                 (loss / accum).backward()
-            step_loss += loss.detach() / accum
+            step_loss += as_tensor(loss.detach()) / accum
             self.t_data += t1 - t0
             self.t_compute += time.perf_counter() - t1
         plan.finish()
@@ -173,20 +176,33 @@ class LossWindow:
 def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     tc, device = spec.train, comm.device
     torch.manual_seed(tc.seed)
-    try:
-        accum = tc.accumulation(comm.size)
+    pc = spec.parallel
+    try:  # the ranks of one tensor-parallel group read the same batches: data parallel over world / tp
+        dp = pc.data_parallel(comm.size)
+        accum = tc.accumulation(dp)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    global_batch = tc.batch_size * accum * comm.size
+    dp_rank = comm.rank // pc.tp
+    global_batch = tc.batch_size * accum * dp
     ds = open_dataset(spec.data.dataset)
     model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path))
+    try:
+        check_model(pc, model.config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model.activation_checkpointing = tc.activation_checkpointing
-    plan = build_plan(spec.parallel.shard, model, comm, bucket_mb=spec.dist.bucket_mb, bf16=uses_bf16(device, tc.dtype),
+    estimate = estimate_memory(model, pc.shard if comm.size > 1 else "none", pc.tp, dp)
+    # tensor parallel: AdamW one parameter at a time (its multi-tensor kernels refuse DTensor and
+    # plain tensors in one list; the norms stay plain)
+    multi_tensor = None if pc.tp == 1 else False
+    plan = build_plan(pc.shard, model, comm, bucket_mb=spec.dist.bucket_mb, bf16=uses_bf16(device, tc.dtype),
+                      tp=pc.tp, vocab_parallel=pc.vocab_parallel,
                       make_optimizer=lambda m: m.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas),
-                                                                     fused=device.type == "cuda"))
+                                                                     fused=device.type == "cuda" and pc.tp == 1,
+                                                                     foreach=multi_tensor))
     optimizer = plan.optimizer
-    loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank,
-                         world_size=comm.size, seed=tc.seed, device=device, global_batch=global_batch)
+    loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=dp_rank,
+                         world_size=dp, seed=tc.seed, device=device, global_batch=global_batch)
     has_val = tc.eval_interval > 0 and "val" in ds.splits
     metrics = MetricsLog(spec.run_dir, comm.rank == 0)
 
@@ -204,9 +220,10 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     tokens_per_step = global_batch * tc.seq_len
     dev_name, peak = device_peak(device)
     flops_per_token = model.estimate_flops_per_token(tc.seq_len)
-    log.info("model %.2fM params, %d tokens/step (%d sequences: %d rank(s) x batch %d x %d micro-step(s)), "
-             "parallel.shard=%s, device %s%s", model.num_params() / 1e6, tokens_per_step, global_batch, comm.size,
-             tc.batch_size, accum, plan.mode, dev_name, "" if peak else " (peak FLOP/s unknown: no MFU)")
+    log.info("model %.2fM params, %d tokens/step (%d sequences: %d data-parallel rank(s) x batch %d x %d "
+             "micro-step(s)), parallel.shard=%s tp=%d, device %s%s", model.num_params() / 1e6, tokens_per_step,
+             global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp, dev_name,
+             "" if peak else " (peak FLOP/s unknown: no MFU)")
     bar = None
     if comm.rank == 0 and tc.progress:
         from tqdm import tqdm
@@ -240,7 +257,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                            mfu=(flops_per_token * tps / (peak * comm.size)) if peak else None,
                            t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=plan.comm_wait_s, **plan.memory())
                 if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
-                    rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm)
+                    rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm, plan)
                 metrics.write(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.3f}", **({"val": f"{val_loss:.3f}"} if "val_loss" in rec else {}))
@@ -265,9 +282,10 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
 
     path = _save(spec, comm, step, plan, loader, window) if saved_at != step else latest_checkpoint(spec.run_dir)
     mem = plan.memory()
-    log.info("memory per rank (parallel.shard=%s): parameters %s, gradients %s, optimizer state %s, peak %s %s",
-             plan.mode, *(_mb(mem[k]) for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "peak_bytes")),
-             "CUDA allocated" if device.type == "cuda" else "RSS")
+    log.info("memory per rank (parallel.shard=%s tp=%d; measured, `hpcllm plan`'s estimate in brackets): parameters "
+             "%s, gradients %s, optimizer state %s, peak %s %s", plan.mode, plan.tp,
+             *(f"{_mb(mem[k])} [{_mb(estimate[k])}]" for k in ("params_bytes", "grads_bytes", "optimizer_bytes")),
+             _mb(mem["peak_bytes"]), "CUDA allocated" if device.type == "cuda" else "RSS")
     from hpcllm.comm.torch_group import close_process_group
 
     close_process_group(comm)
@@ -282,17 +300,17 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
 
 
 @torch.no_grad()
-def evaluate(model: CausalLM, ds, spec: JobSpec, comm: Communicator) -> float:
+def evaluate(model: CausalLM, ds, spec: JobSpec, comm: Communicator, plan: Plan) -> float:
     tc = spec.train
     model.eval()
-    ld = TokenLoader(ds, "val", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank, world_size=comm.size,
-                     seed=tc.seed, mode="sequential", device=comm.device, prefetch=0)
+    ld = TokenLoader(ds, "val", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank // plan.tp,
+                     world_size=comm.size // plan.tp, seed=tc.seed, mode="sequential", device=comm.device, prefetch=0)
     total = torch.zeros(2, device=comm.device)
     n_batches = min(tc.eval_batches, ld.steps_per_epoch)
     for x, y in ld.batches(n_batches):
-        with autocast_for(comm.device, tc.dtype):
+        with autocast_for(comm.device, tc.dtype), plan.loss_context():
             _, loss = model(x, y)
-        total += torch.stack([loss.float(), torch.ones((), device=comm.device)])
+        total += torch.stack([as_tensor(loss).float(), torch.ones((), device=comm.device)])
     comm.allreduce(total, "sum")
     model.train()
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
@@ -327,12 +345,15 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     step = int(state["step"])
     if old_ranks == comm.size:
         restore_rank_rng(ckpt, comm.rank)
-    else:  # no rank continues another's stream: a fresh one per (seed, step, rank)
-        torch.manual_seed(hash((spec.train.seed, step, comm.rank)) % 2**63)
+    else:  # no rank continues another's stream: a fresh one per (seed, step, data-parallel rank), the
+        # same on the ranks of a tensor-parallel group (their dropout masks must agree)
+        torch.manual_seed(hash((spec.train.seed, step, comm.rank // plan.tp)) % 2**63)
     window.load(state.get("log_window"), comm)
-    if old_ranks != comm.size or old_mode != plan.mode:
-        log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s): %s", step, old_ranks,
-                 comm.size, old_mode, plan.mode, ckpt)
+    old_tp = read_meta(ckpt).get("tp", 1)
+    if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp:
+        log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s: %s", step, old_ranks,
+                 comm.size, old_mode, plan.mode, f" (parallel.tp {old_tp} -> {plan.tp})" if old_tp != plan.tp else "",
+                 ckpt)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
 
@@ -341,7 +362,8 @@ def _save(spec, comm, step, plan: Plan, loader, window: LossWindow):
     log_window = window.state(comm)  # a collective: every rank
     global_state = dict(loader=loader.state_dict(), log_window=log_window, world_size=comm.size,
                         global_batch=loader.global_batch)
-    meta = {"spec": to_dict(spec), "model": to_dict(plan.model.config), "world_size": comm.size, "shard": plan.mode}
+    meta = {"spec": to_dict(spec), "model": to_dict(plan.model.config), "world_size": comm.size, "shard": plan.mode,
+            "tp": plan.tp}
     path = save_checkpoint(spec.run_dir, step, comm, plan.state_dict(), global_state, meta, spec.train.keep_checkpoints)
     if comm.rank == 0:
         log.info("checkpoint %s", path)

@@ -96,3 +96,20 @@ def test_bad_inputs(setup, tmp_path):
     # missing model
     p = infer(str(spec(setup, "nomodel", model="/nope")))
     assert p.returncode == 2 and "infer.model: '/nope' does not exist" in p.stderr
+
+
+@pytest.mark.mpi
+def test_tensor_parallel_groups_give_the_same_outputs(setup):
+    """parallel.tp=2 on 2 ranks (one group), and dp=2 x tp=2 on 4 (shards to the groups in turn):
+    the outputs of one rank, written once per shard by each group's first rank."""
+    want = outputs(setup / "one") if (setup / "one" / "outputs").exists() else None
+    if want is None:
+        assert infer(str(spec(setup, "one", batch_size=8))).returncode == 0
+        want = outputs(setup / "one")
+    for name, n in (("tp2", 2), ("dp2tp2", 4)):
+        p = infer(str(spec(setup, name)), "parallel.tp=2", "dist.backend=torch", n=n)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert outputs(setup / name) == want, name
+        assert "tensor-parallel group" in p.stderr and f"on {n} rank(s)" in p.stderr
+    bad = infer(str(spec(setup, "bad")), "parallel.tp=2", "dist.backend=torch", n=3)
+    assert bad.returncode != 0 and "parallel.tp=2 does not divide the world of 3 rank(s)" in bad.stderr

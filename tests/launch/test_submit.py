@@ -500,7 +500,10 @@ def test_signal_to_the_batch_shell_of_a_submitted_job_requeues_it(tmp_path):
     prep, train = specs(tmp_path)
     assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
     t = json.loads(train.read_text())
-    t["train"].update(max_steps=1500, log_interval=1, ckpt_interval=0)
+    # sized so that a step costs ~25 ms (as in test_render's requeue test): the tiny model ran 1500 steps
+    # in ~4 s and sometimes finished before the signal came (a flaky test seen in CI)
+    t["model"].update(n_layer=2, n_embd=128, block_size=128)
+    t["train"].update(max_steps=600, batch_size=4, seq_len=128, log_interval=1, ckpt_interval=0)
     t["slurm"]["time"] = "00:05:00"
     train.write_text(json.dumps(t))
     job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]

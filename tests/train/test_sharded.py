@@ -30,13 +30,14 @@ def dataset(tmp_path_factory):
     return prepare_python_corpus(tmp_path_factory.mktemp("sharded"), val_fraction=0.1)
 
 
-def spec_file(root: Path, dataset, name: str, model: dict, *, shard="none", backend="mpi", batch=None, **train) -> Path:
+def spec_file(root: Path, dataset, name: str, model: dict, *, shard="none", backend="mpi", batch=None, tp=1,
+              **train) -> Path:
     t = {"max_steps": STEPS, "global_batch_size": GLOBAL, "batch_size": batch or GLOBAL, "seq_len": 32, "lr": 3e-3,
          "warmup_steps": 2, "eval_interval": 0, "log_interval": 1, "ckpt_interval": 10, "keep_checkpoints": 5,
          "grad_clip": 0.5, "progress": False, **train}
     spec = {"kind": "train", "name": name, "run_dir": str(root / name), "data": {"dataset": str(dataset)},
             "dist": {"timeout_s": 60, "bucket_mb": 0.02, "backend": backend}, "model": model, "train": t,
-            "parallel": {"shard": shard}}
+            "parallel": {"shard": shard, "tp": tp}}
     p = root / f"{name}.yaml"
     p.write_text(json.dumps(spec))
     return p

@@ -1,0 +1,111 @@
+"""`hpcllm plan SPEC --world N`: the dry run of a parallel plan — the device mesh, which rank holds
+and reads what, and the memory each rank needs — for a world you may not have, without starting
+anything (the model is built on the meta device)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub, bench) -> None:
+    from hpcllm.cli import add_spec_args
+    from hpcllm.launch.cli import intermixed_parser
+
+    p = intermixed_parser(sub, "plan", help="dry run of a train spec's parallel plan on N ranks: mesh, holdings, memory")
+    add_spec_args(p)
+    p.add_argument("--world", type=int, help="ranks to plan for (default: the spec's slurm.nodes x tasks_per_node)")
+    p.set_defaults(func=_plan)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def model_for_plan(spec):
+    """The spec's model on the meta device: from model.init's config.json, or the model section with
+    the vocabulary of the dataset (when it is prepared) or model.vocab_size."""
+    import torch
+
+    from hpcllm.errors import ConfigError
+    from hpcllm.model import build_model
+
+    if spec.model.init:
+        from hpcllm.model.hf import read_config
+
+        _, cfg = read_config(spec.model.init)
+    else:
+        vocab = spec.model.vocab_size
+        if vocab is None and spec.data.dataset and Path(spec.data.dataset).exists():
+            from hpcllm.data import open_dataset
+
+            vocab = open_dataset(spec.data.dataset).vocab_size
+        try:
+            cfg = spec.model.resolve(vocab)
+        except ValueError as e:
+            raise ConfigError(f"model: {e} (set model.vocab_size to plan before the data is prepared)") from None
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def describe(spec, world: int) -> str:
+    from hpcllm.errors import ConfigError
+    from hpcllm.parallel.config import check_model
+    from hpcllm.parallel.estimate import estimate_memory, holdings
+
+    pc, tc = spec.parallel, spec.train
+    try:
+        dp = pc.data_parallel(world)
+        accum = tc.accumulation(dp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model = model_for_plan(spec)
+    cfg = model.config
+    try:
+        check_model(pc, cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    tp = pc.tp
+    lines = [f"plan of {spec.kind} job '{spec.name}' on {world} rank(s): parallel.shard={pc.shard}, tp={tp} -> "
+             f"mesh dp={dp} x tp={tp} (dist.backend {spec.dist.backend})",
+             f"  model: {cfg.arch} {cfg.size}, {model.num_params(False) / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
+             f"{cfg.n_head} heads ({cfg.n_kv_head} kv), vocabulary {cfg.vocab_size}"]
+    if tp > 1:
+        lines.append(f"  rank r = dp_rank x {tp} + tp_rank: ranks {{0..{tp - 1}}}, {{{tp}..{2 * tp - 1}}}, ... each split "
+                     f"the model in {tp}; each tp group reads one data-parallel share of the batch")
+        lines.append(f"  tp rank t holds query heads [t*{cfg.n_head // tp}, (t+1)*{cfg.n_head // tp}), kv heads "
+                     f"[t*{cfg.n_kv_head // tp}, ...), 1/{tp} of every MLP and of the vocabulary rows; norms whole"
+                     + (" (logits split: loss_parallel)" if pc.vocab_parallel else " (logits gathered)"))
+        per_node = spec.slurm.tasks_per_node
+        if spec.slurm.nodes > 1 and tp > per_node:
+            lines.append(f"  WARNING: tp={tp} > slurm.tasks_per_node={per_node}: a tp group spans nodes, its two "
+                         "allreduces per layer cross the network")
+    if pc.shard != "none" and dp > 1:
+        what = "optimizer state" if pc.shard == "optimizer" else "parameters, gradients and optimizer state"
+        lines.append(f"  parallel.shard={pc.shard}: {what} sharded over the {dp} data-parallel rank(s)")
+    split = sum(1 for h in holdings(model) if h.tp_dim is not None) if tp > 1 else 0
+    if tp > 1:
+        lines.append(f"  {split} of {len(holdings(model))} parameter tensors split over tp")
+    global_batch = tc.batch_size * accum * dp
+    lines.append(f"  batch: {global_batch} sequences/step = {dp} data-parallel rank(s) x batch {tc.batch_size} x "
+                 f"{accum} micro-step(s); {global_batch * tc.seq_len} tokens/step")
+    mem = estimate_memory(model, pc.shard, tp, dp)
+    one = estimate_memory(model, "none", 1, 1)
+    total = sum(mem.values())
+    lines.append(f"  memory per rank (estimate, fp32 weights + AdamW, activations not included): parameters "
+                 f"{_gib(mem['params_bytes'])}, gradients {_gib(mem['grads_bytes'])}, optimizer state "
+                 f"{_gib(mem['optimizer_bytes'])}; total {_gib(total)} ({total / sum(one.values()):.2f}x of one rank "
+                 "holding everything)")
+    return "\n".join(lines)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from hpcllm.config import load_spec
+    from hpcllm.errors import ConfigError
+
+    spec = load_spec(args.spec, args.overrides)
+    world = args.world or spec.slurm.nodes * spec.slurm.tasks_per_node
+    if world < 1:
+        raise ConfigError(f"--world must be >= 1, got {world}")
+    print(describe(spec, world))
+    return 0

@@ -1,0 +1,119 @@
+"""Tensor parallelism (parallel.tp) on real ranks with gloo, through the CLI: tp=2, dp=2 x tp=2 and
+FSDP2 over dp x tp each give the losses and weights of one rank with the union batch, for both
+families (GPT-2's fused q/k/v, Llama's GQA); a tp=2 checkpoint resumes at tp=1 and a tp=1 one at
+tp=2, continuing the uninterrupted run; a rank's parameters at tp=2 are about half of tp=1's; plans
+that cannot run are one-line config errors naming the field."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from hpcllm.config import load_spec
+from hpcllm.parallel.cli import model_for_plan
+from hpcllm.parallel.estimate import estimate_memory
+from tests.mpi_util import run_mpi
+from tests.train.corpus import prepare_python_corpus
+from tests.train.test_sharded import GLOBAL, GPT, LLAMA, assert_same_run, metrics, resume_copy, spec_file, train
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return prepare_python_corpus(tmp_path_factory.mktemp("tp"), val_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def references(dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp-refs")
+    for name, model in (("llama", LLAMA), ("gpt", GPT)):
+        train(spec_file(root, dataset, name, model, backend="single"), 1)
+    return root
+
+
+@pytest.mark.parametrize("n,tp,shard,family", [(2, 2, "none", "llama"), (2, 2, "none", "gpt"),
+                                               (4, 2, "none", "llama"), (4, 2, "full", "gpt")])
+def test_tensor_parallel_equals_one_rank_with_the_union_batch(tmp_path, dataset, references, n, tp, shard, family):
+    name = f"tp{tp}-{shard}-{n}-{family}"
+    model = LLAMA if family == "llama" else GPT
+    p = train(spec_file(tmp_path, dataset, name, model, backend="torch", shard=shard, tp=tp, batch=GLOBAL // (n // tp)), n)
+    assert f"{n // tp} data-parallel rank(s)" in p.stderr and f"parallel.shard={shard} tp={tp}" in p.stderr
+    assert_same_run(tmp_path / name, references / family)
+    got, one = metrics(tmp_path / name)[-1], metrics(references / family)[-1]
+    if shard == "none":  # every layer split in two (norms are a few hundred bytes)
+        for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
+            assert got[key] <= 0.55 * one[key], (key, got[key], one[key])
+    # `hpcllm plan`'s estimate is what the ranks measured (rank 0's: the largest part of each tensor)
+    spec = load_spec(tmp_path / f"{name}.yaml")
+    est = estimate_memory(model_for_plan(spec), shard, tp, n // tp)
+    assert {k: got[k] for k in est} == est
+
+
+def test_gathered_logits_train_the_same(tmp_path, dataset, references):
+    """parallel.vocab_parallel=false: logits gathered on every tp rank, the plain loss."""
+    spec = spec_file(tmp_path, dataset, "gathered", LLAMA, backend="torch", tp=2)
+    train(spec, 2, "parallel.vocab_parallel=false")
+    assert_same_run(tmp_path / "gathered", references / "llama")
+
+
+def test_checkpoints_resume_across_tensor_parallel_plans(tmp_path, dataset, references):
+    """tp=2 (its step 10) on one rank, and one rank's step 10 at dp=2 x tp=2 with FSDP on 4 ranks: both
+    continue the uninterrupted run."""
+    train(spec_file(tmp_path, dataset, "tp2", GPT, backend="torch", tp=2), 2)
+    resume_copy(tmp_path / "tp2", tmp_path / "to1")
+    p = train(spec_file(tmp_path, dataset, "to1", GPT, backend="single"), 1)
+    assert "resumed step 10 from 2 rank(s) on 1 rank(s) (parallel.shard none -> none) (parallel.tp 2 -> 1)" in p.stderr
+    assert_same_run(tmp_path / "to1", references / "gpt")
+
+    resume_copy(references / "gpt", tmp_path / "from1")
+    p = train(spec_file(tmp_path, dataset, "from1", GPT, backend="torch", tp=2, shard="full", batch=3), 4)
+    assert "resumed step 10 from 1 rank(s) on 4 rank(s) (parallel.shard none -> full) (parallel.tp 1 -> 2)" in p.stderr
+    assert_same_run(tmp_path / "from1", references / "gpt")
+
+
+def _fails(spec, n, *overrides):
+    cmd = [sys.executable, "-m", "hpcllm.cli", "train", str(spec), *overrides]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120) if n == 1 else run_mpi(n, cmd, timeout=120)
+    assert p.returncode != 0
+    lines = [x for x in p.stderr.splitlines() if "error" in x.lower()]
+    assert lines and "Traceback" not in p.stderr, p.stderr[-2000:]
+    return p.stderr
+
+
+def test_plans_that_cannot_run_are_config_errors(tmp_path, dataset):
+    spec = spec_file(tmp_path, dataset, "bad", LLAMA, backend="torch", tp=2)
+    assert "parallel.tp=2 does not divide the world of 3 rank(s)" in _fails(spec, 3)
+    assert "parallel.tp=3 does not divide model.n_head=4" in _fails(spec, 1, "parallel.tp=3")
+    assert "parallel.tp=2 needs dist.backend torch" in _fails(spec, 1, "dist.backend=mpi")
+    assert "parallel.shard=optimizer with parallel.tp > 1 is not implemented" in _fails(spec, 1, "parallel.shard=optimizer")
+    assert "tp must be >= 1" in _fails(spec, 1, "parallel.tp=0")
+
+
+def test_plan_dry_run_for_a_world_we_do_not_have(tmp_path):
+    """`hpcllm plan` on a login node: Llama 3 8B on 64 GPUs, no data, nothing started."""
+    spec = tmp_path / "8b.yaml"
+    spec.write_text(json.dumps({"kind": "train", "name": "8b", "model": {"arch": "llama", "size": "llama3-8b"},
+                                "parallel": {"shard": "full", "tp": 8},
+                                "train": {"global_batch_size": 512, "batch_size": 1, "seq_len": 8192},
+                                "slurm": {"nodes": 8, "tasks_per_node": 8}}))
+    plan = subprocess.run([sys.executable, "-m", "hpcllm.cli", "plan", str(spec)], capture_output=True, text=True,
+                          timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    out = plan.stdout
+    assert "on 64 rank(s): parallel.shard=full, tp=8 -> mesh dp=8 x tp=8" in out
+    assert "8030.3M parameters" in out and "query heads [t*4, (t+1)*4)" in out
+    assert "512 sequences/step = 8 data-parallel rank(s) x batch 1 x 64 micro-step(s)" in out
+    # 8.03e9 fp32 parameters / 64 ranks, + the same in gradients, + two AdamW moments
+    per_rank = re.search(r"parameters ([\d.]+) GiB, gradients ([\d.]+) GiB, optimizer state ([\d.]+) GiB", out)
+    p, g, o = (float(x) for x in per_rank.groups())
+    assert abs(p - 8.03e9 * 4 / 64 / 2**30) < 0.02 and g == p and abs(o - 2 * p) < 0.02, out
+    across = subprocess.run([sys.executable, "-m", "hpcllm.cli", "plan", str(spec), "--world", "64",
+                             "slurm.tasks_per_node=4", "slurm.nodes=16"], capture_output=True, text=True, timeout=120)
+    assert "WARNING: tp=8 > slurm.tasks_per_node=4: a tp group spans nodes" in across.stdout
+    bad = subprocess.run([sys.executable, "-m", "hpcllm.cli", "plan", str(spec), "--world", "12"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode != 0 and "parallel.tp=8 does not divide the world of 12 rank(s)" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -519,3 +519,48 @@ def test_signal_to_the_batch_shell_of_a_submitted_job_requeues_it(tmp_path):
     assert "resumed from" in out and f"hpcllm: train job {job}: complete" in out
     states = run(["sacct", "-j", job, "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
     assert states == ["REQUEUED", "COMPLETED"], states
+
+
+@pytest.mark.slurm
+def test_a_cancelled_job_resubmitted_on_fewer_tasks_continues_the_run(tmp_path):
+    """Preempted on 2 tasks, resubmitted to a 1-task allocation with the same run_dir: train.global_batch_size
+    keeps the optimisation the same (1 task x 2 micro-steps), the checkpoint's parts load on 1 rank, and
+    the run ends where an uninterrupted 2-rank run does."""
+    require_slurm()
+    import time
+
+    import torch
+
+    from hpcllm.checkpoint import read_checkpoint_model
+
+    from tests.mpi_util import run_mpi
+
+    prep, train = specs(tmp_path)
+    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    t = json.loads(train.read_text())
+    t["model"].update(n_layer=2, n_embd=128, block_size=128)  # ~25 ms a step: the cancel lands mid-run
+    t["train"].update(max_steps=400, batch_size=2, global_batch_size=4, seq_len=128, log_interval=1,
+                      ckpt_interval=20, keep_checkpoints=2)
+    t["slurm"]["time"] = "00:05:00"
+    (tmp_path / "ref.yaml").write_text(json.dumps(dict(t, name="ref", run_dir=str(tmp_path / "ref"))))
+    assert run_mpi(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
+                   timeout=240).returncode == 0
+    train.write_text(json.dumps(t))
+    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+    ckpts = tmp_path / "train" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step_") and not p.name.endswith(".tmp")
+                                                                   for p in ckpts.iterdir())):
+        time.sleep(0.2)
+    assert run(["scancel", job]).returncode == 0
+    assert wait_job(job, 60) == "CANCELLED"
+    job = re.findall(r"as (\d+)", hpcllm_submit(str(train), "slurm.tasks_per_node=1").stdout)[0]
+    assert wait_job(job, 240) == "COMPLETED"
+    logs = tmp_path / "train" / "submitit" / job
+    out = (logs / f"{job}_0_log.out").read_text() + (logs / f"{job}_0_log.err").read_text()
+    resumed = re.findall(r"resumed step (\d+) from 2 rank\(s\) on 1 rank\(s\)", out)
+    assert resumed and 0 < int(resumed[0]) < 400, out[-3000:]
+    a = read_checkpoint_model(tmp_path / "ref" / "checkpoints" / "step_00000400")
+    b = read_checkpoint_model(ckpts / "step_00000400")
+    for k in a:  # two ranks' allreduce vs two micro-steps on one: the same sums in another order
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max().item())

@@ -83,9 +83,9 @@ def describe(spec, world: int) -> str:
     if pc.shard != "none" and dp > 1:
         what = "optimizer state" if pc.shard == "optimizer" else "parameters, gradients and optimizer state"
         lines.append(f"  parallel.shard={pc.shard}: {what} sharded over the {dp} data-parallel rank(s)")
-    split = sum(1 for h in holdings(model) if h.tp_dim is not None) if tp > 1 else 0
     if tp > 1:
-        lines.append(f"  {split} of {len(holdings(model))} parameter tensors split over tp")
+        held = holdings(model)
+        lines.append(f"  {sum(h.tp_dim is not None for h in held)} of {len(held)} parameter tensors split over tp")
     global_batch = tc.batch_size * accum * dp
     lines.append(f"  batch: {global_batch} sequences/step = {dp} data-parallel rank(s) x batch {tc.batch_size} x "
                  f"{accum} micro-step(s); {global_batch * tc.seq_len} tokens/step")

@@ -333,7 +333,8 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     tree = plan.state_dict()
     check_fits(ckpt, tree)  # another model first: that is what a changed model.* means
     old_ranks, old_batch = state.get("world_size"), state.get("global_batch")
-    old_mode = read_meta(ckpt).get("shard", "none")
+    meta = read_meta(ckpt)
+    old_mode, old_tp = meta.get("shard", "none"), meta.get("tp", 1)
     if old_batch != global_batch:
         raise TrainingError(f"{ckpt}: written with a global batch of {old_batch} sequences per step ({old_ranks} "
                             f"rank(s)); this run has {global_batch} ({comm.size} rank(s) x train.batch_size="
@@ -349,7 +350,6 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
         # same on the ranks of a tensor-parallel group (their dropout masks must agree)
         torch.manual_seed(hash((spec.train.seed, step, comm.rank // plan.tp)) % 2**63)
     window.load(state.get("log_window"), comm)
-    old_tp = read_meta(ckpt).get("tp", 1)
     if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp:
         log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s: %s", step, old_ranks,
                  comm.size, old_mode, plan.mode, f" (parallel.tp {old_tp} -> {plan.tp})" if old_tp != plan.tp else "",

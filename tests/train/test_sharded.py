@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.corpus import prepare_python_corpus
 from tests.mpi_util import run_mpi
 
 pytestmark = pytest.mark.mpi
@@ -23,11 +22,6 @@ GLOBAL = 6  # sequences per step: 1 rank x 6, 2 ranks x 3, 3 ranks x 2 (or x 1 w
 LLAMA = {"arch": "llama", "size": "custom", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 40, "ffn_dim": 72,
          "block_size": 64}  # 40 and 72 rows do not split evenly over 3 ranks: the short chunks are exercised
 GPT = {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64}  # tied embeddings, biases
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return prepare_python_corpus(tmp_path_factory.mktemp("sharded"), val_fraction=0.1)
 
 
 def spec_file(root: Path, dataset, name: str, model: dict, *, shard="none", backend="mpi", batch=None, tp=1,
@@ -78,15 +72,6 @@ def resume_copy(src: Path, dst: Path, at: int = 10) -> None:
     for c in (dst / "checkpoints").iterdir():
         if int(c.name.split("_")[1]) > at:
             shutil.rmtree(c)
-
-
-@pytest.fixture(scope="module")
-def references(dataset, tmp_path_factory):
-    """One rank with the union batch, for each model: the runs every other one must equal."""
-    root = tmp_path_factory.mktemp("refs")
-    for name, model in (("llama", LLAMA), ("gpt", GPT)):
-        train(spec_file(root, dataset, name, model, backend="single"), 1)
-    return root
 
 
 @pytest.mark.parametrize("n,shard,backend", [(2, "none", "mpi"), (2, "optimizer", "mpi"), (2, "optimizer", "torch"),

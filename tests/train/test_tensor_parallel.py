@@ -15,23 +15,9 @@ from hpcllm.config import load_spec
 from hpcllm.parallel.cli import model_for_plan
 from hpcllm.parallel.estimate import estimate_memory
 from tests.mpi_util import run_mpi
-from tests.train.corpus import prepare_python_corpus
 from tests.train.test_sharded import GLOBAL, GPT, LLAMA, assert_same_run, metrics, resume_copy, spec_file, train
 
 pytestmark = pytest.mark.mpi
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return prepare_python_corpus(tmp_path_factory.mktemp("tp"), val_fraction=0.1)
-
-
-@pytest.fixture(scope="module")
-def references(dataset, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tp-refs")
-    for name, model in (("llama", LLAMA), ("gpt", GPT)):
-        train(spec_file(root, dataset, name, model, backend="single"), 1)
-    return root
 
 
 @pytest.mark.parametrize("n,tp,shard,family", [(2, 2, "none", "llama"), (2, 2, "none", "gpt"),

@@ -18,11 +18,14 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tokenizers>=0.15",
     "matplotlib>=3.7",
+    "psutil>=5.9",  # a start's process start time (hpcllm.report.provenance)
 ]
 
 EXTRAS_REQUIRE = {
     # transformers is the numerical oracle of the tests and the peer of `hpcllm bench infer`
-    "dev": ["pytest>=7", "pytest-timeout>=2.1", "transformers>=4.40"],
+    "dev": ["pytest>=7", "pytest-timeout>=2.1", "transformers>=4.40", "tensorboard>=2.14"],
+    # metrics.tensorboard: true writes TensorBoard event files through it
+    "tensorboard": ["tensorboard>=2.14"],
     "bench": ["transformers>=4.40"],
     # Horovod 0.28.1 does not build against torch >= 2.1 from PyPI: run scripts/build_horovod.sh
     # first (it installs a patched wheel), then this extra is already satisfied.

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "hpcllm.checkpoint.cli",
     "hpcllm.launch.cli",
     "hpcllm.jobs.cli",
+    "hpcllm.report.cli",
 ]
 
 

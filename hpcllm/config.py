@@ -30,6 +30,7 @@ from hpcllm.infer.config import InferConfig
 from hpcllm.launch.config import SlurmConfig
 from hpcllm.model.config import ModelConfig
 from hpcllm.parallel.config import ParallelConfig, check_backend, check_model
+from hpcllm.report.config import MetricsConfig
 from hpcllm.train.config import TrainConfig
 
 @dataclass
@@ -44,6 +45,7 @@ class JobSpec:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # run reports (hpcllm.report)
 
     def validate(self) -> None:  # what no single section can check on its own
         check_backend(self.parallel, self.dist.backend)

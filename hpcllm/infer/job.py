@@ -24,8 +24,8 @@ from hpcllm.config import JobSpec
 from hpcllm.data.prompts import PromptDataset, open_prompt_dataset
 from hpcllm.errors import ConfigError, DataError, IncompleteError, InferError
 from hpcllm.infer.engine import Engine
-from hpcllm.infer.outputs import (MANIFEST, done_and_intact, fingerprint, is_marked_done, refuse_other_settings,
-                                  remove_outputs, write_manifest, write_output)
+from hpcllm.infer.outputs import (MANIFEST, done_and_intact, fingerprint, is_marked_done, mark_begun,
+                                  refuse_other_settings, remove_outputs, write_manifest, write_output)
 from hpcllm.infer.sampling import SamplingParams
 from hpcllm.infer.schedule import make_queue
 
@@ -217,6 +217,8 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
     try:
         while (i := queue.next()) is not None:
             shard = prompts.shards[i]
+            if leader:
+                mark_begun(out_dir, shard, comm.rank)
             rec = shard.load()
             ts = time.perf_counter()
             if ic.mode == "generate":
@@ -236,7 +238,7 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
                 progress(len(results), 0)
             if not leader:  # its group's leader has the same results and writes them
                 continue
-            write_output(out_dir, shard, rec.ids, results, ic.mode, texts, fp, time.perf_counter() - ts)
+            write_output(out_dir, shard, rec.ids, results, ic.mode, texts, fp, time.perf_counter() - ts, comm.rank)
             mine["records"] += len(results)
             mine["shards"] += 1
     except BaseException:

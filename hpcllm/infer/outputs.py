@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -57,6 +58,10 @@ def out_name(shard: PromptShard) -> str:
 
 def marker_path(out_dir: Path, shard: PromptShard) -> Path:
     return out_dir / (out_name(shard) + ".done")
+
+
+def begun_path(out_dir: Path, shard: PromptShard) -> Path:
+    return out_dir / (out_name(shard) + ".begun")
 
 
 # ------------------------------------------------------------------------------------ fingerprint
@@ -118,9 +123,10 @@ def refuse_other_settings(out_dir: Path, fp: dict) -> None:
 
 
 def remove_outputs(out_dir: Path) -> int:
-    """--force: remove the manifest, the markers and the output shards (nothing else)."""
+    """--force: remove the manifest, the markers (done and begun) and the output shards (nothing else)."""
     gone = 0
-    for p in [out_dir / MANIFEST, *out_dir.glob("out-*.h5.done"), *out_dir.glob("out-*.h5")]:
+    for p in [out_dir / MANIFEST, *out_dir.glob("out-*.h5.done"), *out_dir.glob("out-*.h5.begun"),
+              *out_dir.glob("out-*.h5")]:
         try:
             p.unlink(missing_ok=True)
         except OSError as e:
@@ -178,8 +184,24 @@ def is_marked_done(out_dir: Path, shard: PromptShard, fp: dict) -> bool:
 # ------------------------------------------------------------------------------------ writing
 
 
+def mark_begun(out_dir: Path, shard: PromptShard, rank: int) -> None:
+    """Record that this job start began the shard (out-NNNNN.h5.begun: every attempt, in order), so
+    that `hpcllm report` can name the shards a start began and never finished — the work a retried
+    task redid. One writer at a time: a shard is handed to one rank of one start."""
+    from hpcllm.report.provenance import current_start
+
+    path = begun_path(out_dir, shard)
+    attempts = (_read_json(path) or {}).get("attempts")
+    attempts = attempts if isinstance(attempts, list) else []
+    attempts.append(dict(start=current_start(), rank=rank, time=time.time()))
+    try:
+        write_json(path, {"attempts": attempts})
+    except OSError as e:
+        raise InferError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: list, mode: str,
-                 texts: list[bytes] | None, fp: dict, seconds: float) -> dict:
+                 texts: list[bytes] | None, fp: dict, seconds: float, rank: int | None = None) -> dict:
     """The output shard (atomically), then its marker."""
     import h5py
 
@@ -211,6 +233,10 @@ def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: lis
         data = path.read_bytes()
         info = dict(path=path.name, input=shard.path.name, input_sha256=shard.sha256, n_records=len(ids),
                     bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), seconds=seconds, fingerprint=fp)
+        # who did it and when, for `hpcllm report` (per-shard latency, rank load balance, shards redone)
+        from hpcllm.report.provenance import current_start
+
+        info.update(rank=rank, finished_at=time.time(), start=current_start())
         write_json(marker_path(out_dir, shard), info)
     except OSError as e:
         raise InferError(f"cannot write {path}: {e.strerror or e}") from None

@@ -13,10 +13,18 @@ def run(spec, force: bool = False) -> int:
     from hpcllm.infer.job import run_infer
     from hpcllm.jobs.runtime import start
 
+    from hpcllm.report.provenance import begin, inference_end_fields, inference_start_fields
+
     comm = start(spec)
+    record = begin(spec, comm, **(inference_start_fields(spec) if comm.rank == 0 else {}))
     # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
     # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
-    run_infer(spec, comm, force=force)
+    try:
+        summary = run_infer(spec, comm, force=force)
+    except BaseException as e:  # the error still goes up to the CLI; the record says how the start ended
+        record.end("crashed", gather=False, reason=f"{type(e).__name__}: {e}"[:500])
+        raise
+    record.end("finished", summary=summary, **(inference_end_fields(spec) if comm.rank == 0 else {}))
     comm.close()
     return 0
 

@@ -13,10 +13,20 @@ def run(spec) -> int:
     from hpcllm.train.trainer import train
 
     catch_early_signals()  # replaces submitit's handlers too: the trainer decides what a signal means
+    from hpcllm.report.provenance import begin, training_start_fields
+
     comm = start(spec)
+    # rank 0 reads what it resumes from before the trainer truncates metrics.jsonl to the checkpoint
+    record = begin(spec, comm, **(training_start_fields(spec) if comm.rank == 0 else {}))
     # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
     # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
-    result = train(spec, comm)
+    try:
+        result = train(spec, comm)
+    except BaseException as e:  # the error still goes up to the CLI; the record says how the start ended
+        record.end("crashed", gather=False, reason=f"{type(e).__name__}: {e}"[:500])
+        raise
+    record.end("stopped" if result.stopped else "finished", reason=result.stopped, step=result.step,
+               checkpoint=result.checkpoint)
     comm.close()
     if result.stopped:
         return EXIT_REQUEUE

@@ -27,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from hpcllm.errors import EXIT_CODES, EXIT_REQUEUE, HpcllmError, IncompleteError
 
@@ -74,6 +75,9 @@ def _requeue(spec, job: str | None, restarts: int) -> tuple[int, str]:
         err = str(e)
     if err:
         return EXIT_REQUEUE, f"hpcllm: checkpointed, but scontrol requeue {job} failed ({err}): {again}"
+    from hpcllm.report.provenance import append
+
+    append(spec.run_dir, {"event": "requeued", "job": job, "restart": restarts, "time": time.time()})  # for the report
     return 0, f"hpcllm: checkpointed, requeueing job {job} (restart {restarts})"
 
 

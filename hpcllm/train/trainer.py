@@ -30,7 +30,7 @@ from hpcllm.parallel.config import check_model
 from hpcllm.parallel.estimate import estimate_memory
 from hpcllm.parallel.plans import Plan, as_tensor, build_plan
 from hpcllm.train.config import TrainConfig
-from hpcllm.train.metrics import MetricsLog, device_peak
+from hpcllm.train.metrics import MetricsLog, cpu_seconds, device_peak
 from hpcllm.train.schedule import lr_at
 from hpcllm.train.signals import StopRequest
 
@@ -204,7 +204,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=dp_rank,
                          world_size=dp, seed=tc.seed, device=device, global_batch=global_batch)
     has_val = tc.eval_interval > 0 and "val" in ds.splits
-    metrics = MetricsLog(spec.run_dir, comm.rank == 0)
+    metrics = MetricsLog(spec.run_dir, comm.rank == 0, tensorboard=spec.metrics.tensorboard)
 
     step = 0
     window = LossWindow(device)
@@ -255,7 +255,8 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                 tps = tokens_per_step * steps_timed / dt
                 rec = dict(step=step, loss=last_loss, lr=lr, tokens_per_s=tps, dt_s=dt,
                            mfu=(flops_per_token * tps / (peak * comm.size)) if peak else None,
-                           t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=plan.comm_wait_s, **plan.memory())
+                           t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=plan.comm_wait_s,
+                           cpu_s_ranks=comm.allgather_object(cpu_seconds()), **plan.memory())
                 if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm, plan)
                 metrics.write(rec)

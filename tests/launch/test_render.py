@@ -15,6 +15,7 @@ from hpcllm.config import load_spec
 from hpcllm.errors import ConfigError
 from hpcllm.launch.render import render
 from tests.slurm_util import BASE, slurm_env, job_state, require_slurm, run, sacct_rows, sbatch, wait_job
+from tests.train.corpus import prepare_small_corpus
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]
@@ -85,18 +86,6 @@ def test_values_cannot_inject_commands(tmp_path):
         make_spec(tmp_path, "train", slurm={"time": "1h; rm"})
 
 
-def _prepare_small(tmp_path):
-    corpus = tmp_path / "c"
-    corpus.mkdir()
-    for i in range(12):
-        (corpus / f"{i}.txt").write_text(f"document {i} " + "lorem ipsum dolor " * (150 + 7 * i))
-    prep = tmp_path / "prep.yaml"
-    prep.write_text(json.dumps({"kind": "prepare", "run_dir": str(tmp_path / "p"),
-                                "data": {"inputs": [str(corpus)], "dataset": str(tmp_path / "ds"), "val_fraction": 0.2}}))
-    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
-    return tmp_path / "ds"
-
-
 def _train_spec(tmp_path, ds, name, steps):
     return {"kind": "train", "name": name, "run_dir": str(tmp_path / name), "data": {"dataset": str(ds)},
             "dist": {"timeout_s": 60},
@@ -117,7 +106,7 @@ def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_pat
     require_slurm()
     from hpcllm.checkpoint import read_checkpoint_model as load_file
 
-    ds = _prepare_small(tmp_path)
+    ds = prepare_small_corpus(tmp_path)
     # reference: the same job on 2 ranks, uninterrupted
     (tmp_path / "ref.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "ref", STEPS)))
     from tests.mpi_util import run_mpi
@@ -218,7 +207,7 @@ def test_a_step_that_did_not_launch_is_started_once_more(tmp_path, path):
     srun exits 0. The batch script starts it once more — as step 1, with new names — and the job
     trains to the end, on both paths."""
     require_slurm()
-    spec = _train_spec(tmp_path, _prepare_small(tmp_path), "relaunch", 6)
+    spec = _train_spec(tmp_path, prepare_small_corpus(tmp_path), "relaunch", 6)
     spec["slurm"]["setup"] = [f'touch {BASE}/spool/stepd.slurm.pmix."$SLURM_JOB_ID".0  # the leftover']
     if path == "render":
         job = _render_and_sbatch(tmp_path, spec, "relaunch")
@@ -241,7 +230,7 @@ def test_signal_to_the_batch_shell_of_a_rendered_job_requeues_it(tmp_path):
     """`scancel --batch --signal=USR2` signals the batch shell, not the ranks: the script must pass it
     on (the ranks checkpoint, the job is requeued and finishes) instead of dying of it (FAILED 0:12)."""
     require_slurm()
-    ds = _prepare_small(tmp_path)
+    ds = prepare_small_corpus(tmp_path)
     job = _render_and_sbatch(tmp_path, _train_spec(tmp_path, ds, "batchsig", STEPS), "batchsig")
     metrics = tmp_path / "batchsig" / "metrics.jsonl"
     import time

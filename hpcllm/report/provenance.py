@@ -1,0 +1,206 @@
+"""Provenance: what each start of a job was, appended to run_dir/provenance.jsonl by rank 0.
+
+A start writes a `start` record when its ranks have joined (ids, versions, hashes, the checkpoint it
+resumes from) and an `end` record keyed by the same start id when it leaves (finished, stopped by a
+signal, crashed; per-rank CPU time and memory). A start killed outright (kill -9, node failure)
+leaves no end record: the report names it killed. The batch script's last word adds a `requeued`
+record when it requeues the job.
+
+    start = begin(spec, comm)
+    ...
+    start.end("finished", step=100)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+FILE = "provenance.jsonl"
+_current: str | None = None  # this process's start id, which metrics records carry
+
+
+def current_start() -> str | None:
+    return _current
+
+
+def append(run_dir: str | Path, record: dict) -> None:
+    """One JSON line appended, flushed and fsynced. Not hpcllm.atomic's write-and-rename: the log
+    only grows, each start adds a line, and a rewrite would race a dying start's last append. A crash
+    can at worst leave a torn last line, which read_records names and skips."""
+    path = Path(run_dir) / FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(run_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """(records, problems): every readable line, and one line naming each unreadable one."""
+    path = Path(run_dir) / FILE
+    records, problems = [], []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "event" not in rec:
+                raise ValueError("not a provenance record")
+        except ValueError as e:
+            problems.append(f"{path}:{i}: unreadable record skipped ({e})")
+            continue
+        records.append(rec)
+    return records, problems
+
+
+def sha256_file(path: str | Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout hpcllm runs from (an editable install), else None."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        p = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (p.stdout.strip() + ("-dirty" if dirty else "")) if p.returncode == 0 else None
+
+
+def versions() -> dict:
+    import sys
+
+    import torch
+
+    from hpcllm import __version__
+
+    out = {"hpcllm": __version__, "git": _git_commit(), "python": sys.version.split()[0], "torch": torch.__version__,
+           "cuda": torch.version.cuda, "nccl": None, "mpi": None}
+    try:
+        if torch.cuda.is_available():
+            out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:  # noqa: BLE001 - a build without NCCL: the field stays null
+        pass
+    try:
+        from mpi4py import MPI
+
+        out["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
+    except Exception:  # noqa: BLE001 - mpi4py missing or MPI unusable here
+        pass
+    return out
+
+
+def _slurm() -> dict:
+    env = os.environ
+    keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+            "restart_count": "SLURM_RESTART_COUNT", "nodelist": "SLURM_JOB_NODELIST"}
+    return {k: env.get(v) for k, v in keys.items()}
+
+
+def process_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def usage() -> dict:
+    """This process's CPU time and peak memory (and the GPU's, when it has one)."""
+    import resource
+
+    import torch
+
+    from hpcllm.train.metrics import cpu_seconds
+
+    out = {"cpu_s": cpu_seconds(), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+class Start:
+    def __init__(self, run_dir: str, start_id: str, comm, leader: bool):
+        self.run_dir, self.id, self.comm, self.leader = run_dir, start_id, comm, leader
+        self.ended = False
+
+    def end(self, ending: str, gather: bool = True, **fields) -> None:
+        """Write the end record. `gather`: every rank is here (a collective: per-rank usage); a
+        crashed rank cannot count on its peers, so then only rank 0's usage is recorded."""
+        if self.ended:
+            return
+        self.ended = True
+        mine = dict(rank=self.comm.rank, host=socket.gethostname(), **usage())
+        ranks = self.comm.allgather_object(mine) if gather else [mine]
+        if self.leader:
+            append(self.run_dir, dict(event="end", start=self.id, time=time.time(), ending=ending, ranks=ranks,
+                                      **fields))
+
+
+def begin(spec, comm, **fields) -> Start:
+    """Rank 0 appends the start record; every rank learns the start id (a broadcast)."""
+    global _current
+    from hpcllm.config import dump_spec, to_dict
+
+    start_id = comm.broadcast_object(uuid.uuid4().hex[:12] if comm.rank == 0 else None)
+    _current = start_id
+    leader = comm.rank == 0
+    if leader:
+        rec = dict(event="start", start=start_id, time=time.time(), process_start=process_start_time(),
+                   kind=spec.kind, name=spec.name, host=socket.gethostname(), slurm=_slurm(), world_size=comm.size,
+                   backend=comm.name, device=str(comm.device), plan=to_dict(spec.parallel),
+                   versions=versions(), spec_sha256=hashlib.sha256(dump_spec(spec).encode()).hexdigest(), **fields)
+        append(spec.run_dir, rec)
+    return Start(spec.run_dir, start_id, comm, leader)
+
+
+def training_start_fields(spec) -> dict:
+    """What a training start records beyond the common fields: the dataset's manifest hash, the
+    checkpoint it resumes from (the trainer resumes from the same latest complete one), and the last
+    step metrics.jsonl holds from before — read before the trainer truncates it to the checkpoint,
+    it is the last step the previous start logged, so the report can count the steps redone."""
+    from hpcllm.checkpoint import latest_checkpoint
+    from hpcllm.data.shards import MANIFEST
+    from hpcllm.train.metrics import read_metrics
+
+    ckpt = latest_checkpoint(spec.run_dir, warn=False) if spec.train.resume else None
+    resume = None
+    if ckpt is not None:
+        resume = {"path": str(ckpt), "step": int(ckpt.name.split("_")[-1])}
+    try:
+        recs = read_metrics(spec.run_dir)
+    except ValueError:
+        recs = []
+    last = recs[-1] if recs else None
+    return dict(dataset_manifest_sha256=sha256_file(Path(spec.data.dataset) / MANIFEST), resume_from=resume,
+                previous_last_logged={k: last.get(k) for k in ("step", "time", "start")} if last else None)
+
+
+def inference_start_fields(spec) -> dict:
+    from hpcllm.data.shards import MANIFEST
+
+    return dict(dataset_manifest_sha256=sha256_file(Path(spec.infer.prompts) / MANIFEST), model=str(spec.infer.model),
+                array=[spec.infer.array_task, spec.infer.array_tasks])
+
+
+def inference_end_fields(spec) -> dict:
+    """The model's hash, as the shards' done markers record it (hashing the weights again would
+    cost what loading them did)."""
+    for marker in sorted((Path(spec.run_dir) / "outputs").glob("out-*.h5.done")):
+        try:
+            return {"model_sha256": json.loads(marker.read_text())["fingerprint"]["model_sha256"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {}

@@ -1,0 +1,223 @@
+"""Run reports on real runs: a 2-rank training killed with kill -9 on a rank, resumed, stopped by
+SIGUSR2, resumed again to the end — the report lists each start with its ending, the steps redone
+and the recovery time, its goodput is recomputed here from the records, and the TensorBoard event
+files hold one series per metric without a duplicate step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.mpi_util import mpi_env, mpirun_cmd
+from tests.train.corpus import prepare_small_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+# sized so that a step costs ~25 ms here (tests/launch/test_render.py's STEPS): a signal sent after
+# 80 steps lands mid-run; a tiny model would finish first
+STEPS = 300
+CKPT = 50
+
+
+def _spec(root: Path, ds: Path) -> Path:
+    spec = {"kind": "train", "name": "rep", "run_dir": str(root / "run"), "data": {"dataset": str(ds)},
+            "dist": {"timeout_s": 10},
+            "model": {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128},
+            "train": {"max_steps": STEPS, "batch_size": 4, "seq_len": 128, "log_interval": 10, "eval_interval": 0,
+                      "ckpt_interval": CKPT, "keep_checkpoints": 10, "progress": False},
+            "metrics": {"tensorboard": True}}
+    p = root / "rep.yaml"
+    p.write_text(json.dumps(spec))
+    return p
+
+
+def _last_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _train_until(spec: Path, run: Path, step: int, act) -> subprocess.CompletedProcess:
+    """Start 2-rank training; once metrics.jsonl has passed `step`, act(mpirun process)."""
+    start_step = _last_step(run)
+    proc = subprocess.Popen(mpirun_cmd(2, sys.executable, "-m", "hpcllm.cli", "train", str(spec)), env=mpi_env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while act and time.time() < deadline and proc.poll() is None:
+        s = _last_step(run)
+        if s >= step and s != start_step:
+            act(proc)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_a_rank(proc, spec):
+    pids = subprocess.run(["pgrep", "-f", f"hpcllm.cli train {spec}"], capture_output=True, text=True).stdout.split()
+    ranks = sorted(int(p) for p in pids if int(p) != proc.pid)
+    os.kill(ranks[-1], signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def restarted_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    spec = _spec(root, prepare_small_corpus(root))
+    run = root / "run"
+    killed = _train_until(spec, run, 80, lambda p: _kill_a_rank(p, spec))
+    assert killed.returncode != 0
+    killed_at = _last_step(run)
+    stopped = _train_until(spec, run, 160, lambda p: p.send_signal(signal.SIGUSR2))  # mpirun forwards it
+    assert stopped.returncode == 85, stopped.stderr[-2000:]
+    done = _train_until(spec, run, 0, None)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run, killed_at
+
+
+def _report(*args):
+    return subprocess.run([sys.executable, "-m", "hpcllm.cli", "report", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+@pytest.mark.mpi
+def test_report_lists_each_start_with_ending_redone_steps_and_recovery(restarted_run, tmp_path):
+    run, killed_at = restarted_run
+    p = _report(run, "--json")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    s0, s1, s2 = rep["starts"]
+    assert s0["ending"].startswith(("killed", "crashed")) and s0["resumed_from_step"] == 0
+    assert s0["last_step"] == killed_at  # the last step it logged, read by the next start before truncating
+    assert s1["resumed_from_step"] == (killed_at // CKPT) * CKPT
+    assert s1["steps_redone"] == killed_at - s1["resumed_from_step"] > 0
+    assert s1["ending"] == "stopped (signal SIGUSR2)"
+    assert s2["resumed_from_step"] == s1["last_step"] and s2["steps_redone"] == 0  # a stop checkpoints
+    assert s2["ending"] == "finished" and s2["last_step"] == STEPS == rep["final_step"]
+    for s in (s1, s2):
+        assert 0 < s["recovery_s"] < 120 and s["startup_s"] > 0 and s["tokens_per_s"] > 0
+    # a start killed outright: each rank's CPU time at the last step it logged (rank 0 alone if it crashed)
+    assert s0["per_rank"] and s0["per_rank"][0]["rank"] == 0 and all(r["cpu_s"] > 0 for r in s0["per_rank"])
+    for s in (s1, s2):  # a start that ended on its own says what each rank used
+        assert [r["rank"] for r in s["per_rank"]] == [0, 1]
+        assert all(r["cpu_s"] > 0 and r["peak_rss_bytes"] > 0 for r in s["per_rank"])
+    assert 0 <= s2["data_wait_fraction"] < 1 and 0 <= s2["comm_fraction"] < 1
+
+    text = _report(run, "--plot", tmp_path / "t.png")
+    assert text.returncode == 0, text.stderr
+    assert "start 1" in text.stdout and "steps redone" not in text.stdout and "step(s) redone" in text.stdout
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.mpi
+def test_goodput_recomputed_from_the_records(restarted_run):
+    run, _ = restarted_run
+    rep = json.loads(_report(run, "--json").stdout)
+    records = [json.loads(x) for x in (run / "provenance.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r["event"] == "start"]
+    ends = {r["start"]: r for r in records if r["event"] == "end"}
+    # a killed start's stop: the last metrics record it wrote, as the next start saw it
+    stop = [ends[s["start"]]["time"] if s["start"] in ends else starts[i + 1]["previous_last_logged"]["time"]
+            for i, s in enumerate(starts)]
+    allocated = sum(t - s["process_start"] for s, t in zip(starts, stop))
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(10, STEPS + 1, 10))  # each step once
+    productive = sum(m["dt_s"] for m in metrics)
+    assert rep["allocated_s"] == pytest.approx(allocated)
+    assert rep["goodput"] == pytest.approx(productive / allocated)
+    assert 0 < rep["goodput"] < 1
+
+
+@pytest.mark.mpi
+def test_provenance_records_ids_versions_and_hashes(restarted_run):
+    run, _ = restarted_run
+    records = [json.loads(x) for x in (run / "provenance.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r["event"] == "start"]
+    assert len({s["start"] for s in starts}) == 3
+    for s in starts:
+        assert s["world_size"] == 2 and s["plan"]["shard"] == "none" and s["kind"] == "train"
+        assert s["versions"]["torch"] and "Open MPI" in s["versions"]["mpi"] and s["versions"]["hpcllm"]
+        assert len(s["spec_sha256"]) == 64 and len(s["dataset_manifest_sha256"]) == 64
+    assert starts[0]["resume_from"] is None and starts[2]["resume_from"]["path"].endswith("step_%08d" % starts[2]
+                                                                                           ["resume_from"]["step"])
+
+
+@pytest.mark.mpi
+def test_tensorboard_one_series_per_metric_and_no_duplicate_steps(restarted_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, killed_at = restarted_run
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"loss", "lr", "tokens_per_s", "dt_s", "cpu_s"} <= set(tags)
+    for tag in tags:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert steps == sorted(set(steps)), f"{tag}: duplicate or unordered steps {steps}"
+    assert [e.step for e in acc.Scalars("loss")] == list(range(10, STEPS + 1, 10))
+    # the same values as metrics.jsonl (the redone steps' first values are kept: a resume logs the same)
+    metrics = {json.loads(x)["step"]: json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()}
+    for e in acc.Scalars("loss"):
+        assert e.value == pytest.approx(metrics[e.step], rel=1e-5)
+
+
+def test_report_of_a_dir_without_records_is_one_line(tmp_path):
+    p = _report(tmp_path)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "provenance.jsonl: no provenance records" in p.stderr
+    (tmp_path / "provenance.jsonl").write_text('{"event": "start", "start": "x"}\n')
+    p = _report(tmp_path)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "lacks field" in p.stderr
+
+
+def test_unknown_metrics_key_is_an_error(tmp_path):
+    from hpcllm.config import load_spec
+    from hpcllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'metrics.tensorbord'.*did you mean 'metrics.tensorboard'"):
+        load_spec(None, ["metrics.tensorbord=true"], base={"kind": "train"})
+
+
+def test_a_torn_metrics_line_is_skipped_on_resume(tmp_path, caplog):
+    """kill -9 while rank 0 appends to metrics.jsonl can leave half a line: the resumed run names it
+    and goes on, instead of dying on it."""
+    from hpcllm.train.metrics import MetricsLog, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 3.0}\n{"step": 20, "loss": 2.5}\n{"step": 30, "lo')
+    MetricsLog(tmp_path, True).truncate_after(20)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20]
+    assert "metrics.jsonl:3: not a metrics record" in caplog.text
+
+
+@pytest.mark.mpi
+def test_report_of_an_inference_run_on_two_ranks(tmp_path):
+    """7 shards on 2 ranks (dynamic schedule), then a rerun that skips them all: per-shard seconds,
+    each rank's busy time, the load balance, nothing redone; the model's hash is recorded."""
+    from tests.infer.helpers import infer_spec, prepare_prompts, run_cli, tiny_model
+
+    model = tiny_model(tmp_path / "model")
+    assert prepare_prompts(tmp_path, [{"id": i, "prompt": f"q{i} " * (1 + i % 4)} for i in range(20)]).returncode == 0
+    spec = infer_spec(tmp_path, "inf", model=model, prompts=tmp_path / "prompts")
+    for _ in range(2):
+        p = run_cli("infer", spec, n=2)
+        assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads(_report(tmp_path / "inf", "--json").stdout)
+    first, rerun = rep["starts"]
+    assert rep["kind"] == "infer" and rep["shards"] == 7 and rep["shards_redone"] == {}
+    assert first["ending"] == "finished" and first["shards_done"] == 7 and first["shards_lost"] == []
+    assert first["records"] == 20 and first["records_per_s"] > 0 and first["tokens_per_s"] > 0
+    assert set(first["rank_busy_s"]) == {"0", "1"} and first["load_balance"] >= 1.0
+    busy = sum(first["rank_busy_s"].values())
+    done = [json.loads(m.read_text()) for m in (tmp_path / "inf" / "outputs").glob("*.done")]
+    assert busy == pytest.approx(sum(m["seconds"] for m in done))
+    assert rerun["shards_done"] == 0 and rerun["shards_skipped"] == 7 and rerun["load_balance"] is None
+    assert rep["shard_seconds"]["min"] <= rep["shard_seconds"]["p50"] <= rep["shard_seconds"]["max"]
+    ends = [json.loads(x) for x in (tmp_path / "inf" / "provenance.jsonl").read_text().splitlines()
+            if '"end"' in x]
+    assert len(ends[0]["model_sha256"]) == 64 and ends[0]["model_sha256"] == done[0]["fingerprint"]["model_sha256"]
+    text = _report(tmp_path / "inf").stdout
+    assert "7 shard(s) done" in text and "shards redone: none" in text

@@ -176,7 +176,7 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
         prepare_out_dir(out_dir, fp, force)
         plan = (fp, [i for i in mine_idx if not done_and_intact(out_dir, prompts.shards[i], fp)])
     fp, todo = comm.broadcast_object(plan)
-    tp = spec.parallel.tp
+    tp, tp_group = spec.parallel.tp, None
     if tp > 1:  # every rank loaded the whole model; each keeps its heads and its part of each layer
         from hpcllm.parallel.config import check_model
         from hpcllm.parallel.tensor import for_inference
@@ -186,7 +186,7 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
             check_model(spec.parallel, model.config)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        model = for_inference(model, comm, tp)
+        model, tp_group = for_inference(model, comm, tp)
     leader = comm.rank % tp == 0  # the rank of its tensor-parallel group that writes the outputs
     engine = Engine(model, device=device, dtype=dtype, max_batch_size=ic.batch_size, pad_id=tok.pad_id,
                     overflow=ic.overflow, use_cuda_graphs=ic.cuda_graphs)
@@ -194,7 +194,7 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
                             top_p=ic.top_p, stop_token_ids=stop_ids, seed=ic.seed)
     stops = [s.encode("utf-8") for s in ic.stop_strings]
     skipped = len(mine_idx) - len(todo)
-    queue = make_queue(comm, todo, ic.schedule, tp)
+    queue = make_queue(comm, todo, ic.schedule, tp, tp_group)
     if comm.rank == 0:
         if skipped:
             log.info("resuming: %d of %d shards already done", skipped, len(mine_idx))

@@ -1,7 +1,9 @@
 """Which input shard a rank does next.
 
 `static`: shard todo[i] goes to rank i % N, no communication. `dynamic`: whichever rank is free
-takes the next shard, which balances shards of unequal cost. Dynamic works on every backend:
+takes the next shard, which balances shards of unequal cost (with parallel.tp, whichever
+tensor-parallel group is free: its first rank asks, and tells the group). Dynamic works on every
+backend:
 
 - when MPI launched the job (mpirun, srun --mpi=pmix) — whatever dist.backend is — a coordinator
   thread on rank 0 answers the other ranks' requests over a private duplicate of MPI's world, and
@@ -45,24 +47,25 @@ class ShardQueue(Protocol):
         """On an error: stop without waiting for any peer."""
 
 
-def make_queue(comm: Communicator, todo: list[int], schedule: str, tp: int = 1) -> ShardQueue:
+def make_queue(comm: Communicator, todo: list[int], schedule: str, tp: int = 1, tp_group=None) -> ShardQueue:
     """Collective: every rank calls it at the same point with the same `todo`. With tp > 1 the
-    ranks of a tensor-parallel group (adjacent ranks) take the same shards, one group after another."""
-    if tp > 1:
-        if schedule != "static":
-            log.warning("infer.schedule=dynamic with parallel.tp=%d: shards go to the tp groups in turn (static)", tp)
+    ranks of a tensor-parallel group (adjacent ranks; `tp_group` their torch.distributed group) take
+    the same shards: static, group i % groups; dynamic, the group's first rank takes the next shard
+    from a queue among the groups' first ranks and tells the others."""
+    groups = comm.size // tp
+    if schedule == "static" or groups == 1:
         return StaticQueue(comm, todo, tp)
-    if schedule == "static" or comm.size == 1:
-        return StaticQueue(comm, todo)
     world = _mpi_world(comm)
-    if world is not None:
-        return MPIQueue(comm, todo, world)
     import torch.distributed as tdist
 
-    if tdist.is_available() and tdist.is_initialized():
-        return StoreQueue(comm, todo)
-    log.warning("infer.schedule=dynamic needs MPI or torch.distributed to hand out shards; running static")
-    return StaticQueue(comm, todo)
+    if world is not None:
+        queue = MPIQueue(comm, todo, world, requesters=groups)
+    elif tdist.is_available() and tdist.is_initialized():
+        queue = StoreQueue(comm, todo)
+    else:
+        log.warning("infer.schedule=dynamic needs MPI or torch.distributed to hand out shards; running static")
+        return StaticQueue(comm, todo, tp)
+    return queue if tp == 1 else GroupQueue(queue, comm, tp, tp_group)
 
 
 def _mpi_world(comm: Communicator):
@@ -100,8 +103,11 @@ class StaticQueue:
 class MPIQueue:
     description = "dynamic (rank 0 hands out shards over MPI)"
 
-    def __init__(self, comm: Communicator, todo: list[int], world):
+    def __init__(self, comm: Communicator, todo: list[int], world, requesters: int | None = None):
+        """`requesters`: how many ranks take shards (every rank, or the first of each tp group; rank 0
+        is always one of them)."""
         self.rank, self.size, self.timeout_s = comm.rank, comm.size, comm.timeout_s
+        self.requesters = requesters or comm.size
         self.mpi = world.Dup()  # collective; a private channel that no other message can match
         self._pending = collections.deque(todo)
         self._lock = threading.Lock()
@@ -123,7 +129,7 @@ class MPIQueue:
 
         status, finished = MPI.Status(), 0
         try:
-            while finished < self.size - 1 and not self._stop.is_set():
+            while finished < self.requesters - 1 and not self._stop.is_set():
                 if not self.mpi.Iprobe(source=MPI.ANY_SOURCE, tag=_REQ, status=status):
                     time.sleep(_POLL_S)
                     continue
@@ -188,3 +194,29 @@ class StoreQueue:
 
     def abandon(self) -> None:
         pass
+
+
+class GroupQueue:
+    """parallel.tp > 1, dynamic: the first rank of each tensor-parallel group takes the next shard
+    from `inner` (a queue among the groups' first ranks) and broadcasts it to its group, whose ranks
+    then work on it together. A group waiting for its first rank waits as long as the process
+    group's timeout (dist.timeout_s)."""
+
+    def __init__(self, inner, comm: Communicator, tp: int, group):
+        self.inner, self.group, self.tp = inner, group, tp
+        self.first = comm.rank - comm.rank % tp  # the global rank that asks for the group
+        self.asks = comm.rank == self.first
+        self.description = f"{inner.description}; each shard to a tensor-parallel group of {tp} ranks"
+
+    def next(self) -> int | None:
+        import torch.distributed as tdist
+
+        box = [self.inner.next() if self.asks else None]
+        tdist.broadcast_object_list(box, src=self.first, group=self.group)
+        return box[0]
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def abandon(self) -> None:
+        self.inner.abandon()

@@ -53,12 +53,14 @@ def split_model(model, tp_mesh, *, vocab_parallel: bool):
 
 
 def for_inference(model, comm: Communicator, tp: int):
-    """The model split over groups of `tp` adjacent ranks for the inference engine: logits gathered
-    on every rank of a group (each makes the same sampling decision from the same logits and the
-    same per-record generator), the KV cache split by kv heads."""
+    """(model, the tp group): the model split over groups of `tp` adjacent ranks for the inference
+    engine — logits gathered on every rank of a group (each makes the same sampling decision from
+    the same logits and the same per-record generator), the KV cache split by kv heads — and the
+    torch.distributed group of this rank's tp ranks (the shard queue tells a group its shard)."""
     from hpcllm.parallel.plans import device_mesh
 
-    return split_model(model, device_mesh(comm, tp)["tp"], vocab_parallel=False)
+    tp_mesh = device_mesh(comm, tp)["tp"]
+    return split_model(model, tp_mesh, vocab_parallel=False), tp_mesh.get_group()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

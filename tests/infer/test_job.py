@@ -100,16 +100,21 @@ def test_bad_inputs(setup, tmp_path):
 
 @pytest.mark.mpi
 def test_tensor_parallel_groups_give_the_same_outputs(setup):
-    """parallel.tp=2 on 2 ranks (one group), and dp=2 x tp=2 on 4 (shards to the groups in turn):
-    the outputs of one rank, written once per shard by each group's first rank."""
+    """parallel.tp=2 on 2 ranks (one group), and dp=2 x tp=2 on 4 — shards to whichever group is free
+    (dynamic) or to the groups in turn (static): the outputs of one rank, written once per shard by
+    each group's first rank."""
     want = outputs(setup / "one") if (setup / "one" / "outputs").exists() else None
     if want is None:
         assert infer(str(spec(setup, "one", batch_size=8))).returncode == 0
         want = outputs(setup / "one")
-    for name, n in (("tp2", 2), ("dp2tp2", 4)):
-        p = infer(str(spec(setup, name)), "parallel.tp=2", "dist.backend=torch", n=n)
+    for name, n, schedule in (("tp2", 2, "dynamic"), ("dp2tp2", 4, "dynamic"), ("dp2tp2-static", 4, "static")):
+        p = infer(str(spec(setup, name, schedule=schedule)), "parallel.tp=2", "dist.backend=torch", n=n)
         assert p.returncode == 0, p.stderr[-2000:]
         assert outputs(setup / name) == want, name
         assert "tensor-parallel group" in p.stderr and f"on {n} rank(s)" in p.stderr
+        if n == 4:
+            assert ("each shard to a tensor-parallel group of 2 ranks" in p.stderr) == (schedule == "dynamic")
+            writers = {json.loads(m.read_text())["rank"] for m in (setup / name / "outputs").glob("*.done")}
+            assert writers <= {0, 2}, writers
     bad = infer(str(spec(setup, "bad")), "parallel.tp=2", "dist.backend=torch", n=3)
     assert bad.returncode != 0 and "parallel.tp=2 does not divide the world of 3 rank(s)" in bad.stderr

@@ -39,7 +39,7 @@ def _body(arch: str) -> dict:
                 [r.logprob_sum for r in e.score(prompts, [p[:4] for p in prompts], ids)])
 
     whole = run(model())
-    split = for_inference(model(), comm, 2)
+    split, _ = for_inference(model(), comm, 2)
     cache = split.new_kv_cache(3, 8, "cpu")
     got = run(split)
     return {"greedy": got[0] == whole[0], "sampled": got[1] == whole[1],

@@ -210,7 +210,7 @@ class FsdpPlan(Plan):
         self.optimizer.zero_grad(set_to_none=True)
 
     def same_start(self) -> None:
-        pass  # every rank built the same full model before sharding it
+        pass  # every rank filled its part from the same whole values (hpcllm.parallel.materialize)
 
     def grads_bytes(self) -> int:
         return sum(tensor_bytes(p) for p in self.model.parameters() if p.requires_grad)  # sharded, as held

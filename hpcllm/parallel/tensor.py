@@ -42,8 +42,8 @@ def vocab_plan(embedding: str, head: str, vocab_parallel: bool) -> dict:
 
 
 def split_model(model, tp_mesh, *, vocab_parallel: bool):
-    """`model` split over `tp_mesh` in place by its family's plan (every rank must pass the same whole
-    model: the same seed, or the same weights loaded)."""
+    """`model` split over `tp_mesh` in place by its family's plan: the same whole model on every rank
+    (inference), or one on the meta device that hpcllm.parallel.materialize fills after (training)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     parallelize_module(model, tp_mesh, model.tp_plan(vocab_parallel))
@@ -152,7 +152,7 @@ class TensorParallelPlan(Plan):
         self.optimizer.zero_grad(set_to_none=True)
 
     def same_start(self) -> None:
-        pass  # every rank built the same whole model (same seed, or the same model.init) before splitting it
+        pass  # every rank filled its part from the same whole values (hpcllm.parallel.materialize)
 
     def grads_bytes(self) -> int:
         return sum(tensor_bytes(p) for p in self.params)  # a gradient is held like its parameter

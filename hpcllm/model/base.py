@@ -45,10 +45,11 @@ class CausalLM(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def tp_plan(self, vocab_parallel: bool) -> dict:
+    def tp_plan(self, vocab_parallel: bool, sequence_parallel: bool = False) -> dict:
         """{module path: torch.distributed.tensor.parallel style} for `parallelize_module`: which
-        linear layers split their outputs (column) or inputs (row) over the tensor-parallel ranks
-        (hpcllm.parallel.tensor has the styles)."""
+        linear layers split their outputs (column) or inputs (row) over the tensor-parallel ranks,
+        and with `sequence_parallel` which norms run on sequence slices and which modules gather
+        the whole sequence (hpcllm.parallel.tensor has the styles)."""
         raise NotImplementedError(f"{type(self).__name__} has no tensor-parallel plan")
 
     def tie_weights(self) -> None:

@@ -186,6 +186,8 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     tc, device = spec.train, comm.device
     torch.manual_seed(tc.seed)
     pc = spec.parallel
+    if pc.sequence_parallel:  # dropout sees each tp rank's own positions (and heads): a stream per rank
+        torch.manual_seed(hash((tc.seed, comm.rank)) % 2**63)
     try:  # the ranks of one tensor-parallel group read the same batches: data parallel over world / tp
         dp = pc.data_parallel(comm.size)
         accum = tc.accumulation(dp)
@@ -207,7 +209,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     # plain tensors in one list; the norms stay plain)
     multi_tensor = None if pc.tp == 1 else False
     plan = build_plan(pc.shard, model, comm, bucket_mb=spec.dist.bucket_mb, bf16=uses_bf16(device, tc.dtype),
-                      tp=pc.tp, vocab_parallel=pc.vocab_parallel,
+                      tp=pc.tp, vocab_parallel=pc.vocab_parallel, sequence_parallel=pc.sequence_parallel,
                       make_optimizer=lambda m: m.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas),
                                                                      fused=device.type == "cuda" and pc.tp == 1,
                                                                      foreach=multi_tensor))
@@ -237,8 +239,9 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     dev_name, peak = device_peak(device)
     flops_per_token = model.estimate_flops_per_token(tc.seq_len)
     log.info("model %.2fM params, %d tokens/step (%d sequences: %d data-parallel rank(s) x batch %d x %d "
-             "micro-step(s)), parallel.shard=%s tp=%d, device %s%s", model.num_params() / 1e6, tokens_per_step,
-             global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp, dev_name,
+             "micro-step(s)), parallel.shard=%s tp=%d%s, device %s%s", model.num_params() / 1e6, tokens_per_step,
+             global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp,
+             " sequence_parallel" if pc.sequence_parallel else "", dev_name,
              "" if peak else " (peak FLOP/s unknown: no MFU)")
     bar = None
     if comm.rank == 0 and tc.progress:
@@ -363,8 +366,10 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     if old_ranks == comm.size:
         restore_rank_rng(ckpt, comm.rank)
     else:  # no rank continues another's stream: a fresh one per (seed, step, data-parallel rank), the
-        # same on the ranks of a tensor-parallel group (their dropout masks must agree)
-        torch.manual_seed(hash((spec.train.seed, step, comm.rank // plan.tp)) % 2**63)
+        # same on the ranks of a tensor-parallel group (their dropout masks must agree) unless they
+        # hold different positions (sequence parallel)
+        stream = comm.rank if plan.sequence_parallel else comm.rank // plan.tp
+        torch.manual_seed(hash((spec.train.seed, step, stream)) % 2**63)
     window.load(state.get("log_window"), comm)
     if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp:
         log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s: %s", step, old_ranks,

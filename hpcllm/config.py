@@ -51,6 +51,10 @@ class JobSpec:
         check_backend(self.parallel, self.dist.backend)
         if (self.parallel.shard == "full" or self.parallel.tp > 1) and self.dist.backend == "auto":
             self.dist.backend = "torch"  # the one backend that carries FSDP2 and DTensor (NCCL on GPU, gloo on CPU)
+        if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp:
+            raise ValueError(f"parallel.sequence_parallel=true needs train.seq_len ({self.train.seq_len}) to be a "
+                             f"multiple of parallel.tp={self.parallel.tp}: each tp rank holds an equal slice of the "
+                             "sequence")
         if self.parallel.tp > 1 and not self.model.init:  # a model.init's heads are checked when it is read
             try:
                 resolved = self.model.resolve(self.model.vocab_size or 1)  # the vocabulary does not matter here

@@ -45,10 +45,11 @@ class CausalLM(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def tp_plan(self, vocab_parallel: bool) -> dict:
+    def tp_plan(self, vocab_parallel: bool, sequence_parallel: bool = False) -> dict:
         """{module path: torch.distributed.tensor.parallel style} for `parallelize_module`: which
-        linear layers split their outputs (column) or inputs (row) over the tensor-parallel ranks
-        (hpcllm.parallel.tensor has the styles)."""
+        linear layers split their outputs (column) or inputs (row) over the tensor-parallel ranks,
+        and with `sequence_parallel` which norms run on sequence slices and which modules gather
+        the whole sequence (hpcllm.parallel.tensor has the styles)."""
         raise NotImplementedError(f"{type(self).__name__} has no tensor-parallel plan")
 
     def tie_weights(self) -> None:
@@ -69,18 +70,28 @@ class CausalLM(nn.Module):
     def init_weights(self, seed: int | None = None) -> "CausalLM":
         """N(0, 0.02) for matrices, residual output projections scaled by 1/sqrt(2 * n_layer)
         (GPT-2's scheme); zeros for biases; ones for norm weights."""
+        with torch.no_grad():
+            for _, p, value in self.initial_values(seed):
+                p.copy_(value)
+        return self
+
+    def initial_values(self, seed: int | None = None):
+        """(name, parameter, its whole initial value) for each parameter in turn, drawn on the CPU from
+        one generator in the parameters' order. One value exists at a time: a model sharded before it
+        was materialised keeps each rank's part of each value (hpcllm.parallel.materialize) and
+        equals, part for part, the whole model `init_weights` gives on one rank."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         resid = 0.02 / math.sqrt(2 * self.config.n_layer)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if p.dim() >= 2:
-                    std = resid if name.endswith(self.residual_projections) else 0.02
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:  # norm weights
-                    p.fill_(1.0)
-        return self
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = resid if name.endswith(self.residual_projections) else 0.02
+                value = torch.randn(p.shape, generator=gen, device="cpu").mul_(std)
+            elif name.endswith("bias"):
+                value = torch.zeros(p.shape, device="cpu")
+            else:  # norm weights
+                value = torch.ones(p.shape, device="cpu")
+            yield name, p, value
+            del value  # before the next is drawn: one whole value alive at a time
 
     residual_projections: tuple[str, ...] = ()  # parameter name suffixes scaled down at init
 

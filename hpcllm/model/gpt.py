@@ -93,13 +93,18 @@ class GPT(CausalLM):
     def lookup_only_parameters(self):
         return [self.transformer.wpe.weight]  # wte is also the output matrix (tied)
 
-    def tp_plan(self, vocab_parallel: bool) -> dict:
-        from hpcllm.parallel.tensor import block_plan, vocab_plan
+    def tp_plan(self, vocab_parallel: bool, sequence_parallel: bool = False) -> dict:
+        from hpcllm.parallel.tensor import block_plan, sequence_plan, vocab_plan
 
-        return {**vocab_plan("transformer.wte", "lm_head", vocab_parallel),
-                **{f"transformer.h.{i}.{k}": v for i in range(self.config.n_layer)
-                   for k, v in block_plan(column=("attn.c_attn", "mlp.c_fc"),
-                                          row=("attn.c_proj", "mlp.c_proj")).items()}}
+        sp = sequence_parallel
+        block = block_plan(column=("attn.c_attn", "mlp.c_fc"), row=("attn.c_proj", "mlp.c_proj"), sequence_parallel=sp)
+        if sp:  # LayerNorms (weight and bias) on sequence slices; attention and the MLP on whole sequences
+            block.update(sequence_plan(norms=("ln_1", "ln_2"), gathered=("attn", "mlp")))
+        plan = {**vocab_plan("transformer.wte", "lm_head", vocab_parallel, sequence_parallel=sp),
+                **{f"transformer.h.{i}.{k}": v for i in range(self.config.n_layer) for k, v in block.items()}}
+        if sp:  # every rank looks up all positions alike and keeps its slice to add to its tokens' slice
+            plan.update(sequence_plan(norms=("transformer.ln_f",), sliced=("transformer.wpe",)))
+        return plan
 
     def forward(self, idx, targets=None, *, cache: KVCache | None = None, start=0, positions=None, mask=None):
         """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).

@@ -5,7 +5,9 @@ A directory as users download it: `config.json` (its `model_type` picks the fami
 with `model.safetensors.index.json`, optionally `generation_config.json` and tokenizer files.
 
 Loading streams: the model is built on the meta device in the dtype asked for, then each tensor is
-read from its file and copied into place one at a time — no second full copy, bf16 stays bf16.
+read from its file and copied into place one at a time — no second full copy, bf16 stays bf16. A
+model sharded for training (FSDP2, tensor parallel) keeps only each rank's part of each tensor
+(`stream_hf_weights` with hpcllm.parallel.materialize).
 Whatever does not fit (a missing shard, an unknown tensor, a wrong shape, a field the family does
 not implement) is a one-line WeightsError naming the file and the field or tensor.
 """
@@ -89,18 +91,42 @@ def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
                   dropout: float = 0.0) -> tuple[CausalLM, ModelConfig]:
     """The model of an HF directory (or a safetensors file beside its config.json); `dropout` is
     the training's (HF configs describe inference)."""
+    model, cfg = hf_model_on_meta(path, dropout=dropout)
+    model = model.to(dtype).materialize(device)
+    own = dict(model.named_parameters(remove_duplicate=False))
+
+    def put(name: str, t: torch.Tensor) -> None:
+        with torch.no_grad():
+            own[name].copy_(t)
+
+    stream_hf_weights(path, model, put)
+    return model, cfg
+
+
+def hf_model_on_meta(path: str | Path, *, dropout: float = 0.0) -> tuple[CausalLM, ModelConfig]:
+    """The model of an HF directory built on the meta device (shapes only, no weights read)."""
+    from hpcllm.model.registry import get_family
+
+    _, cfg = read_config(model_dir(path))
+    cfg.dropout = dropout
+    with torch.device("meta"):
+        return get_family(cfg.arch).model(cfg), cfg
+
+
+def stream_hf_weights(path: str | Path, model: CausalLM, put) -> None:
+    """Read the weights of an HF directory one tensor at a time, each converted to the family's layout
+    and handed whole to `put(parameter name, tensor)` — which copies it into the model, or only this
+    rank's part of it into a sharded one (hpcllm.parallel.materialize). `model` gives the names and
+    the shapes the tensors must have (its parameters may be DTensors: their global shapes)."""
     from safetensors import SafetensorError, safe_open
 
     from hpcllm.model.registry import get_family
 
     d = model_dir(path)
-    _, cfg = read_config(d)
-    cfg.dropout = dropout
+    cfg = model.config
     family = get_family(cfg.arch)
-    with torch.device("meta"):
-        model = family.model(cfg)
-    model = model.to(dtype).materialize(device)
-    own = model.state_dict()
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied one under each of its names
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
     loaded: set[str] = set()
     for file in weight_files(d):
         try:
@@ -109,24 +135,26 @@ def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
                     name = family.name_from_hf(key)
                     if name is None:
                         continue
-                    if name not in own:
+                    if name not in shapes:
                         raise WeightsError(f"{file}: unexpected tensor '{key}' — not a {cfg.arch} checkpoint of "
                                            "this config?")
                     t = family.tensor_from_hf(name, f.get_tensor(key), cfg)
-                    if t.shape != own[name].shape:
+                    if tuple(t.shape) != shapes[name]:
                         raise WeightsError(f"{file}: tensor '{key}' has shape {tuple(t.shape)}, config.json implies "
-                                           f"{tuple(own[name].shape)}")
-                    with torch.no_grad():
-                        own[name].copy_(t)
+                                           f"{shapes[name]}")
+                    put(name, t)
                     loaded.add(name)
+                    del t  # one whole tensor alive at a time
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{file}: not a readable safetensors file ({e})") from None
-    tied = tied_names(model)
-    missing = [n for n in own if n not in loaded and n not in tied]
+    first_name = {}
+    for name, p in params.items():  # a tied parameter is loaded when any of its names is
+        first_name.setdefault(id(p), name)
+    done = {id(params[n]) for n in loaded}
+    missing = [n for n, p in params.items() if id(p) not in done and first_name[id(p)] == n]
     if missing:
         raise WeightsError(f"{d}: tensor(s) missing from the weights: {', '.join(missing[:3])}"
                            f"{' ...' if len(missing) > 3 else ''}")
-    return model, cfg
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:

@@ -76,6 +76,10 @@ def describe(spec, world: int) -> str:
         lines.append(f"  tp rank t holds query heads [t*{cfg.n_head // tp}, (t+1)*{cfg.n_head // tp}), kv heads "
                      f"[t*{cfg.n_kv_head // tp}, ...), 1/{tp} of every MLP and of the vocabulary rows; norms whole"
                      + (" (logits split: loss_parallel)" if pc.vocab_parallel else " (logits gathered)"))
+        if pc.sequence_parallel:
+            lines.append(f"  sequence parallel: norms, dropout and residual adds on {tc.seq_len // tp} of the "
+                         f"{tc.seq_len} positions per rank (their activations / {tp}); all-gather before attention "
+                         "and the MLP, reduce-scatter after, in place of the allreduces")
         per_node = spec.slurm.tasks_per_node
         if spec.slurm.nodes > 1 and tp > per_node:
             lines.append(f"  WARNING: tp={tp} > slurm.tasks_per_node={per_node}: a tp group spans nodes, its two "

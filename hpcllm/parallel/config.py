@@ -24,10 +24,18 @@ class ParallelConfig:
     # with tp > 1: the output head's logits stay split by vocabulary and the loss is computed on the
     # parts (no rank holds batch x seq x vocab logits); false gathers the logits on every tp rank
     vocab_parallel: bool = True
+    # with tp > 1: the activations between the layers split by sequence over the tp ranks instead of
+    # replicated — the norms, dropout and residual adds run on 1/tp of the positions (their activation
+    # memory / tp); an all-gather before attention and the MLP and a reduce-scatter after them replace
+    # the allreduce (the same bytes). train.seq_len must be a multiple of tp
+    sequence_parallel: bool = False
 
     def validate(self) -> None:
         if self.tp < 1:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1: it splits the sequence over "
+                             "the tensor-parallel ranks")
         if self.tp > 1 and self.shard == "optimizer":
             raise ValueError("parallel.shard=optimizer with parallel.tp > 1 is not implemented: use shard none "
                              "(data parallel over ranks / tp) or full (FSDP2 over ranks / tp)")

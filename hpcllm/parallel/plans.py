@@ -55,6 +55,7 @@ class Plan:
 
     mode = "none"
     tp = 1
+    sequence_parallel = False
 
     def loss_context(self):
         """Where forward and backward of the loss run (tensor parallelism: on vocabulary-split logits)."""
@@ -210,7 +211,7 @@ class FsdpPlan(Plan):
         self.optimizer.zero_grad(set_to_none=True)
 
     def same_start(self) -> None:
-        pass  # every rank built the same full model before sharding it
+        pass  # every rank filled its part from the same whole values (hpcllm.parallel.materialize)
 
     def grads_bytes(self) -> int:
         return sum(tensor_bytes(p) for p in self.model.parameters() if p.requires_grad)  # sharded, as held
@@ -231,7 +232,7 @@ def device_mesh(comm: Communicator, tp: int = 1):
 
 
 def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_mb: float, bf16: bool,
-               tp: int = 1, vocab_parallel: bool = True) -> Plan:
+               tp: int = 1, vocab_parallel: bool = True, sequence_parallel: bool = False) -> Plan:
     """The plan for parallel.shard=`mode` (and parallel.tp). With one rank every mode holds
     everything: `none`."""
     if mode not in MODES:
@@ -240,7 +241,7 @@ def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_m
         from hpcllm.parallel.tensor import TensorParallelPlan
 
         return TensorParallelPlan(model, make_optimizer, comm, device_mesh(comm, tp), vocab_parallel=vocab_parallel,
-                                  fsdp=mode == "full", bf16=bf16)
+                                  fsdp=mode == "full", bf16=bf16, sequence_parallel=sequence_parallel)
     if comm.size == 1 or mode == "none":
         return Plan(model, make_optimizer(model), comm, bucket_mb)
     if mode == "optimizer":

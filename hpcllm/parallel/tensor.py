@@ -13,6 +13,14 @@
 
 The norms, position embeddings and biases of row layers stay whole on every tp rank: their inputs
 are the same on every tp rank, so are their gradients.
+
+With `parallel.sequence_parallel` (Korthikanti et al., 2022) the activations between the layers are
+split by sequence instead of replicated: each tp rank runs the norms, dropout and residual adds on
+its 1/tp of the positions. The embedding and the row layers reduce-scatter their partial sums to
+sequence slices (instead of allreducing them), the input of attention and of the MLP is all-gathered
+whole before their column layers (`sequence_plan`'s `gathered`), and the head all-gathers the final
+norm's output. The norms' weights are then Replicate DTensors whose gradients are partial sums over
+the tp ranks (each saw its positions): `TensorParallelPlan.finish` sums them before anything reads them.
 """
 
 from __future__ import annotations
@@ -21,32 +29,63 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleOutput, RowwiseParallel, SequenceParallel,
+                                               loss_parallel, parallelize_module)
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from hpcllm.comm import Communicator
+from hpcllm.errors import TrainingError
 from hpcllm.parallel.plans import FsdpPlan, Plan, tensor_bytes
 
 
-def block_plan(column: tuple[str, ...], row: tuple[str, ...]) -> dict:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+def block_plan(column: tuple[str, ...], row: tuple[str, ...], *, sequence_parallel: bool = False) -> dict:
+    """Column and row layers of a block; under sequence parallelism a row layer's partial sums are
+    reduce-scattered to sequence slices instead of allreduced."""
+    row_style = (lambda: RowwiseParallel(output_layouts=Shard(1))) if sequence_parallel else RowwiseParallel
+    return {**{name: ColwiseParallel() for name in column}, **{name: row_style() for name in row}}
 
-    return {**{name: ColwiseParallel() for name in column}, **{name: RowwiseParallel() for name in row}}
 
-
-def vocab_plan(embedding: str, head: str, vocab_parallel: bool) -> dict:
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    return {embedding: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            head: ColwiseParallel(output_layouts=Shard(-1) if vocab_parallel else Replicate(),
+def vocab_plan(embedding: str, head: str, vocab_parallel: bool, *, sequence_parallel: bool = False) -> dict:
+    """The token embedding (its lookups summed: whole, or reduce-scattered to sequence slices) and
+    the output head (its input all-gathered from sequence slices under sequence parallelism)."""
+    between = Shard(1) if sequence_parallel else Replicate()  # the activations between the layers
+    return {embedding: RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+            head: ColwiseParallel(input_layouts=between, output_layouts=Shard(-1) if vocab_parallel else Replicate(),
                                   use_local_output=not vocab_parallel)}
 
 
-def split_model(model, tp_mesh, *, vocab_parallel: bool):
-    """`model` split over `tp_mesh` in place by its family's plan (every rank must pass the same whole
-    model: the same seed, or the same weights loaded)."""
-    from torch.distributed.tensor.parallel import parallelize_module
+def sequence_plan(norms: tuple[str, ...] = (), gathered: tuple[str, ...] = (), sliced: tuple[str, ...] = ()) -> dict:
+    """Sequence parallelism's own entries: `norms` run on this rank's sequence slice (their weights
+    replicated), the first input of each `gathered` module (attention, MLP) is all-gathered whole
+    before it runs, and the output of each `sliced` module (a whole-sequence value every rank computes
+    alike, e.g. GPT-2's learned position embeddings) is cut to this rank's slice."""
+    return {**{name: SequenceParallel() for name in norms}, **{name: GatherSequence() for name in gathered},
+            **{name: PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+               for name in sliced}}
 
-    parallelize_module(model, tp_mesh, model.tp_plan(vocab_parallel))
+
+class GatherSequence(ParallelStyle):
+    """All-gathers a module's first input from sequence slices (dim 1) into a Replicate DTensor,
+    whatever other arguments the module takes (PrepareModuleInput needs a layout for each). It stays
+    a DTensor: the column layers inside compute with it, so its gradient comes back as their partial
+    sums over the tp ranks and is reduce-scattered to the slices — exact."""
+
+    def _apply(self, module, device_mesh):
+        def gather(_module, inputs):
+            x = inputs[0]
+            if not isinstance(x, DTensor):
+                x = DTensor.from_local(x, device_mesh, (Shard(1),), run_check=False)
+            return (x.redistribute(placements=(Replicate(),)), *inputs[1:])
+
+        module.register_forward_pre_hook(gather)
+        return module
+
+
+def split_model(model, tp_mesh, *, vocab_parallel: bool, sequence_parallel: bool = False):
+    """`model` split over `tp_mesh` in place by its family's plan: the same whole model on every rank
+    (inference), or one on the meta device that hpcllm.parallel.materialize fills after (training)."""
+    parallelize_module(model, tp_mesh, model.tp_plan(vocab_parallel, sequence_parallel))
     model.tie_weights()  # the embedding and the head are both split by vocabulary rows: one DTensor
     model.tp_size = tp_mesh.size()
     return model
@@ -67,13 +106,27 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _allreduce_flat(tensors: list[torch.Tensor], group, divide_by: int) -> None:
+    """Sum `tensors` over `group` in place (then divide), in one flat buffer per dtype."""
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.all_reduce(flat, group=group)
+        if divide_by != 1:
+            flat.div_(divide_by)
+        offset = 0
+        for t in same:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def _replicas(t: torch.Tensor, world: int) -> int:
     """How many ranks hold each element of `t`: the world over the number of its distinct parts."""
     if not hasattr(t, "placements"):
         return world
     parts = 1
     for dim, placement in enumerate(t.placements):  # Shard, or FSDP2's _StridedShard over a tp-split dim
-        if not placement.is_replicate():  # (a gradient is never Partial here: it has been reduced)
+        if not placement.is_replicate():  # (a gradient is never Partial here: finish() has summed it)
             parts *= t.device_mesh.size(dim)
     return world // parts
 
@@ -86,12 +139,12 @@ class TensorParallelPlan(Plan):
     comm_wait_s = 0.0  # the dp allreduce's time; the tp collectives are inside forward/backward
 
     def __init__(self, model, make_optimizer, comm: Communicator, mesh, *, vocab_parallel: bool, fsdp: bool,
-                 bf16: bool):
-        split_model(model, mesh["tp"], vocab_parallel=vocab_parallel)
+                 bf16: bool, sequence_parallel: bool = False):
+        split_model(model, mesh["tp"], vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel)
         self.model, self.comm, self.mesh = model, comm, mesh
         self.tp, self.dp = mesh["tp"].size(), mesh["dp"].size()
-        self.dp_group = mesh["dp"].get_group()
-        self.vocab_parallel = vocab_parallel
+        self.dp_group, self.tp_group = mesh["dp"].get_group(), mesh["tp"].get_group()
+        self.vocab_parallel, self.sequence_parallel = vocab_parallel, sequence_parallel
         self.fsdp = None
         if fsdp and self.dp > 1:
             self.fsdp = FsdpPlan(model, make_optimizer, comm, bf16, mesh=mesh["dp"])
@@ -105,8 +158,6 @@ class TensorParallelPlan(Plan):
     def loss_context(self):
         if not self.vocab_parallel:
             return contextlib.nullcontext()
-        from torch.distributed.tensor.parallel import loss_parallel
-
         return loss_parallel()
 
     @contextlib.contextmanager
@@ -119,23 +170,35 @@ class TensorParallelPlan(Plan):
 
     def finish(self) -> None:
         """Gradients -> their mean over the dp ranks, in one flat buffer per dtype (FSDP2 has
-        reduce-scattered them already)."""
-        if self.dp == 1 or self.fsdp is not None:
+        reduce-scattered them already, and summed the partial ones over tp); under sequence
+        parallelism the norms' partial gradients summed over the tp ranks first."""
+        if self.fsdp is not None:
             return
         import time
 
         t0 = time.perf_counter()
-        grads = [_local(p.grad) for p in self.params if p.grad is not None]
-        for dtype in sorted({g.dtype for g in grads}, key=str):
-            group = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in group])
-            dist.all_reduce(flat, group=self.dp_group)
-            flat.div_(self.dp)
-            offset = 0
-            for g in group:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
+        self._sum_partial_grads()
+        if self.dp > 1:
+            _allreduce_flat([_local(p.grad) for p in self.params if p.grad is not None], self.dp_group, self.dp)
         self.comm_wait_s += time.perf_counter() - t0
+
+    def _sum_partial_grads(self) -> None:
+        """A parameter replicated over tp whose inputs were split by sequence (a norm under sequence
+        parallelism) gets a Partial gradient: each rank's sum over its own positions. Summed over the
+        tp group in one flat allreduce, each becomes the Replicate gradient of its parameter."""
+        partial = [p for p in self.params if p.grad is not None and isinstance(p.grad, DTensor)
+                   and any(pl.is_partial() for pl in p.grad.placements)]
+        if not partial:
+            return
+        odd = [p for p in partial if p.grad.placements != (Partial("sum"),) or p.grad.device_mesh != self.mesh["tp"]]
+        if odd:  # never a silently wrong sum
+            raise TrainingError(f"internal: a gradient with placements {odd[0].grad.placements} on mesh "
+                                f"{odd[0].grad.device_mesh}: sequence parallelism gives Partial(sum) on the tp mesh")
+        grads = [p.grad.to_local() for p in partial]
+        _allreduce_flat(grads, self.tp_group, 1)
+        for p, g in zip(partial, grads):
+            p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                        stride=p.stride())
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """The norm of the whole model's gradient from every rank's parts: each part's squares
@@ -154,7 +217,7 @@ class TensorParallelPlan(Plan):
         self.optimizer.zero_grad(set_to_none=True)
 
     def same_start(self) -> None:
-        pass  # every rank built the same whole model (same seed, or the same model.init) before splitting it
+        pass  # every rank filled its part from the same whole values (hpcllm.parallel.materialize)
 
     def grads_bytes(self) -> int:
         return sum(tensor_bytes(p) for p in self.params)  # a gradient is held like its parameter

@@ -28,6 +28,7 @@ from hpcllm.model.base import CausalLM
 from hpcllm.checkpoint import is_legacy, latest_checkpoint, read_meta, read_state, save_checkpoint
 from hpcllm.parallel.config import check_model
 from hpcllm.parallel.estimate import estimate_memory
+from hpcllm.parallel.materialize import builds_on_meta, held_bytes, materialize
 from hpcllm.parallel.plans import Plan, as_tensor, build_plan
 from hpcllm.train.config import TrainConfig
 from hpcllm.train.metrics import MetricsLog, cpu_seconds, device_peak
@@ -51,17 +52,21 @@ class TrainResult:
 
 
 def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None = None,
-                dataset: str = "the dataset") -> CausalLM:
+                dataset: str = "the dataset", *, on_meta: bool = False) -> CausalLM:
     """The model to train, whatever its family: from `model.init` (an HF directory: its config.json
     says what it is, its tokenizer.json must be the data's) or fresh from the spec's `model`
-    section, initialised from train.seed."""
+    section, initialised from train.seed. `on_meta`: shapes only, no storage and no weights read —
+    the plan shards it, then hpcllm.parallel.materialize gives each rank its part."""
     if spec.model.init:
         from hpcllm.data.tokenizer import check_model_tokenizer
-        from hpcllm.model import load_hf_model
+        from hpcllm.model.hf import hf_model_on_meta, load_hf_model
 
         if tokenizer_id is not None:
             check_model_tokenizer(spec.model.init, tokenizer_id, dataset)
-        model, _ = load_hf_model(spec.model.init, dropout=spec.model.dropout)
+        if on_meta:
+            model, _ = hf_model_on_meta(spec.model.init, dropout=spec.model.dropout)
+        else:
+            model, _ = load_hf_model(spec.model.init, dropout=spec.model.dropout)
         if vocab_size > model.config.vocab_size:
             raise TrainingError(f"vocabulary mismatch: {dataset}'s tokenizer has {vocab_size} tokens, more than "
                                 f"model.init's config.json vocab_size={model.config.vocab_size} ({spec.model.init}): "
@@ -73,10 +78,14 @@ def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None
             raise ConfigError(f"model: {e}") from None
         if cfg.vocab_size != vocab_size:
             raise TrainingError(f"model.vocab_size={cfg.vocab_size} but the dataset's tokenizer has {vocab_size}")
-        model = new_model(cfg).init_weights(spec.train.seed)
+        if on_meta:
+            with torch.device("meta"):
+                model = new_model(cfg)
+        else:
+            model = new_model(cfg).init_weights(spec.train.seed)
     if spec.train.seq_len > model.config.block_size:
         raise TrainingError(f"train.seq_len={spec.train.seq_len} exceeds the model context ({model.config.block_size})")
-    return model.to(device)
+    return model if on_meta else model.to(device)
 
 
 def uses_bf16(device, dtype_cfg: str) -> bool:
@@ -177,6 +186,8 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     tc, device = spec.train, comm.device
     torch.manual_seed(tc.seed)
     pc = spec.parallel
+    if pc.sequence_parallel:  # dropout sees each tp rank's own positions (and heads): a stream per rank
+        torch.manual_seed(hash((tc.seed, comm.rank)) % 2**63)
     try:  # the ranks of one tensor-parallel group read the same batches: data parallel over world / tp
         dp = pc.data_parallel(comm.size)
         accum = tc.accumulation(dp)
@@ -185,7 +196,9 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     dp_rank = comm.rank // pc.tp
     global_batch = tc.batch_size * accum * dp
     ds = open_dataset(spec.data.dataset)
-    model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path))
+    ckpt = latest_checkpoint(spec.run_dir, warn=comm.rank == 0) if tc.resume else None
+    on_meta = builds_on_meta(pc, comm.size)  # sharded parameters: no rank ever holds the whole model
+    model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path), on_meta=on_meta)
     try:
         check_model(pc, model.config)
     except ValueError as e:
@@ -196,10 +209,16 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     # plain tensors in one list; the norms stay plain)
     multi_tensor = None if pc.tp == 1 else False
     plan = build_plan(pc.shard, model, comm, bucket_mb=spec.dist.bucket_mb, bf16=uses_bf16(device, tc.dtype),
-                      tp=pc.tp, vocab_parallel=pc.vocab_parallel,
+                      tp=pc.tp, vocab_parallel=pc.vocab_parallel, sequence_parallel=pc.sequence_parallel,
                       make_optimizer=lambda m: m.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas),
                                                                      fused=device.type == "cuda" and pc.tp == 1,
                                                                      foreach=multi_tensor))
+    if on_meta:  # each rank's parts, filled fresh or from model.init (a checkpoint is loaded into them below)
+        fill = {} if ckpt else {"hf_dir": spec.model.init} if spec.model.init else {"seed": tc.seed}
+        materialize(model, device, **fill)
+        held, whole = held_bytes(model)
+        log.info("model built on the meta device and sharded before materialising: this rank holds %s of the "
+                 "model's %s", _mb(held), _mb(whole))
     optimizer = plan.optimizer
     loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=dp_rank,
                          world_size=dp, seed=tc.seed, device=device, global_batch=global_batch)
@@ -208,7 +227,6 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
 
     step = 0
     window = LossWindow(device)
-    ckpt = latest_checkpoint(spec.run_dir, warn=comm.rank == 0) if tc.resume else None
     if ckpt is not None:
         step = _resume(ckpt, spec, comm, plan, loader, window, global_batch)
         metrics.truncate_after(step)
@@ -221,8 +239,9 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     dev_name, peak = device_peak(device)
     flops_per_token = model.estimate_flops_per_token(tc.seq_len)
     log.info("model %.2fM params, %d tokens/step (%d sequences: %d data-parallel rank(s) x batch %d x %d "
-             "micro-step(s)), parallel.shard=%s tp=%d, device %s%s", model.num_params() / 1e6, tokens_per_step,
-             global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp, dev_name,
+             "micro-step(s)), parallel.shard=%s tp=%d%s, device %s%s", model.num_params() / 1e6, tokens_per_step,
+             global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp,
+             " sequence_parallel" if pc.sequence_parallel else "", dev_name,
              "" if peak else " (peak FLOP/s unknown: no MFU)")
     bar = None
     if comm.rank == 0 and tc.progress:
@@ -348,8 +367,10 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     if old_ranks == comm.size:
         restore_rank_rng(ckpt, comm.rank)
     else:  # no rank continues another's stream: a fresh one per (seed, step, data-parallel rank), the
-        # same on the ranks of a tensor-parallel group (their dropout masks must agree)
-        torch.manual_seed(hash((spec.train.seed, step, comm.rank // plan.tp)) % 2**63)
+        # same on the ranks of a tensor-parallel group (their dropout masks must agree) unless they
+        # hold different positions (sequence parallel)
+        stream = comm.rank if plan.sequence_parallel else comm.rank // plan.tp
+        torch.manual_seed(hash((spec.train.seed, step, stream)) % 2**63)
     window.load(state.get("log_window"), comm)
     if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp:
         log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s: %s", step, old_ranks,

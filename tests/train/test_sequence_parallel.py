@@ -1,0 +1,58 @@
+"""Sequence parallelism (parallel.sequence_parallel) on real ranks with gloo, through the CLI: the norms,
+dropout and residual adds on sequence slices give the losses and weights of one rank with the union
+batch, for GPT-2 (LayerNorm with bias, learned positions added on the slices) and Llama (RMSNorm,
+rotary applied after the all-gather), at tp=2 and at dp=2 x tp=2 (data parallel, and FSDP2); its
+checkpoint resumes on one rank; plans that cannot run are one-line config errors naming the field;
+`hpcllm plan` says what it splits."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.test_sharded import GLOBAL, GPT, LLAMA, assert_same_run, resume_copy, spec_file, train
+from tests.train.test_tensor_parallel import _fails
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("n,shard,family", [(2, "none", "llama"), (2, "none", "gpt"), (4, "none", "llama"),
+                                            (4, "full", "gpt")])
+def test_sequence_parallel_equals_one_rank_with_the_union_batch(tmp_path, dataset, references, n, shard, family):
+    name = f"sp-{shard}-{n}-{family}"
+    model = LLAMA if family == "llama" else GPT
+    spec = spec_file(tmp_path, dataset, name, model, backend="torch", shard=shard, tp=2, batch=GLOBAL // (n // 2))
+    p = train(spec, n, "parallel.sequence_parallel=true")
+    assert f"parallel.shard={shard} tp=2 sequence_parallel" in p.stderr, p.stderr[-2000:]
+    assert_same_run(tmp_path / name, references / family)
+
+
+def test_sequence_parallel_checkpoint_resumes_on_one_rank(tmp_path, dataset, references):
+    """The norms are Replicate DTensors under sequence parallelism: the checkpoint holds them once, and
+    its step 10 continues the uninterrupted run on one rank."""
+    train(spec_file(tmp_path, dataset, "sp", GPT, backend="torch", tp=2), 2, "parallel.sequence_parallel=true")
+    resume_copy(tmp_path / "sp", tmp_path / "to1")
+    p = train(spec_file(tmp_path, dataset, "to1", GPT, backend="single"), 1)
+    assert "resumed step 10 from 2 rank(s) on 1 rank(s)" in p.stderr
+    assert_same_run(tmp_path / "to1", references / "gpt")
+
+
+def test_sequence_parallel_plans_that_cannot_run_are_config_errors(tmp_path, dataset):
+    spec = spec_file(tmp_path, dataset, "bad", GPT, backend="torch", tp=2)
+    err = _fails(spec, 1, "parallel.tp=1", "parallel.sequence_parallel=true")
+    assert "parallel.sequence_parallel=true needs parallel.tp > 1" in err
+    err = _fails(spec, 2, "parallel.sequence_parallel=true", "train.seq_len=31")
+    assert "parallel.sequence_parallel=true needs train.seq_len (31) to be a multiple of parallel.tp=2" in err
+
+
+def test_plan_dry_run_mentions_sequence_parallel(tmp_path):
+    spec = tmp_path / "sp.yaml"
+    spec.write_text(json.dumps({"kind": "train", "name": "sp", "model": {"arch": "llama", "size": "llama3-8b"},
+                                "parallel": {"shard": "full", "tp": 8, "sequence_parallel": True},
+                                "train": {"global_batch_size": 64, "batch_size": 1, "seq_len": 8192},
+                                "slurm": {"nodes": 8, "tasks_per_node": 8}}))
+    out = subprocess.run([sys.executable, "-m", "hpcllm.cli", "plan", str(spec)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "sequence parallel: norms, dropout and residual adds on 1024 of the 8192 positions per rank" in out.stdout

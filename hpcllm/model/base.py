@@ -6,7 +6,10 @@ never name an architecture:
     cache = model.new_kv_cache(B, max_len, device, dtype)
     logits, _ = model(tokens, cache=cache, start=s, positions=pos, mask=mask)   # inference
 
-and a `Family` (the module-level FAMILY of each family file) that maps the model to and from an HF
+A family's forward is made of three pieces it defines — `embed` (tokens -> hidden), its blocks (with
+`block_inputs`, what every block takes besides the hidden state) and `head` (hidden -> logits) — and
+`CausalLM.forward` runs them in order, so a pipeline stage (hpcllm.parallel.pipeline), which runs a
+slice of them, runs the same code as the whole model. And a `Family` (the module-level FAMILY of each family file) that maps the model to and from an HF
 directory: config.json fields and tensor names.
 """
 
@@ -21,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcllm.model.attention import KVCache
+from hpcllm.model.attention import KVCache, positions_and_mask
 from hpcllm.model.config import ModelConfig
 
 
@@ -37,6 +40,36 @@ class CausalLM(nn.Module):
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, in order: the unit of FSDP sharding and activation checkpointing."""
         raise NotImplementedError
+
+    # module paths of the pieces around the blocks: what a pipeline stage keeps only when it runs them
+    embedding_modules: tuple[str, ...] = ()
+    head_modules: tuple[str, ...] = ()
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) at `positions` (B or 1, T) -> the hidden state (B, T, n_embd)."""
+        raise NotImplementedError
+
+    def block_inputs(self, x: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """What every block takes after the hidden state, computed once per forward from the
+        positions (Llama's rotary cos and sin); a pipeline stage recomputes it from its input."""
+        return ()
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden state -> logits (B, T, vocab): the final norm and the output projection."""
+        raise NotImplementedError
+
+    def forward(self, idx, targets=None, *, cache: KVCache | None = None, start=0, positions=None, mask=None):
+        """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).
+
+        With `cache`: keys/values go to cache slots start..start+T-1 (see attention.causal_attention);
+        `positions` (B, T) and `mask` describe left-padded rows (attention.padded_positions_and_mask)."""
+        positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
+        x = self.embed(idx, positions)
+        extra = self.block_inputs(x, positions)
+        for i, block in enumerate(self.blocks()):
+            x = self.run_block(block, x, *extra, i, cache, start, mask)
+        logits = self.head(x)
+        return logits, self.loss(logits, targets)
 
     def run_block(self, block: nn.Module, *args):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():

@@ -65,6 +65,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def average_gradients(grads: list[torch.Tensor], group, size: int) -> None:
+    """Each gradient -> its mean over the `size` ranks of `group`, in one flat allreduce per dtype
+    (their local parts, for DTensors)."""
+    grads = [_local(g) for g in grads]
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
+        offset = 0
+        for g in same:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def _replicas(t: torch.Tensor, world: int) -> int:
     """How many ranks hold each element of `t`: the world over the number of its distinct parts."""
     if not hasattr(t, "placements"):
@@ -123,16 +138,7 @@ class TensorParallelPlan(Plan):
         import time
 
         t0 = time.perf_counter()
-        grads = [_local(p.grad) for p in self.params if p.grad is not None]
-        for dtype in sorted({g.dtype for g in grads}, key=str):
-            group = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in group])
-            dist.all_reduce(flat, group=self.dp_group)
-            flat.div_(self.dp)
-            offset = 0
-            for g in group:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
+        average_gradients([p.grad for p in self.params if p.grad is not None], self.dp_group, self.dp)
         self.comm_wait_s += time.perf_counter() - t0
 
     def clip_grad_norm(self, max_norm: float) -> None:

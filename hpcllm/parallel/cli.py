@@ -66,8 +66,8 @@ def describe(spec, world: int) -> str:
         raise ConfigError(str(e)) from None
     tp, pp = pc.tp, pc.pp
     mesh = f"pp={pp} x dp={dp} x tp={tp}" if pp > 1 else f"dp={dp} x tp={tp}"
-    lines = [f"plan of {spec.kind} job '{spec.name}' on {world} rank(s): parallel.shard={pc.shard}, tp={tp}, pp={pp} "
-             f"-> mesh {mesh} (dist.backend {spec.dist.backend})",
+    lines = [f"plan of {spec.kind} job '{spec.name}' on {world} rank(s): parallel.shard={pc.shard}, tp={tp}"
+             f"{f', pp={pp}' if pp > 1 else ''} -> mesh {mesh} (dist.backend {spec.dist.backend})",
              f"  model: {cfg.arch} {cfg.size}, {model.num_params(False) / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
              f"{cfg.n_head} heads ({cfg.n_kv_head} kv), vocabulary {cfg.vocab_size}"]
     if tp > 1:

@@ -70,9 +70,12 @@ def describe(spec, world: int) -> str:
              f"{f', pp={pp}' if pp > 1 else ''} -> mesh {mesh} (dist.backend {spec.dist.backend})",
              f"  model: {cfg.arch} {cfg.size}, {model.num_params(False) / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
              f"{cfg.n_head} heads ({cfg.n_kv_head} kv), vocabulary {cfg.vocab_size}"]
-    if tp > 1:
+    if tp > 1 and pp == 1:
         lines.append(f"  rank r = dp_rank x {tp} + tp_rank: ranks {{0..{tp - 1}}}, {{{tp}..{2 * tp - 1}}}, ... each split "
                      f"the model in {tp}; each tp group reads one data-parallel share of the batch")
+    if pp > 1:
+        lines += pipeline_lines(model, pc, dp, accum)
+    if tp > 1:
         lines.append(f"  tp rank t holds query heads [t*{cfg.n_head // tp}, (t+1)*{cfg.n_head // tp}), kv heads "
                      f"[t*{cfg.n_kv_head // tp}, ...), 1/{tp} of every MLP and of the vocabulary rows; norms whole"
                      + (" (logits split: loss_parallel)" if pc.vocab_parallel else " (logits gathered)"))
@@ -80,8 +83,6 @@ def describe(spec, world: int) -> str:
         if spec.slurm.nodes > 1 and tp > per_node:
             lines.append(f"  WARNING: tp={tp} > slurm.tasks_per_node={per_node}: a tp group spans nodes, its two "
                          "allreduces per layer cross the network")
-    if pp > 1:
-        lines += pipeline_lines(model, pc, dp, accum)
     if pc.shard != "none" and dp > 1:
         what = "optimizer state" if pc.shard == "optimizer" else "parameters, gradients and optimizer state"
         lines.append(f"  parallel.shard={pc.shard}: {what} sharded over the {dp} data-parallel rank(s)"
@@ -109,7 +110,8 @@ def pipeline_lines(model, pc, dp: int, accum: int) -> list[str]:
 
     pp, per_stage = pc.pp, dp * pc.tp
     lines = [f"  rank r = (pp_rank x {dp} + dp_rank) x {pc.tp} + tp_rank: stage s on ranks "
-             f"[s*{per_stage}, (s+1)*{per_stage}); the {pp} stages of a pipeline read the same batches"]
+             f"[s*{per_stage}, (s+1)*{per_stage}); the {pp} stages of a pipeline read the same batches"
+             + (f", each stage's layers split over its tp groups of {pc.tp} adjacent ranks" if pc.tp > 1 else "")]
     for stage, layers in enumerate(stage_layers(model.config.n_layer, pp)):
         parts = (["embedding"] if stage == 0 else []) + [f"layers {layers.start}..{layers.stop - 1}"] + \
             (["head and loss"] if stage == pp - 1 else [])
@@ -118,7 +120,8 @@ def pipeline_lines(model, pc, dp: int, accum: int) -> list[str]:
                      f"{', '.join(parts)}; {_gib(total)} of weights, gradients and AdamW state per rank")
     bubble = (pp - 1) / (accum + pp - 1)
     lines.append(f"  schedule {pc.pp_schedule}: {accum} micro-batch(es) per step, bubble (pp-1)/(micro-batches+pp-1) "
-                 f"= {bubble:.0%} of each step idle per stage; raise train.global_batch_size for more micro-batches")
+                 f"= {bubble:.0%} of each step idle per stage"
+                 + ("; raise train.global_batch_size for more micro-batches" if bubble > 0.2 else ""))
     return lines
 
 

@@ -43,9 +43,6 @@ class ParallelConfig:
         if self.pp > 1 and self.shard == "optimizer":
             raise ValueError("parallel.shard=optimizer with parallel.pp > 1 is not implemented: use shard none "
                              "(data parallel within each stage) or full (FSDP2 within each stage)")
-        if self.pp > 1 and self.tp > 1:
-            raise ValueError("parallel.pp > 1 with parallel.tp > 1 is not implemented: use one of them (with "
-                             "data parallel or shard full over the rest of the world)")
 
     def data_parallel(self, world: int) -> int:
         """The data-parallel size of a world of `world` ranks, or a ValueError naming the field."""

@@ -1,7 +1,8 @@
 """Pipeline parallelism (`parallel.pp`) with PyTorch's engine, torch.distributed.pipelining: the
 layers split into `pp` stages on the `pp` ranks of a pipeline, each step's micro-batches (the
 gradient-accumulation steps, `train.accumulation`) flowing through them under ScheduleGPipe or
-Schedule1F1B, composed with data parallelism (or FSDP2) over the mesh's `dp` dimension.
+Schedule1F1B, composed with data parallelism (or FSDP2) over the mesh's `dp` dimension and with
+tensor parallelism over its `tp` dimension (each stage's layers split as hpcllm.parallel.tensor does).
 
     stage s       layers [s*L/pp, ...): L/pp each, the first L % pp stages one more; the first stage
                   also runs the family's `embed`, the last its `head` and the loss
@@ -18,13 +19,15 @@ The family says what its pieces are (`CausalLM.embed`, `block_inputs`, `head` an
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from hpcllm.comm import Communicator
 from hpcllm.model.base import CausalLM
-from hpcllm.parallel.plans import FsdpPlan, Plan, tensor_bytes
+from hpcllm.parallel.plans import FsdpPlan, Plan, as_tensor, tensor_bytes
 from hpcllm.parallel.tensor import _local, _replicas, average_gradients
 
 
@@ -134,18 +137,25 @@ def _replace(model: nn.Module, path: str, module: nn.Module | None) -> None:
 
 
 class PipelinePlan(Plan):
-    """`parallel.pp > 1`: this rank's stage of the pipeline it belongs to (its dp coordinate), run by
-    torch.distributed.pipelining; gradients averaged over the stage's dp ranks (one flat allreduce
-    per dtype), or sharded over them with FSDP2 (parallel.shard full)."""
+    """`parallel.pp > 1`: this rank's stage of the pipeline it belongs to (its dp and tp coordinates),
+    run by torch.distributed.pipelining; with tp > 1 the stage's layers are split over its tp group
+    (the activations between stages are whole: every tp rank of a stage sends and receives its copy);
+    gradients averaged over the stage's dp ranks (one flat allreduce per dtype), or sharded over
+    them with FSDP2 (parallel.shard full)."""
 
     comm_wait_s = 0.0  # the dp allreduce's and the tied weight's; activations move inside the schedule
 
     def __init__(self, model: CausalLM, make_optimizer, comm: Communicator, mesh, *, schedule: str, fsdp: bool,
-                 bf16: bool):
+                 bf16: bool, vocab_parallel: bool = True):
         self.comm, self.mesh, self.schedule_name = comm, mesh, schedule
-        self.pp, self.dp = mesh["pp"].size(), mesh["dp"].size()
+        self.pp, self.dp, self.tp = mesh["pp"].size(), mesh["dp"].size(), mesh["tp"].size()
         self.stage_index = mesh.get_local_rank("pp")
         self.pp_group, self.dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
+        self.vocab_parallel = vocab_parallel and self.tp > 1
+        if self.tp > 1:  # the whole model split by its family's tp_plan, then cut to the stage
+            from hpcllm.parallel.tensor import split_model
+
+            split_model(model, mesh["tp"], vocab_parallel=vocab_parallel)
         tied = tied_parameter_names(model, self.pp)
         self.model = stage = StageModule(model, self.stage_index, self.pp)
         self.fsdp = None
@@ -160,6 +170,13 @@ class PipelinePlan(Plan):
         self.tied_group = self._tied_group() if tied else None
         self._schedules: dict[tuple[str, int], object] = {}  # (train | eval, micro-batches) -> schedule
         self.comm_wait_s = 0.0
+
+    def loss_context(self):
+        if not self.vocab_parallel:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()  # the last stage's logits are split by vocabulary over its tp ranks
 
     def _tied_group(self):
         """The 2-rank group of this rank's pipeline's first and last stage (each dp coordinate has
@@ -210,27 +227,25 @@ class PipelinePlan(Plan):
         """Every rank of a pipeline reads the same micro-batches (the loader's position stays the
         same on all); the mean loss is the last stage's, broadcast to the pipeline."""
         batches = [next_batch() for _ in range(accum)]
-        with autocast():
+        with autocast(), self.loss_context():  # the schedule runs forward, loss and backward
             losses = self._run(self._schedule("train", accum), batches, evaluate=False)
         step_loss = torch.zeros((), device=self.comm.device)
         for loss in losses:  # each already / accum: summed in the trainer's order
-            step_loss += loss.detach()
+            step_loss += as_tensor(loss.detach())
         dist.broadcast(step_loss, group=self.pp_group, group_src=self.pp - 1)
         return step_loss
 
     def eval_losses(self, batches: list, autocast) -> torch.Tensor:
-        with autocast():
+        with autocast(), self.loss_context():
             losses = self._run(self._schedule("eval", len(batches)), batches, evaluate=True)
         total = torch.zeros(2, device=self.comm.device)
         for loss in losses:
-            total += torch.stack([loss.float(), torch.ones((), device=self.comm.device)])
+            total += torch.stack([as_tensor(loss).float(), torch.ones((), device=self.comm.device)])
         dist.broadcast(total, group=self.pp_group, group_src=self.pp - 1)
         return total
 
     # -- after backward --------------------------------------------------------------------------
     def no_sync(self):
-        import contextlib
-
         return contextlib.nullcontext()  # forward_backward communicates nothing but activations
 
     def finish(self) -> None:
@@ -243,6 +258,9 @@ class PipelinePlan(Plan):
             average_gradients([p.grad for p in self.params if p.grad is not None], self.dp_group, self.dp)
         if self.tied_group is not None:
             for p in self.tied:
+                if getattr(p.grad, "placements", None) != getattr(p, "placements", None):
+                    # a tp-split embedding's gradient comes back replicated: its part, as the head's
+                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
                 dist.all_reduce(_local(p.grad), group=self.tied_group)
         self.comm_wait_s += time.perf_counter() - t0
 

@@ -268,7 +268,7 @@ def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_m
         from hpcllm.parallel.pipeline import PipelinePlan
 
         return PipelinePlan(model, make_optimizer, comm, device_mesh(comm, tp, pp), schedule=pp_schedule,
-                            fsdp=mode == "full", bf16=bf16)
+                            fsdp=mode == "full", bf16=bf16, vocab_parallel=vocab_parallel)
     if tp > 1:
         from hpcllm.parallel.tensor import TensorParallelPlan
 

@@ -1,6 +1,6 @@
 """Pipeline parallelism (parallel.pp) on real ranks with gloo, through the CLI: pp=2 for both families
-(GPT-2's tied embedding on the first and the last stage) under GPipe and 1F1B, dp=2 x pp=2, and FSDP2
-within each stage, each give the losses and weights of one rank with the union batch, and an
+(GPT-2's tied embedding on the first and the last stage) under GPipe and 1F1B, dp=2 x pp=2, FSDP2
+within each stage, and pp=2 x tp=2, each give the losses and weights of one rank with the union batch, and an
 evaluation the val_loss of one rank; a pp=2 checkpoint resumes at pp=1 and a pp=1 one at pp=2,
 continuing the uninterrupted run, and exports the whole model; a rank's parameters at pp=2 are about
 half of pp=1's and equal to `hpcllm plan`'s estimate; plans that cannot run are one-line config
@@ -37,20 +37,21 @@ def one_rank_val_loss(run_dir, step: int, spec_path) -> float:
     return evaluate(model, open_dataset(spec.data.dataset), spec, comm, Plan(model, None, comm, 0.0))
 
 
-# (ranks, parallel.shard, family, schedule): 2 ranks are one pipeline of 2 stages (3 sequences x 2
-# micro-batches); 4 ranks are dp=2 x pp=2 (1 sequence x 3 micro-batches per pipeline)
-@pytest.mark.parametrize("n,shard,family,schedule", [(2, "none", "gpt", "gpipe"), (2, "none", "gpt", "1f1b"),
-                                                     (2, "none", "llama", "gpipe"), (2, "none", "llama", "1f1b"),
-                                                     (4, "none", "gpt", "1f1b"), (4, "full", "llama", "1f1b")])
-def test_pipeline_equals_one_rank_with_the_union_batch(tmp_path, dataset, references, n, shard, family, schedule):
-    name = f"pp2-{schedule}-{shard}-{n}-{family}"
+# (ranks, parallel.shard, tp, family, schedule): 2 ranks are one pipeline of 2 stages (3 sequences x 2
+# micro-batches); 4 ranks are dp=2 x pp=2 (1 sequence x 3 micro-batches per pipeline), or pp=2 x tp=2
+@pytest.mark.parametrize("n,shard,tp,family,schedule", [
+    (2, "none", 1, "gpt", "gpipe"), (2, "none", 1, "gpt", "1f1b"), (2, "none", 1, "llama", "gpipe"),
+    (2, "none", 1, "llama", "1f1b"), (4, "none", 1, "gpt", "1f1b"), (4, "full", 1, "llama", "1f1b"),
+    (4, "none", 2, "gpt", "1f1b")])
+def test_pipeline_equals_one_rank_with_the_union_batch(tmp_path, dataset, references, n, shard, tp, family, schedule):
+    name = f"pp2-{schedule}-{shard}-tp{tp}-{n}-{family}"
     model = LLAMA if family == "llama" else GPT
-    dp = n // 2
-    spec = spec_file(tmp_path, dataset, name, model, backend="torch", shard=shard, batch=3 if dp == 1 else 1)
+    dp = n // (2 * tp)
+    spec = spec_file(tmp_path, dataset, name, model, backend="torch", shard=shard, tp=tp, batch=3 if dp == 1 else 1)
     evaluated = (n, family, schedule) == (2, "gpt", "gpipe")
     p = train(spec, n, "parallel.pp=2", f"parallel.pp_schedule={schedule}",
               *(["train.eval_interval=10"] if evaluated else []))
-    assert f"{dp} data-parallel rank(s)" in p.stderr and f"parallel.shard={shard} tp=1 pp=2 ({schedule})" in p.stderr
+    assert f"{dp} data-parallel rank(s)" in p.stderr and f"parallel.shard={shard} tp={tp} pp=2 ({schedule})" in p.stderr
     assert_same_run(tmp_path / name, references / family)
     if evaluated:  # through the pipeline's evaluation schedule: what one rank's evaluate gives
         got = {m["step"]: m["val_loss"] for m in metrics(tmp_path / name) if "val_loss" in m}
@@ -58,11 +59,11 @@ def test_pipeline_equals_one_rank_with_the_union_batch(tmp_path, dataset, refere
         for step, value in got.items():
             assert abs(value - one_rank_val_loss(tmp_path / name, step, spec)) <= 1e-5 * value, (step, value)
     got, one = metrics(tmp_path / name)[-1], metrics(references / family)[-1]
-    if family == "llama" and shard == "none":  # untied: stage 0 holds the embedding and one of two layers
+    if family == "llama" and shard == "none":  # untied: stage 0 holds the embedding and one of the two layers
         for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
             assert got[key] <= 0.55 * one[key], (key, got[key], one[key])
     # `hpcllm plan`'s estimate is what rank 0 (stage 0) measured
-    est = estimate_memory(model_for_plan(load_spec(spec, ["parallel.pp=2"])), shard, 1, dp, 2)
+    est = estimate_memory(model_for_plan(load_spec(spec, ["parallel.pp=2"])), shard, tp, dp, 2)
     assert {k: got[k] for k in est} == est
 
 
@@ -109,7 +110,7 @@ def test_plans_that_cannot_run_are_config_errors(tmp_path, dataset):
     assert "parallel.pp=2 needs dist.backend torch" in _refused(spec, "parallel.pp=2", "dist.backend=mpi")
     assert "parallel.shard=optimizer with parallel.pp > 1 is not implemented" in \
         _refused(spec, "parallel.pp=2", "parallel.shard=optimizer")
-    assert "parallel.pp > 1 with parallel.tp > 1 is not implemented" in _refused(spec, "parallel.pp=2", "parallel.tp=2")
+    assert "parallel.pp=2: inference is not pipelined" in _refused(spec, "kind=infer", "parallel.pp=2")
     assert "pp must be >= 1" in _refused(spec, "parallel.pp=0")
     assert "'parallel.pp_schedule' must be one of" in _refused(spec, "parallel.pp_schedule=zigzag")
     assert "train.compile with parallel.pp > 1 is not implemented" in _refused(spec, "parallel.pp=2", "train.compile=true")

@@ -180,7 +180,7 @@ class PipelinePlan(Plan):
 
     def _tied_group(self):
         """The 2-rank group of this rank's pipeline's first and last stage (each dp coordinate has
-        its own; every rank creates every group, as torch.distributed requires)."""
+        its own, and each tp coordinate; every rank creates every group, as torch.distributed requires)."""
         if self.pp == 2:
             return self.pp_group
         ranks = self.mesh.mesh  # (pp, dp, tp) global ranks

@@ -337,9 +337,10 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     meta = read_meta(ckpt)
     old_mode, old_tp, old_pp = meta.get("shard", "none"), meta.get("tp", 1), meta.get("pp", 1)
     if old_batch != global_batch:
+        dp = spec.parallel.data_parallel(comm.size)  # the ranks of a tp group or a pipeline share their batches
         raise TrainingError(f"{ckpt}: written with a global batch of {old_batch} sequences per step ({old_ranks} "
-                            f"rank(s)); this run has {global_batch} ({comm.size} rank(s) x train.batch_size="
-                            f"{spec.train.batch_size} x {global_batch // (comm.size * spec.train.batch_size)} "
+                            f"rank(s)); this run has {global_batch} ({dp} data-parallel rank(s) x train.batch_size="
+                            f"{spec.train.batch_size} x {global_batch // (dp * spec.train.batch_size)} "
                             f"micro-step(s)): set train.global_batch_size={old_batch} to resume it on {comm.size} rank(s)")
     load_sharded(ckpt, comm, tree)
     plan.load_state_dict(tree)

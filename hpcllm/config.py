@@ -29,7 +29,7 @@ from hpcllm.fields import path_field
 from hpcllm.infer.config import InferConfig
 from hpcllm.launch.config import SlurmConfig
 from hpcllm.model.config import ModelConfig
-from hpcllm.parallel.config import ParallelConfig, check_backend, check_model
+from hpcllm.parallel.config import ParallelConfig, check_backend, check_model, check_pipeline_batches
 from hpcllm.report.config import MetricsConfig
 from hpcllm.train.config import TrainConfig
 
@@ -48,14 +48,22 @@ class JobSpec:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # run reports (hpcllm.report)
 
     def validate(self) -> None:  # what no single section can check on its own
-        check_backend(self.parallel, self.dist.backend)
-        if (self.parallel.shard == "full" or self.parallel.tp > 1) and self.dist.backend == "auto":
-            self.dist.backend = "torch"  # the one backend that carries FSDP2 and DTensor (NCCL on GPU, gloo on CPU)
-        if self.parallel.sequence_parallel and self.train.seq_len % self.parallel.tp:
+        pc = self.parallel
+        check_backend(pc, self.dist.backend)
+        if (pc.shard == "full" or pc.tp > 1 or pc.pp > 1) and self.dist.backend == "auto":
+            self.dist.backend = "torch"  # the one backend that carries FSDP2, DTensor and pipelining (NCCL on GPU, gloo on CPU)
+        if pc.pp > 1:
+            if self.kind == "infer":
+                raise ValueError(f"parallel.pp={pc.pp}: inference is not pipelined (split a model over ranks with "
+                                 "parallel.tp); set parallel.pp=1")
+            if self.train.compile:
+                raise ValueError("train.compile with parallel.pp > 1 is not implemented: set train.compile=false")
+            if not self.train.global_batch_size:  # otherwise known with the world size (trainer, hpcllm plan)
+                check_pipeline_batches(pc, self.train, self.train.grad_accum)
+        if pc.sequence_parallel and self.train.seq_len % pc.tp:
             raise ValueError(f"parallel.sequence_parallel=true needs train.seq_len ({self.train.seq_len}) to be a "
-                             f"multiple of parallel.tp={self.parallel.tp}: each tp rank holds an equal slice of the "
-                             "sequence")
-        if self.parallel.tp > 1 and not self.model.init:  # a model.init's heads are checked when it is read
+                             f"multiple of parallel.tp={pc.tp}: each tp rank holds an equal slice of the sequence")
+        if (pc.tp > 1 or pc.pp > 1) and not self.model.init:  # a model.init's shape is checked when it is read
             try:
                 resolved = self.model.resolve(self.model.vocab_size or 1)  # the vocabulary does not matter here
             except ValueError:

@@ -6,7 +6,10 @@ never name an architecture:
     cache = model.new_kv_cache(B, max_len, device, dtype)
     logits, _ = model(tokens, cache=cache, start=s, positions=pos, mask=mask)   # inference
 
-and a `Family` (the module-level FAMILY of each family file) that maps the model to and from an HF
+A family's forward is made of three pieces it defines — `embed` (tokens -> hidden), its blocks (with
+`block_inputs`, what every block takes besides the hidden state) and `head` (hidden -> logits) — and
+`CausalLM.forward` runs them in order, so a pipeline stage (hpcllm.parallel.pipeline), which runs a
+slice of them, runs the same code as the whole model. And a `Family` (the module-level FAMILY of each family file) that maps the model to and from an HF
 directory: config.json fields and tensor names.
 """
 
@@ -21,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcllm.model.attention import KVCache
+from hpcllm.model.attention import KVCache, positions_and_mask
 from hpcllm.model.config import ModelConfig
 
 
@@ -37,6 +40,36 @@ class CausalLM(nn.Module):
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, in order: the unit of FSDP sharding and activation checkpointing."""
         raise NotImplementedError
+
+    # module paths of the pieces around the blocks: what a pipeline stage keeps only when it runs them
+    embedding_modules: tuple[str, ...] = ()
+    head_modules: tuple[str, ...] = ()
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) at `positions` (B or 1, T) -> the hidden state (B, T, n_embd)."""
+        raise NotImplementedError
+
+    def block_inputs(self, x: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """What every block takes after the hidden state, computed once per forward from the
+        positions (Llama's rotary cos and sin); a pipeline stage recomputes it from its input."""
+        return ()
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden state -> logits (B, T, vocab): the final norm and the output projection."""
+        raise NotImplementedError
+
+    def forward(self, idx, targets=None, *, cache: KVCache | None = None, start=0, positions=None, mask=None):
+        """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).
+
+        With `cache`: keys/values go to cache slots start..start+T-1 (see attention.causal_attention);
+        `positions` (B, T) and `mask` describe left-padded rows (attention.padded_positions_and_mask)."""
+        positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
+        x = self.embed(idx, positions)
+        extra = self.block_inputs(x, positions)
+        for i, block in enumerate(self.blocks()):
+            x = self.run_block(block, x, *extra, i, cache, start, mask)
+        logits = self.head(x)
+        return logits, self.loss(logits, targets)
 
     def run_block(self, block: nn.Module, *args):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -70,27 +103,30 @@ class CausalLM(nn.Module):
     def init_weights(self, seed: int | None = None) -> "CausalLM":
         """N(0, 0.02) for matrices, residual output projections scaled by 1/sqrt(2 * n_layer)
         (GPT-2's scheme); zeros for biases; ones for norm weights."""
+        params = dict(self.named_parameters())
         with torch.no_grad():
-            for _, p, value in self.initial_values(seed):
-                p.copy_(value)
+            for name, value in self.initial_values(seed):
+                params[name].copy_(value)
         return self
 
     def initial_values(self, seed: int | None = None):
-        """(name, parameter, its whole initial value) for each parameter in turn, drawn on the CPU from
-        one generator in the parameters' order. One value exists at a time: a model sharded before it
-        was materialised keeps each rank's part of each value (hpcllm.parallel.materialize) and
-        equals, part for part, the whole model `init_weights` gives on one rank."""
+        """(name, whole initial value) for each parameter in turn (a tied one once), drawn on the CPU
+        from one generator in the parameters' order. One value exists at a time: a model sharded
+        (or cut into a pipeline stage) before it was materialised keeps each rank's part of the
+        values it holds (hpcllm.parallel.materialize) and equals, part for part, the whole model
+        `init_weights` gives on one rank."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         resid = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
+            shape = p.shape
+            if len(shape) >= 2:
                 std = resid if name.endswith(self.residual_projections) else 0.02
-                value = torch.randn(p.shape, generator=gen, device="cpu").mul_(std)
+                value = torch.randn(shape, generator=gen, device="cpu").mul_(std)
             elif name.endswith("bias"):
-                value = torch.zeros(p.shape, device="cpu")
+                value = torch.zeros(shape, device="cpu")
             else:  # norm weights
-                value = torch.ones(p.shape, device="cpu")
-            yield name, p, value
+                value = torch.ones(shape, device="cpu")
+            yield name, value
             del value  # before the next is drawn: one whole value alive at a time
 
     residual_projections: tuple[str, ...] = ()  # parameter name suffixes scaled down at init

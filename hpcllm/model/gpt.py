@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcllm.model.attention import KVCache, causal_attention, positions_and_mask
+from hpcllm.model.attention import KVCache, causal_attention
 from hpcllm.model.base import CausalLM, Family
 from hpcllm.model.config import ModelConfig
 
@@ -106,17 +106,14 @@ class GPT(CausalLM):
             plan.update(sequence_plan(norms=("transformer.ln_f",), sliced=("transformer.wpe",)))
         return plan
 
-    def forward(self, idx, targets=None, *, cache: KVCache | None = None, start=0, positions=None, mask=None):
-        """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).
+    embedding_modules = ("transformer.wte", "transformer.wpe", "transformer.drop")
+    head_modules = ("transformer.ln_f", "lm_head")
 
-        With `cache`: keys/values go to cache slots start..start+T-1 (see attention.causal_attention);
-        `positions` (B, T) and `mask` describe left-padded rows (attention.padded_positions_and_mask)."""
-        positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for i, block in enumerate(self.transformer.h):
-            x = self.run_block(block, x, i, cache, start, mask)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        return logits, self.loss(logits, targets)
+    def embed(self, idx, positions):
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+
+    def head(self, x):
+        return self.lm_head(self.transformer.ln_f(x))
 
 
 # ------------------------------------------------------------------------------------- HF mapping

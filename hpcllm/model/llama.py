@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcllm.model.attention import KVCache, causal_attention, positions_and_mask
+from hpcllm.model.attention import KVCache, causal_attention
 from hpcllm.model.base import CausalLM, Family
 from hpcllm.model.config import ModelConfig
 
@@ -164,16 +164,17 @@ class Llama(CausalLM):
             emb = torch.cat((freqs, freqs), dim=-1)
             return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
-    def forward(self, idx, targets=None, *, cache: KVCache | None = None, start=0, positions=None, mask=None):
-        """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).
-        Cache, positions and mask as in attention.causal_attention / padded_positions_and_mask."""
-        positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
-        x = self.model.embed_tokens(idx)
-        cos, sin = self.rotary(positions.expand(idx.shape[0], -1), x.dtype)  # as HF: in the embeddings' dtype
-        for i, layer in enumerate(self.model.layers):
-            x = self.run_block(layer, x, cos, sin, i, cache, start, mask)
-        logits = self.lm_head(self.model.norm(x))
-        return logits, self.loss(logits, targets)
+    embedding_modules = ("model.embed_tokens",)
+    head_modules = ("model.norm", "lm_head")
+
+    def embed(self, idx, positions):
+        return self.model.embed_tokens(idx)
+
+    def block_inputs(self, x, positions):
+        return self.rotary(positions.expand(x.shape[0], -1), x.dtype)  # as HF: in the embeddings' dtype
+
+    def head(self, x):
+        return self.lm_head(self.model.norm(x))
 
 
 # ------------------------------------------------------------------------------------- HF mapping

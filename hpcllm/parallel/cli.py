@@ -55,8 +55,7 @@ def describe(spec, world: int) -> str:
 
     pc, tc = spec.parallel, spec.train
     try:
-        dp = pc.data_parallel(world)
-        accum = tc.accumulation(dp)
+        dp, accum = pc.micro_batches(tc, world)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model = model_for_plan(spec)
@@ -65,14 +64,18 @@ def describe(spec, world: int) -> str:
         check_model(pc, cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    tp = pc.tp
-    lines = [f"plan of {spec.kind} job '{spec.name}' on {world} rank(s): parallel.shard={pc.shard}, tp={tp} -> "
-             f"mesh dp={dp} x tp={tp} (dist.backend {spec.dist.backend})",
+    tp, pp = pc.tp, pc.pp
+    mesh = f"pp={pp} x dp={dp} x tp={tp}" if pp > 1 else f"dp={dp} x tp={tp}"
+    lines = [f"plan of {spec.kind} job '{spec.name}' on {world} rank(s): parallel.shard={pc.shard}, tp={tp}"
+             f"{f', pp={pp}' if pp > 1 else ''} -> mesh {mesh} (dist.backend {spec.dist.backend})",
              f"  model: {cfg.arch} {cfg.size}, {model.num_params(False) / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
              f"{cfg.n_head} heads ({cfg.n_kv_head} kv), vocabulary {cfg.vocab_size}"]
-    if tp > 1:
+    if tp > 1 and pp == 1:
         lines.append(f"  rank r = dp_rank x {tp} + tp_rank: ranks {{0..{tp - 1}}}, {{{tp}..{2 * tp - 1}}}, ... each split "
                      f"the model in {tp}; each tp group reads one data-parallel share of the batch")
+    if pp > 1:
+        lines += pipeline_lines(model, pc, dp, accum)
+    if tp > 1:
         lines.append(f"  tp rank t holds query heads [t*{cfg.n_head // tp}, (t+1)*{cfg.n_head // tp}), kv heads "
                      f"[t*{cfg.n_kv_head // tp}, ...), 1/{tp} of every MLP and of the vocabulary rows; norms whole"
                      + (" (logits split: loss_parallel)" if pc.vocab_parallel else " (logits gathered)"))
@@ -86,21 +89,44 @@ def describe(spec, world: int) -> str:
                          "allreduces per layer cross the network")
     if pc.shard != "none" and dp > 1:
         what = "optimizer state" if pc.shard == "optimizer" else "parameters, gradients and optimizer state"
-        lines.append(f"  parallel.shard={pc.shard}: {what} sharded over the {dp} data-parallel rank(s)")
+        lines.append(f"  parallel.shard={pc.shard}: {what} sharded over the {dp} data-parallel rank(s)"
+                     + (" of each stage" if pp > 1 else ""))
     if tp > 1:
         held = holdings(model)
         lines.append(f"  {sum(h.tp_dim is not None for h in held)} of {len(held)} parameter tensors split over tp")
     global_batch = tc.batch_size * accum * dp
     lines.append(f"  batch: {global_batch} sequences/step = {dp} data-parallel rank(s) x batch {tc.batch_size} x "
                  f"{accum} micro-step(s); {global_batch * tc.seq_len} tokens/step")
-    mem = estimate_memory(model, pc.shard, tp, dp)
+    mem = estimate_memory(model, pc.shard, tp, dp, pp)
     one = estimate_memory(model, "none", 1, 1)
     total = sum(mem.values())
-    lines.append(f"  memory per rank (estimate, fp32 weights + AdamW, activations not included): parameters "
-                 f"{_gib(mem['params_bytes'])}, gradients {_gib(mem['grads_bytes'])}, optimizer state "
-                 f"{_gib(mem['optimizer_bytes'])}; total {_gib(total)} ({total / sum(one.values()):.2f}x of one rank "
-                 "holding everything)")
+    lines.append(f"  memory per rank{' of stage 0 (rank 0)' if pp > 1 else ''} (estimate, fp32 weights + AdamW, "
+                 f"activations not included): parameters {_gib(mem['params_bytes'])}, gradients "
+                 f"{_gib(mem['grads_bytes'])}, optimizer state {_gib(mem['optimizer_bytes'])}; total {_gib(total)} "
+                 f"({total / sum(one.values()):.3g}x of one rank holding everything)")
     return "\n".join(lines)
+
+
+def pipeline_lines(model, pc, dp: int, accum: int) -> list[str]:
+    """Which layers and ranks each stage has, its memory per rank, and the schedule's bubble."""
+    from hpcllm.parallel.estimate import estimate_memory
+    from hpcllm.parallel.pipeline import stage_layers
+
+    pp, per_stage = pc.pp, dp * pc.tp
+    lines = [f"  rank r = (pp_rank x {dp} + dp_rank) x {pc.tp} + tp_rank: stage s on ranks "
+             f"[s*{per_stage}, (s+1)*{per_stage}); the {pp} stages of a pipeline read the same batches"
+             + (f", each stage's layers split over its tp groups of {pc.tp} adjacent ranks" if pc.tp > 1 else "")]
+    for stage, layers in enumerate(stage_layers(model.config.n_layer, pp)):
+        parts = (["embedding"] if stage == 0 else []) + [f"layers {layers.start}..{layers.stop - 1}"] + \
+            (["head and loss"] if stage == pp - 1 else [])
+        total = sum(estimate_memory(model, pc.shard, pc.tp, dp, pp, stage).values())
+        lines.append(f"  stage {stage} (ranks {stage * per_stage}..{(stage + 1) * per_stage - 1}): "
+                     f"{', '.join(parts)}; {_gib(total)} of weights, gradients and AdamW state per rank")
+    bubble = (pp - 1) / (accum + pp - 1)
+    lines.append(f"  schedule {pc.pp_schedule}: {accum} micro-batch(es) per step, bubble (pp-1)/(micro-batches+pp-1) "
+                 f"= {bubble:.0%} of each step idle per stage"
+                 + ("; raise train.global_batch_size for more micro-batches" if bubble > 0.2 else ""))
+    return lines
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -29,6 +29,13 @@ class ParallelConfig:
     # memory / tp); an all-gather before attention and the MLP and a reduce-scatter after them replace
     # the allreduce (the same bytes). train.seq_len must be a multiple of tp
     sequence_parallel: bool = False
+    # pipeline parallel: the layers split into `pp` stages on `pp` ranks, each step's micro-batches
+    # (train.accumulation) flowing through them (torch.distributed.pipelining). The outermost mesh
+    # dimension: world = pp x dp x tp, rank = (pp_rank x dp + dp_rank) x tp + tp_rank
+    pp: int = 1
+    # gpipe: every micro-batch's forward, then every backward (activations of all micro-batches held);
+    # 1f1b: one forward, one backward in the steady state (at most pp micro-batches' activations held)
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
 
     def validate(self) -> None:
         if self.tp < 1:
@@ -36,16 +43,56 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1: it splits the sequence over "
                              "the tensor-parallel ranks")
+        if self.sequence_parallel and self.pp > 1:
+            raise ValueError("parallel.sequence_parallel=true with parallel.pp > 1 is not implemented: the stages "
+                             "pass whole activations; set parallel.sequence_parallel=false")
+        if self.pp < 1:
+            raise ValueError(f"pp must be >= 1, got {self.pp}")
         if self.tp > 1 and self.shard == "optimizer":
             raise ValueError("parallel.shard=optimizer with parallel.tp > 1 is not implemented: use shard none "
                              "(data parallel over ranks / tp) or full (FSDP2 over ranks / tp)")
+        if self.pp > 1 and self.shard == "optimizer":
+            raise ValueError("parallel.shard=optimizer with parallel.pp > 1 is not implemented: use shard none "
+                             "(data parallel within each stage) or full (FSDP2 within each stage)")
 
     def data_parallel(self, world: int) -> int:
         """The data-parallel size of a world of `world` ranks, or a ValueError naming the field."""
-        if world % self.tp:
-            raise ValueError(f"parallel.tp={self.tp} does not divide the world of {world} rank(s): run on a multiple "
-                             f"of {self.tp} ranks")
-        return world // self.tp
+        for name, size in (("tp", self.tp), ("pp", self.pp)):
+            if world % size:
+                raise ValueError(f"parallel.{name}={size} does not divide the world of {world} rank(s): run on a "
+                                 f"multiple of {size} ranks")
+        if world % (self.tp * self.pp):
+            raise ValueError(f"parallel.pp={self.pp} x parallel.tp={self.tp} does not divide the world of {world} "
+                             f"rank(s): run on a multiple of {self.pp * self.tp} ranks")
+        return world // (self.tp * self.pp)
+
+    def coordinates(self, rank: int, world: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of `rank`: tp innermost (adjacent ranks), then dp, pp outermost."""
+        dp = self.data_parallel(world)
+        return rank // (dp * self.tp), (rank // self.tp) % dp, rank % self.tp
+
+    def dp_rank(self, rank: int, world: int) -> int:
+        """Which share of each global batch `rank` reads: the ranks of a tp group and of a pipeline
+        (every stage) read the same batches."""
+        return self.coordinates(rank, world)[1]
+
+    def micro_batches(self, train, world: int) -> tuple[int, int]:
+        """(data-parallel size, micro-batches per step) of `train` (a TrainConfig) on `world` ranks,
+        or a ValueError naming the fields: the pipeline's micro-batches are the accumulation steps."""
+        dp = self.data_parallel(world)
+        accum = train.accumulation(dp)
+        check_pipeline_batches(self, train, accum, dp)
+        return dp, accum
+
+
+def check_pipeline_batches(pc: ParallelConfig, train, accum: int, dp: int | None = None) -> None:
+    """1F1B keeps at most pp micro-batches in flight and needs at least that many per step."""
+    if pc.pp > 1 and pc.pp_schedule == "1f1b" and accum < pc.pp:
+        source = (f"train.global_batch_size={train.global_batch_size} / ({dp} data-parallel rank(s) x "
+                  f"train.batch_size={train.batch_size})" if train.global_batch_size else f"train.grad_accum={accum}")
+        raise ValueError(f"parallel.pp={pc.pp} with pp_schedule 1f1b needs at least {pc.pp} micro-batches per step, "
+                         f"this run has {accum} ({source}): raise train.global_batch_size (or grad_accum) or lower "
+                         "train.batch_size, or use parallel.pp_schedule=gpipe")
 
 
 def check_backend(pc: ParallelConfig, backend: str) -> None:
@@ -56,10 +103,17 @@ def check_backend(pc: ParallelConfig, backend: str) -> None:
     if pc.tp > 1 and backend not in ("auto", "torch"):
         raise ValueError(f"parallel.tp={pc.tp} needs dist.backend torch (DTensor runs on torch.distributed: NCCL "
                          f"on GPU, gloo on CPU), not {backend}")
+    if pc.pp > 1 and backend not in ("auto", "torch"):
+        raise ValueError(f"parallel.pp={pc.pp} needs dist.backend torch (torch.distributed.pipelining sends the "
+                         f"activations over torch.distributed: NCCL on GPU, gloo on CPU), not {backend}")
 
 
 def check_model(pc: ParallelConfig, model) -> None:
-    """What tensor parallelism needs of a (resolved) ModelConfig: whole heads and MLP slices per rank."""
+    """What a (resolved) ModelConfig must allow: a layer or more per pipeline stage; whole heads and
+    MLP slices per tensor-parallel rank."""
+    if pc.pp > model.n_layer:
+        raise ValueError(f"parallel.pp={pc.pp} is more than model.n_layer={model.n_layer}: each pipeline stage "
+                         "holds one layer or more")
     if pc.tp == 1:
         return
     for name, value in (("n_head", model.n_head), ("n_kv_head", model.n_kv_head), ("ffn_dim", model.ffn_dim)):

@@ -2,7 +2,9 @@
 meta device: nothing allocated), so that a plan for a world you don't have (64 GPUs) is checked
 on a login node — and printed beside the measured figures at the end of a run.
 
-    parameters   fp32; split over tp for the layers the family's tp_plan names; over dp too with
+    parameters   fp32; with pp > 1 only those of the rank's pipeline stage (hpcllm.parallel.pipeline:
+                 its layers, the embedding on the first stage, the head on the last, a tied weight on
+                 both); split over tp for the layers the family's tp_plan names; over dp too with
                  parallel.shard full
     gradients    as the parameters (ZeRO-1 keeps whole gradients: it reduce-scatters them)
     optimizer    AdamW's two fp32 moments per parameter (and a step counter each); over dp with
@@ -58,9 +60,15 @@ def holdings(model) -> list[Holding]:
     return out
 
 
-def estimate_memory(model, shard: str, tp: int, dp: int) -> dict[str, int]:
-    """Bytes per rank: params_bytes, grads_bytes, optimizer_bytes (rank 0's, the largest)."""
+def estimate_memory(model, shard: str, tp: int, dp: int, pp: int = 1, stage: int = 0) -> dict[str, int]:
+    """Bytes per rank: params_bytes, grads_bytes, optimizer_bytes — of rank 0 (the largest part of
+    each tensor), or of a rank of pipeline stage `stage`."""
     held = holdings(model)
+    if pp > 1:
+        from hpcllm.parallel.pipeline import stage_parameter_names
+
+        names = set(stage_parameter_names(model, stage, pp))
+        held = [h for h in held if h.name in names]
     per_tp = sum(h.rank0_elements(tp, 1) for h in held)
     over_dp = sum(h.rank0_elements(tp, dp) for h in held)
     params = over_dp if shard == "full" else per_tp

@@ -3,14 +3,16 @@ there by the plan (FSDP2's `fully_shard`, tensor parallelism's `parallelize_modu
 given storage — each rank its own part — and filled:
 
     fresh     every parameter's whole initial value is drawn in turn, from the same generator in the
-              same order as `CausalLM.init_weights` on one rank (`CausalLM.initial_values`), and
-              this rank keeps its part of it: exactly the slice of the one-rank model
+              same order as `CausalLM.init_weights` on one rank (`CausalLM.initial_values`, over the
+              whole model's layout even on a pipeline stage), and this rank keeps its part of the
+              values of the parameters it holds: exactly the slice of the one-rank model
     model.init  each tensor of the HF directory is read in turn and this rank keeps its part
     resume    nothing: the checkpoint is loaded into the parts (DCP) right after
 
 So a rank never holds more of the model than its part plus one whole tensor (the largest parameter,
-e.g. the embedding) for the moment it is cut. `parallel.shard: none | optimizer` keep the whole
-model on every rank by definition and build it whole.
+e.g. the embedding) for the moment it is cut. A pipeline stage (`parallel.pp`) materialises only
+the layers it runs. `parallel.shard: none | optimizer` without tp or pp keep the whole model on
+every rank by definition and build it whole.
 
 The part of a whole value that a rank holds is what DTensor's own `distribute_tensor` cuts for the
 parameter's mesh and placements (`src_data_rank=None`: every rank cuts its part locally, no
@@ -27,9 +29,9 @@ from hpcllm.parallel.config import ParallelConfig
 
 
 def builds_on_meta(pc: ParallelConfig, world: int) -> bool:
-    """Whether the plan splits the parameters themselves (FSDP2 on several ranks, or tensor
-    parallelism): then the model is built on the meta device and each rank materialises its part."""
-    return pc.tp > 1 or (pc.shard == "full" and world > 1)
+    """Whether the plan splits the parameters themselves (FSDP2 on several ranks, tensor parallelism,
+    pipeline stages): then the model is built on the meta device and each rank materialises its part."""
+    return pc.tp > 1 or pc.pp > 1 or (pc.shard == "full" and world > 1)
 
 
 def local_part(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -54,10 +56,13 @@ def copy_whole_value(param: torch.Tensor, value: torch.Tensor) -> None:
     local.copy_(local_part(param, value))
 
 
-def materialize(model, device, *, seed: int | None = None, hf_dir: str | None = None):
+def materialize(model, device, *, seed: int | None = None, hf_dir: str | None = None, whole=None):
     """Give a meta-device model, already sharded by its plan, storage for this rank's parts on
     `device`, and fill them: from `hf_dir`'s weights, or fresh from `seed`, or (both None) not at
-    all, for a checkpoint to be loaded into right after."""
+    all, for a checkpoint to be loaded into right after. `whole`: a meta copy of the whole model
+    taken before a pipeline plan pruned `model` to its stage — values are drawn (or read) for every
+    parameter of it, in its order, and the stage keeps those of the parameters it holds."""
+    whole = model if whole is None else whole
     if any(True for _ in model.buffers()):
         # to_empty leaves buffers uninitialised and a meta-built model has no values to restore them
         # from: a family that needs one keeps it as a plain attribute computed on first use (Llama's
@@ -76,15 +81,18 @@ def materialize(model, device, *, seed: int | None = None, hf_dir: str | None = 
         torch.__future__.set_swap_module_params_on_conversion(swap)
     if any(a is not b for a, b in zip(before, model.parameters())):
         raise TrainingError("internal: materialising the model replaced parameter objects the optimizer holds")
-    model.tie_weights()  # (a tied parameter is one object, swapped once per name: already tied; certain now)
+    if whole is model:  # (a pipeline stage may lack one side of a tie; swapping kept every tie anyway)
+        model.tie_weights()  # (a tied parameter is one object, swapped once per name: already tied; certain now)
     if hf_dir is not None:
         from hpcllm.model.hf import stream_hf_weights
 
         params = dict(model.named_parameters(remove_duplicate=False))
-        stream_hf_weights(hf_dir, model, lambda name, t: copy_whole_value(params[name], t))
+        stream_hf_weights(hf_dir, whole, lambda name, t: copy_whole_value(params[name], t) if name in params else None)
     elif seed is not None:
-        for _, p, value in model.initial_values(seed):
-            copy_whole_value(p, value)
+        params = dict(model.named_parameters())
+        for name, value in whole.initial_values(seed):
+            if name in params:  # (a pipeline stage holds some of them)
+                copy_whole_value(params[name], value)
             del value  # (the generator draws the next one: never two whole values at once)
     return model
 

@@ -2,8 +2,8 @@
 ranks, and the one interface the trainer steps through whatever the mode (`parallel.shard`).
 
     plan = build_plan(spec, model, comm)
-    with plan.no_sync(): ...backward...       # accumulation micro-steps: nothing communicated
-    ...backward...; plan.finish()              # gradients are the mean over ranks (or this rank's part)
+    loss = plan.forward_backward(forward, next_batch, accum, autocast)   # the step's micro-batches:
+    plan.finish()                              # gradients are the mean over ranks (or this rank's part)
     plan.clip_grad_norm(1.0); plan.step(); plan.zero_grad()
     state = plan.state_dict()                  # model and optimizer by parameter name, for the checkpoint
 
@@ -56,10 +56,35 @@ class Plan:
     mode = "none"
     tp = 1
     sequence_parallel = False
+    pp = 1
 
     def loss_context(self):
         """Where forward and backward of the loss run (tensor parallelism: on vocabulary-split logits)."""
         return contextlib.nullcontext()
+
+    def forward_backward(self, forward, next_batch, accum: int, autocast) -> torch.Tensor:
+        """Forward and backward of one step's `accum` micro-batches (`next_batch()` each), gradients
+        communicated on the last one only; returns the step's mean loss (the same on every rank of a
+        model replica). `forward(x, y)` is the model (or its compiled form), `autocast()` the
+        train.dtype context. The pipeline plan runs the micro-batches through its stages instead."""
+        step_loss = torch.zeros((), device=self.comm.device)
+        for micro in range(accum):
+            x, y = next_batch()
+            last = micro == accum - 1
+            with (contextlib.nullcontext() if last else self.no_sync()), autocast(), self.loss_context():
+                _, loss = forward(x, y)
+                (loss / accum).backward()
+            step_loss += as_tensor(loss.detach()) / accum
+        return step_loss
+
+    def eval_losses(self, batches: list, autocast) -> torch.Tensor:
+        """[sum of the losses of `batches` (x, y), their number] on this rank, in evaluation (no grad)."""
+        total = torch.zeros(2, device=self.comm.device)
+        for x, y in batches:
+            with autocast(), self.loss_context():
+                _, loss = self.model(x, y)
+            total += torch.stack([as_tensor(loss).float(), torch.ones((), device=self.comm.device)])
+        return total
 
     def __init__(self, model, optimizer, comm: Communicator, bucket_mb: float):
         self.model, self.optimizer, self.comm = model, optimizer, comm
@@ -217,26 +242,35 @@ class FsdpPlan(Plan):
         return sum(tensor_bytes(p) for p in self.model.parameters() if p.requires_grad)  # sharded, as held
 
 
-def device_mesh(comm: Communicator, tp: int = 1):
+def device_mesh(comm: Communicator, tp: int = 1, pp: int = 1):
     """The DeviceMesh of the job on torch.distributed (created beside the job's own backend when that
-    is mpi or horovod: gloo on CPU): 1-D over every rank, or (dp, tp) with tp > 1 — the tp ranks of a
-    group adjacent (rank = dp_rank * tp + tp_rank), so they share a node and its fast links."""
+    is mpi or horovod: gloo on CPU): 1-D over every rank, (dp, tp) with tp > 1, or (pp, dp, tp) with
+    pp > 1 — tp innermost, so the ranks of a tp group are adjacent (they share a node and its fast
+    links), pp outermost: rank = (pp_rank x dp + dp_rank) x tp + tp_rank."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from hpcllm.comm.torch_group import ensure_process_group
 
     ensure_process_group(comm)
+    if pp > 1:
+        return init_device_mesh(comm.device.type, (pp, comm.size // (pp * tp), tp), mesh_dim_names=("pp", "dp", "tp"))
     if tp == 1:
         return init_device_mesh(comm.device.type, (comm.size,))
     return init_device_mesh(comm.device.type, (comm.size // tp, tp), mesh_dim_names=("dp", "tp"))
 
 
 def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_mb: float, bf16: bool,
-               tp: int = 1, vocab_parallel: bool = True, sequence_parallel: bool = False) -> Plan:
-    """The plan for parallel.shard=`mode` (and parallel.tp). With one rank every mode holds
-    everything: `none`."""
+               tp: int = 1, vocab_parallel: bool = True, sequence_parallel: bool = False, pp: int = 1,
+               pp_schedule: str = "1f1b") -> Plan:
+    """The plan for parallel.shard=`mode` (and parallel.tp, parallel.pp). With one rank every mode
+    holds everything: `none`."""
     if mode not in MODES:
         raise ValueError(f"parallel.shard must be one of {MODES}, got {mode!r}")
+    if pp > 1:
+        from hpcllm.parallel.pipeline import PipelinePlan
+
+        return PipelinePlan(model, make_optimizer, comm, device_mesh(comm, tp, pp), schedule=pp_schedule,
+                            fsdp=mode == "full", bf16=bf16, vocab_parallel=vocab_parallel)
     if tp > 1:
         from hpcllm.parallel.tensor import TensorParallelPlan
 

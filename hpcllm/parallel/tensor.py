@@ -120,6 +120,12 @@ def _allreduce_flat(tensors: list[torch.Tensor], group, divide_by: int) -> None:
             offset += t.numel()
 
 
+def average_gradients(grads: list[torch.Tensor], group, size: int) -> None:
+    """Each gradient -> its mean over the `size` ranks of `group`, in one flat allreduce per dtype
+    (their local parts, for DTensors)."""
+    _allreduce_flat([_local(g) for g in grads], group, size)
+
+
 def _replicas(t: torch.Tensor, world: int) -> int:
     """How many ranks hold each element of `t`: the world over the number of its distinct parts."""
     if not hasattr(t, "placements"):
@@ -179,7 +185,7 @@ class TensorParallelPlan(Plan):
         t0 = time.perf_counter()
         self._sum_partial_grads()
         if self.dp > 1:
-            _allreduce_flat([_local(p.grad) for p in self.params if p.grad is not None], self.dp_group, self.dp)
+            average_gradients([p.grad for p in self.params if p.grad is not None], self.dp_group, self.dp)
         self.comm_wait_s += time.perf_counter() - t0
 
     def _sum_partial_grads(self) -> None:

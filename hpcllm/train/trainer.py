@@ -1,9 +1,10 @@
 """The training job, top to bottom: `train(spec, comm)`.
 
-    setup   dataset, model (fresh, HF weights, or the latest checkpoint), its sharding plan
-            (parallel.shard: none | optimizer | full — hpcllm.parallel.plans) with the optimizer;
-            a resumed run loads the checkpoint on however many ranks it has now
-    loop    for each step: the micro-steps of the global batch (communication only on the last),
+    setup   dataset, model (fresh, HF weights, or the latest checkpoint), its parallel plan
+            (parallel.shard: none | optimizer | full, parallel.tp, parallel.pp — hpcllm.parallel.plans)
+            with the optimizer; a resumed run loads the checkpoint on however many ranks it has now
+    loop    for each step: the micro-steps of the global batch through the plan's forward_backward
+            (communication only on the last; a pipeline runs them through its stages),
             one small allreduce of [stop requested, loss not finite], clip, AdamW step; log, eval,
             checkpoint (every rank writes its part)
     end     final checkpoint; a stop request (signal, time limit) ends with EXIT_REQUEUE
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -29,7 +31,7 @@ from hpcllm.checkpoint import is_legacy, latest_checkpoint, read_meta, read_stat
 from hpcllm.parallel.config import check_model
 from hpcllm.parallel.estimate import estimate_memory
 from hpcllm.parallel.materialize import builds_on_meta, held_bytes, materialize
-from hpcllm.parallel.plans import Plan, as_tensor, build_plan
+from hpcllm.parallel.plans import Plan, build_plan
 from hpcllm.train.config import TrainConfig
 from hpcllm.train.metrics import MetricsLog, cpu_seconds, device_peak
 from hpcllm.train.schedule import lr_at
@@ -100,10 +102,10 @@ def autocast_for(device, dtype_cfg: str):
 
 
 class TrainStep:
-    """One optimizer step: `accum` micro-steps (gradients communicated on the last one only), one
-    small allreduce in which the ranks agree on [a stop was requested, the loss is not finite],
-    clipping, AdamW — through the sharding plan, whatever the mode. `train` runs it every step, and
-    `hpcllm bench train` times exactly this."""
+    """One optimizer step: `accum` micro-steps (the plan's forward_backward: gradients communicated
+    on the last one only), one small allreduce in which the ranks agree on [a stop was requested,
+    the loss is not finite], clipping, AdamW — through the parallel plan, whatever the mode. `train`
+    runs it every step, and `hpcllm bench train` times exactly this."""
 
     def __init__(self, model: CausalLM, plan: Plan, comm: Communicator, tc: TrainConfig, accum: int | None = None):
         self.model, self.plan, self.comm, self.tc = model, plan, comm, tc
@@ -114,21 +116,21 @@ class TrainStep:
     def __call__(self, next_batch, step: int, stop_requested: bool) -> tuple[torch.Tensor, bool]:
         """Run step number `step` (1-based, as logged and checkpointed); returns its mean loss and
         whether any rank asked to stop."""
-        tc, device, plan, accum = self.tc, self.comm.device, self.plan, self.accum
-        step_loss = torch.zeros((), device=device)
-        for micro in range(accum):
+        tc, device, plan = self.tc, self.comm.device, self.plan
+        waited = 0.0
+
+        def timed_batch():
+            nonlocal waited
             t0 = time.perf_counter()
             with self.comm.waiting("the data loader (next training batch)"):
-                x, y = next_batch()
-            t1 = time.perf_counter()
-            last = micro == accum - 1
-            with (contextlib.nullcontext() if last else plan.no_sync()), autocast_for(device, tc.dtype), \
-                    plan.loss_context():
-                _, loss = self.fwd(x, y)
-                (loss / accum).backward()
-            step_loss += as_tensor(loss.detach()) / accum
-            self.t_data += t1 - t0
-            self.t_compute += time.perf_counter() - t1
+                batch = next_batch()
+            waited += time.perf_counter() - t0
+            return batch
+
+        t0 = time.perf_counter()
+        step_loss = plan.forward_backward(self.fwd, timed_batch, self.accum, lambda: autocast_for(device, tc.dtype))
+        self.t_data += waited
+        self.t_compute += time.perf_counter() - t0 - waited
         plan.finish()
         # built on the device and read back once: one host-device synchronisation per step
         flags = torch.stack([torch.full((), float(stop_requested), device=device),
@@ -188,12 +190,12 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     pc = spec.parallel
     if pc.sequence_parallel:  # dropout sees each tp rank's own positions (and heads): a stream per rank
         torch.manual_seed(hash((tc.seed, comm.rank)) % 2**63)
-    try:  # the ranks of one tensor-parallel group read the same batches: data parallel over world / tp
-        dp = pc.data_parallel(comm.size)
-        accum = tc.accumulation(dp)
+    try:  # the ranks of a tensor-parallel group and of a pipeline read the same batches: data parallel
+        # over world / (pp x tp); a pipeline's micro-batches are the accumulation steps
+        dp, accum = pc.micro_batches(tc, comm.size)
+        dp_rank = pc.dp_rank(comm.rank, comm.size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    dp_rank = comm.rank // pc.tp
     global_batch = tc.batch_size * accum * dp
     ds = open_dataset(spec.data.dataset)
     ckpt = latest_checkpoint(spec.run_dir, warn=comm.rank == 0) if tc.resume else None
@@ -204,21 +206,27 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model.activation_checkpointing = tc.activation_checkpointing
-    estimate = estimate_memory(model, pc.shard if comm.size > 1 else "none", pc.tp, dp)
+    # of the whole model: under a pipeline plan `model` keeps only this rank's stage
+    estimate = estimate_memory(model, pc.shard if comm.size > 1 else "none", pc.tp, dp, pc.pp)
+    n_params, flops_per_token = model.num_params(), model.estimate_flops_per_token(tc.seq_len)
+    # a pipeline plan prunes the model to this rank's stage: what to draw or read, in order, is the
+    # whole model's (a meta copy costs nothing)
+    whole = copy.deepcopy(model) if on_meta and pc.pp > 1 else None
     # tensor parallel: AdamW one parameter at a time (its multi-tensor kernels refuse DTensor and
     # plain tensors in one list; the norms stay plain)
     multi_tensor = None if pc.tp == 1 else False
     plan = build_plan(pc.shard, model, comm, bucket_mb=spec.dist.bucket_mb, bf16=uses_bf16(device, tc.dtype),
                       tp=pc.tp, vocab_parallel=pc.vocab_parallel, sequence_parallel=pc.sequence_parallel,
+                      pp=pc.pp, pp_schedule=pc.pp_schedule,
                       make_optimizer=lambda m: m.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas),
                                                                      fused=device.type == "cuda" and pc.tp == 1,
                                                                      foreach=multi_tensor))
     if on_meta:  # each rank's parts, filled fresh or from model.init (a checkpoint is loaded into them below)
         fill = {} if ckpt else {"hf_dir": spec.model.init} if spec.model.init else {"seed": tc.seed}
-        materialize(model, device, **fill)
-        held, whole = held_bytes(model)
+        materialize(model, device, whole=whole, **fill)
+        held, total = held_bytes(model)
         log.info("model built on the meta device and sharded before materialising: this rank holds %s of the "
-                 "model's %s", _mb(held), _mb(whole))
+                 "model's %s", _mb(held), _mb(total))
     optimizer = plan.optimizer
     loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=dp_rank,
                          world_size=dp, seed=tc.seed, device=device, global_batch=global_batch)
@@ -237,11 +245,10 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     stop = StopRequest(tc.end_time_margin_s).install()
     tokens_per_step = global_batch * tc.seq_len
     dev_name, peak = device_peak(device)
-    flops_per_token = model.estimate_flops_per_token(tc.seq_len)
     log.info("model %.2fM params, %d tokens/step (%d sequences: %d data-parallel rank(s) x batch %d x %d "
-             "micro-step(s)), parallel.shard=%s tp=%d%s, device %s%s", model.num_params() / 1e6, tokens_per_step,
-             global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp,
-             " sequence_parallel" if pc.sequence_parallel else "", dev_name,
+             "micro-step(s)), parallel.shard=%s tp=%d%s pp=%d%s, device %s%s", n_params / 1e6, tokens_per_step,
+             global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp, " sequence_parallel" if pc.sequence_parallel
+             else "", pc.pp, f" ({pc.pp_schedule})" if pc.pp > 1 else "", dev_name,
              "" if peak else " (peak FLOP/s unknown: no MFU)")
     bar = None
     if comm.rank == 0 and tc.progress:
@@ -302,8 +309,8 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
 
     path = _save(spec, comm, step, plan, loader, window) if saved_at != step else latest_checkpoint(spec.run_dir)
     mem = plan.memory()
-    log.info("memory per rank (parallel.shard=%s tp=%d; measured, `hpcllm plan`'s estimate in brackets): parameters "
-             "%s, gradients %s, optimizer state %s, peak %s %s", plan.mode, plan.tp,
+    log.info("memory per rank (parallel.shard=%s tp=%d pp=%d; measured, `hpcllm plan`'s estimate in brackets): "
+             "parameters %s, gradients %s, optimizer state %s, peak %s %s", plan.mode, plan.tp, plan.pp,
              *(f"{_mb(mem[k])} [{_mb(estimate[k])}]" for k in ("params_bytes", "grads_bytes", "optimizer_bytes")),
              _mb(mem["peak_bytes"]), "CUDA allocated" if device.type == "cuda" else "RSS")
     from hpcllm.comm.torch_group import close_process_group
@@ -323,14 +330,13 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
 def evaluate(model: CausalLM, ds, spec: JobSpec, comm: Communicator, plan: Plan) -> float:
     tc = spec.train
     model.eval()
-    ld = TokenLoader(ds, "val", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=comm.rank // plan.tp,
-                     world_size=comm.size // plan.tp, seed=tc.seed, mode="sequential", device=comm.device, prefetch=0)
-    total = torch.zeros(2, device=comm.device)
+    pc = spec.parallel
+    ld = TokenLoader(ds, "val", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=pc.dp_rank(comm.rank, comm.size),
+                     world_size=pc.data_parallel(comm.size), seed=tc.seed, mode="sequential", device=comm.device,
+                     prefetch=0)
     n_batches = min(tc.eval_batches, ld.steps_per_epoch)
-    for x, y in ld.batches(n_batches):
-        with autocast_for(comm.device, tc.dtype), plan.loss_context():
-            _, loss = model(x, y)
-        total += torch.stack([as_tensor(loss).float(), torch.ones((), device=comm.device)])
+    # [loss sum, batches] on this rank: the ranks of a tp group or a pipeline hold the same pair
+    total = plan.eval_losses(list(ld.batches(n_batches)), lambda: autocast_for(comm.device, tc.dtype))
     comm.allreduce(total, "sum")
     model.train()
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
@@ -354,11 +360,12 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     check_fits(ckpt, tree)  # another model first: that is what a changed model.* means
     old_ranks, old_batch = state.get("world_size"), state.get("global_batch")
     meta = read_meta(ckpt)
-    old_mode, old_tp = meta.get("shard", "none"), meta.get("tp", 1)
+    old_mode, old_tp, old_pp = meta.get("shard", "none"), meta.get("tp", 1), meta.get("pp", 1)
     if old_batch != global_batch:
+        dp = spec.parallel.data_parallel(comm.size)  # the ranks of a tp group or a pipeline share their batches
         raise TrainingError(f"{ckpt}: written with a global batch of {old_batch} sequences per step ({old_ranks} "
-                            f"rank(s)); this run has {global_batch} ({comm.size} rank(s) x train.batch_size="
-                            f"{spec.train.batch_size} x {global_batch // (comm.size * spec.train.batch_size)} "
+                            f"rank(s)); this run has {global_batch} ({dp} data-parallel rank(s) x train.batch_size="
+                            f"{spec.train.batch_size} x {global_batch // (dp * spec.train.batch_size)} "
                             f"micro-step(s)): set train.global_batch_size={old_batch} to resume it on {comm.size} rank(s)")
     load_sharded(ckpt, comm, tree)
     plan.load_state_dict(tree)
@@ -369,13 +376,13 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     else:  # no rank continues another's stream: a fresh one per (seed, step, data-parallel rank), the
         # same on the ranks of a tensor-parallel group (their dropout masks must agree) unless they
         # hold different positions (sequence parallel)
-        stream = comm.rank if plan.sequence_parallel else comm.rank // plan.tp
+        stream = comm.rank if plan.sequence_parallel else spec.parallel.dp_rank(comm.rank, comm.size)
         torch.manual_seed(hash((spec.train.seed, step, stream)) % 2**63)
     window.load(state.get("log_window"), comm)
-    if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp:
-        log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s: %s", step, old_ranks,
+    if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp or old_pp != plan.pp:
+        log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s%s: %s", step, old_ranks,
                  comm.size, old_mode, plan.mode, f" (parallel.tp {old_tp} -> {plan.tp})" if old_tp != plan.tp else "",
-                 ckpt)
+                 f" (parallel.pp {old_pp} -> {plan.pp})" if old_pp != plan.pp else "", ckpt)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
 
@@ -385,7 +392,7 @@ def _save(spec, comm, step, plan: Plan, loader, window: LossWindow):
     global_state = dict(loader=loader.state_dict(), log_window=log_window, world_size=comm.size,
                         global_batch=loader.global_batch)
     meta = {"spec": to_dict(spec), "model": to_dict(plan.model.config), "world_size": comm.size, "shard": plan.mode,
-            "tp": plan.tp}
+            "tp": plan.tp, "pp": plan.pp}
     path = save_checkpoint(spec.run_dir, step, comm, plan.state_dict(), global_state, meta, spec.train.keep_checkpoints)
     if comm.rank == 0:
         log.info("checkpoint %s", path)

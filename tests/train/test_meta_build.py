@@ -135,15 +135,17 @@ def hf_dirs(tmp_path_factory):
 def test_hf_init_sharded_and_tensor_parallel_train_like_one_rank(tmp_path, dataset, hf_dirs, family):
     steps = 4
     model = {"init": str(hf_dirs / family)}
-    runs = [("one", 1, "single", "none", 1), ("full", 2, "torch", "full", 1), ("tp", 2, "torch", "none", 2)]
-    for name, n, backend, shard, tp in runs:
-        spec = spec_file(tmp_path, dataset, name, model, shard=shard, backend=backend, tp=tp, batch=GLOBAL // (n // tp),
-                         max_steps=steps, ckpt_interval=0)
-        p = train(spec, n)
+    # (a pipeline stage reads only its own tensors of the directory, and its tied embedding)
+    runs = [("one", 1, "single", "none", 1, 1), ("full", 2, "torch", "full", 1, 1), ("tp", 2, "torch", "none", 2, 1),
+            ("pp", 2, "torch", "none", 1, 2)]
+    for name, n, backend, shard, tp, pp in runs:
+        spec = spec_file(tmp_path, dataset, name, model, shard=shard, backend=backend, tp=tp,
+                         batch=GLOBAL // (n // tp // pp), max_steps=steps, ckpt_interval=0)
+        p = train(spec, n, f"parallel.pp={pp}", "parallel.pp_schedule=gpipe")
         assert ("model built on the meta device" in p.stderr) == (n > 1), p.stderr[-2000:]
     want = [m["loss"] for m in metrics(tmp_path / "one")]
     assert len(want) == steps
-    for name in ("full", "tp"):
+    for name in ("full", "tp", "pp"):
         got = [m["loss"] for m in metrics(tmp_path / name)]
         assert all(abs(g - w) <= 1e-5 * w for g, w in zip(got, want)), (name, got, want)
         assert json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1

@@ -96,7 +96,7 @@ def test_forced_fsdp2_and_dtensor_tp1_train_like_the_plain_plan_on_cpu():
     r = run_alone("tests.train.test_one_device_plans:_train_plans", device="cpu", dtypes=["fp32", "bf16"],
                   timeout=180)
     _check(r, "fp32", tol_full=1e-5, tol_tp1=1e-5)
-    _check(r, "bf16", tol_full=0.04, tol_tp1=0.03)
+    _check(r, "bf16", tol_full=0.03, tol_tp1=0.03)
 
 
 @pytest.mark.gpu
@@ -110,6 +110,8 @@ def test_forced_fsdp2_and_dtensor_tp1_train_like_the_plain_plan_on_one_gpu_bf16(
             print(dtype, arch, {k: (round(v["losses"][0], 4), round(v["losses"][-1], 4),
                                     round(max(abs(a - b) for a, b in zip(v["losses"], ref)), 5))
                                 for k, v in r[dtype][arch].items()})
-    _check(r, "bf16", tol_full=0.04, tol_tp1=0.03)
+    # bf16: the CPU's drift (above) with room for the GPU's other kernels — a sanity bound; subtle
+    # errors are the fp32 check's to catch
+    _check(r, "bf16", tol_full=0.05, tol_tp1=0.05)
     # fp32 without TF32: the same arithmetic; only the GPU's non-deterministic attention backward differs
     _check(r, "fp32", tol_full=1e-3, tol_tp1=1e-3)

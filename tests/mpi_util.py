@@ -46,9 +46,24 @@ def run_on_ranks(n: int, target: str, *, timeout: float = 120, env: dict | None 
     """Run `module:function(**kwargs)` on n ranks; return the n results in rank order.
 
     Fails the test with every rank's traceback if any rank raised or the job exited non-zero."""
+    return _run_target(n, target, timeout, env, kwargs, launcher=True)
+
+
+def run_alone(target: str, *, timeout: float = 120, env: dict | None = None, **kwargs):
+    """Run `module:function(**kwargs)` as one rank in a fresh process of its own, with no launcher —
+    as on a GPU machine without mpirun — and return its result. A process group, NCCL or a CUDA graph
+    the body sets up lives and dies with that process, not the test session."""
+    return _run_target(1, target, timeout, env, kwargs, launcher=False)[0]
+
+
+def _run_target(n: int, target: str, timeout: float, env: dict | None, kwargs: dict, *, launcher: bool) -> list:
     with tempfile.TemporaryDirectory(prefix="hpcllm-mpi-") as out:
         env = {"HPCLLM_TEST_DUMP_AFTER": str(max(5.0, timeout - 10)), **(env or {})}
-        proc = run_mpi(n, [sys.executable, "-m", "tests.mpi_runner", target, out, json.dumps(kwargs)], timeout, env)
+        argv = [sys.executable, "-m", "tests.mpi_runner", target, out, json.dumps(kwargs)]
+        if launcher:
+            proc = run_mpi(n, argv, timeout, env)
+        else:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=mpi_env(env), cwd=REPO)
         errs = sorted(Path(out).glob("rank*.err"))
         if proc.returncode != 0 or errs:
             details = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in errs)
@@ -62,3 +77,28 @@ def run_on_ranks(n: int, target: str, *, timeout: float = 120, env: dict | None 
             assert p.exists(), f"rank {r} wrote no result\nstderr:\n{proc.stderr[-3000:]}"
             results.append(json.loads(p.read_text()))
         return results
+
+
+_NO_SUBMITIT = '''\
+"""Installed by tests.mpi_util.env_without_submitit: the GPU machine's image has no submitit."""
+import sys
+
+
+class _NoSubmitit:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "submitit":
+            raise ModuleNotFoundError(f"No module named {name!r} (the GPU machine's image has none)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _NoSubmitit())
+'''
+
+
+def env_without_submitit(tmp_path: Path) -> dict:
+    """os.environ for a subprocess (and its children) in which submitit cannot be imported, as on the
+    lent GPU machine: a sitecustomize on PYTHONPATH refuses it."""
+    site = Path(tmp_path) / "no-submitit"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_NO_SUBMITIT)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")])}

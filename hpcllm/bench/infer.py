@@ -2,8 +2,8 @@
 
 Same random weights of any family (`--arch gpt2|llama`, a preset of it with `--model`), exported to
 an HF directory and loaded by transformers' AutoModelForCausalLM; same prompts (equal length, so HF
-needs no padding), same batch, greedy, a fixed number of new tokens; rounds alternate and the median
-is reported.
+needs no padding), same batch, greedy, a fixed number of new tokens; after one untimed run of each,
+rounds alternate (`--rounds`, default 3) and the median is reported.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from hpcllm.errors import HpcllmError
 
 
 def main(args) -> int:
+    rounds = getattr(args, "rounds", 3)
+    if rounds < 1:
+        raise HpcllmError(f"bench infer: --rounds must be >= 1, got {rounds}")
     try:
         import transformers
     except ImportError:
@@ -75,16 +78,19 @@ def main(args) -> int:
     for fn in impls.values():
         fn()
     times = {k: [] for k in impls}
-    for _ in range(3):
+    for _ in range(rounds):
         for k, fn in impls.items():
             times[k].append(timed(fn))
     tps = {k: new / statistics.median(v) for k, v in times.items()}
     a = tps["hpcllm engine"]
     print(f"# hpcllm bench infer: {args.arch} {model_name} ({model.num_params() / 1e6:.1f}M), {dev}, {str(dtype)[6:]}, "
-          f"batch {args.batch_size}, prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, median of 3")
+          f"batch {args.batch_size}, prompt {args.prompt_len} + {args.new_tokens} new tokens, greedy, "
+          f"median of {rounds}")
     print(f"  {'hpcllm engine':<28} {a:>10,.0f} new tokens/s")
     for k in peers:
         print(f"  {k:<28} {tps[k]:>10,.0f} new tokens/s   (transformers {transformers.__version__})")
     for k in peers:
         print(f"  ratio hpcllm / {k:<28} {a / tps[k]:.2f}x")
+    if engine.cuda_graph_fallback:  # the figure above is eager decoding's: say so beside it
+        print(f"  CUDA-graph decode fell back to eager: {engine.cuda_graph_fallback}")
     return 0

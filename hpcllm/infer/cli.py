@@ -11,6 +11,7 @@ def register(sub, bench) -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds after one untimed run of each (median)")
     p.add_argument("--hf-static-cache", action="store_true",
                    help="also time HF generate with its static KV cache (always on cuda)")
     p.set_defaults(func=_bench)

@@ -7,11 +7,14 @@ Prompts are sorted by length and cut into batches, so rows of a batch need littl
 left-padded so that every row writes the same cache slot at each decode step. The cache is allocated
 once, for the largest batch and the model's context. Rows that finish (stop token) drop out: the
 batch is compacted when half of it is done, and the loop ends when all are. Results come back in
-the callers' order. On CUDA the decode step can run in bf16 and be replayed as a CUDA graph.
+the callers' order. On CUDA the decode step can run in bf16 and be replayed as a CUDA graph; a model
+whose decode step cannot be captured (an operation that is not capturable) is decoded eagerly after
+a warning that names the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -22,6 +25,8 @@ from hpcllm.errors import DataError, InferError
 from hpcllm.infer.sampling import SamplingParams, choose, make_generators
 from hpcllm.model.attention import KVCache, PaddedBatch, padded_positions_and_mask
 from hpcllm.model.base import CausalLM
+
+log = logging.getLogger("hpcllm.infer")
 
 
 class PromptError(DataError, ValueError):
@@ -74,6 +79,7 @@ class Engine:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.cache: KVCache | None = None  # allocated for the longest batch met so far (see _cache_for)
         self._graphs: dict[int, _DecodeGraph] = {}
+        self.cuda_graph_fallback: str | None = None  # why decoding went eager although graphs were asked for
 
     # ------------------------------------------------------------------------------- helpers
     def _fit(self, prompt: list[int], record_id: int, room: int) -> tuple[list[int], int]:
@@ -185,15 +191,31 @@ class Engine:
     def _decode(self, tok: torch.Tensor, pad: torch.Tensor, slot: int) -> torch.Tensor:
         """One decode step for the first tok.shape[0] cache rows, writing cache slot `slot`."""
         if self.use_cuda_graphs:
-            B = tok.shape[0]
-            graph = self._graphs.get(B)
-            if graph is None:
-                graph = self._graphs[B] = _DecodeGraph(self, B)
-            return graph.run(tok, pad, slot)
+            graph = self._graphs.get(tok.shape[0]) or self._capture(tok, pad, slot)
+            if graph is not None:
+                return graph.run(tok, pad, slot)
         with self._autocast():
             pos, mask = padded_positions_and_mask(pad, slot, 1)
             logits, _ = self.model(tok, cache=self.cache, start=slot, positions=pos, mask=mask)
         return logits[:, -1].float()
+
+    def _capture(self, tok: torch.Tensor, pad: torch.Tensor, slot: int) -> _DecodeGraph | None:
+        """The decode graph for tok.shape[0] rows, captured at this step; None (and eager decoding from
+        now on, announced once) when the model's step cannot be captured. Eager decoding computes the
+        same step, so the outputs do not change — only the speed, which is why it is a warning."""
+        try:
+            graph = _DecodeGraph(self, tok, pad, slot)
+        except Exception as e:  # noqa: BLE001 — whatever the model does that a graph cannot hold
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+            self.use_cuda_graphs, self.cuda_graph_fallback = False, reason
+            self._graphs.clear()
+            dtensor = "tensor-parallel (DTensor) " if any(hasattr(p, "placements") for p in self.model.parameters()) \
+                else ""
+            log.warning("CUDA-graph decode is off for this %s%s model: capturing its decode step failed (%s); decoding "
+                        "eagerly instead (same outputs, slower)", dtensor, type(self.model).__name__, reason)
+            return None
+        self._graphs[tok.shape[0]] = graph
+        return graph
 
     # ------------------------------------------------------------------------------- score
     @torch.inference_mode()
@@ -235,25 +257,40 @@ def _check_finite(logits: torch.Tensor, record_ids: list[int]) -> None:
 
 class _DecodeGraph:
     """The decode step for a fixed batch size captured as a CUDA graph: static input buffers are
-    filled, the graph replayed, and the logits read from its static output."""
+    filled, the graph replayed, and the logits read from its static output.
 
-    def __init__(self, engine: Engine, B: int):
-        self.engine, self.B = engine, B
-        dev, S = engine.device, engine.cache.max_len
+    It is made at the first decode step of its batch size, from that step's own inputs: the warm-up
+    runs before the capture really execute, and each writes the step's cache slot — so they must
+    write exactly what the step writes. (Warming up on zeroed buffers wrote slot 0, the first token
+    of the longest prompt, with the keys and values of token 0 under an all-masked attention.)"""
+
+    def __init__(self, engine: Engine, tok: torch.Tensor, pad: torch.Tensor, slot: int):
+        self.engine = engine
+        B, dev, S = tok.shape[0], engine.device, engine.cache.max_len
         self.tok = torch.zeros((B, 1), dtype=torch.long, device=dev)
         self.slot = torch.zeros((1,), dtype=torch.long, device=dev)
         self.pos = torch.zeros((B, 1), dtype=torch.long, device=dev)
         self.mask = torch.zeros((B, 1, 1, S), dtype=torch.bool, device=dev)
         self.keys = torch.arange(S, device=dev)
+        self._fill(tok, pad, slot)
+        self.out = self._record()
+
+    def _record(self) -> torch.Tensor:
+        """Warm up kernels and allocations outside the graph (on a side stream, as capture wants),
+        then capture the step; returns its static output."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up kernels/allocations outside the graph
+        with torch.cuda.stream(stream):
             for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = self._step()
+            out = self._step()
+        return out
+
+    def _replay(self) -> None:
+        self.graph.replay()
 
     def _step(self) -> torch.Tensor:
         with self.engine._autocast():
@@ -261,12 +298,15 @@ class _DecodeGraph:
                                           mask=self.mask)
         return logits[:, -1].float()
 
-    def run(self, tok: torch.Tensor, pad: torch.Tensor, slot: int) -> torch.Tensor:
-        # fill the captured buffers for this step: position per row, keys from the row's first
-        # real token up to and including this slot; the cache slot index itself
+    def _fill(self, tok: torch.Tensor, pad: torch.Tensor, slot: int) -> None:
+        """The captured buffers for this step: position per row, keys from the row's first real
+        token up to and including this slot; the cache slot index itself."""
         self.tok.copy_(tok)
         self.slot.fill_(slot)
         self.pos.copy_((slot - pad)[:, None])
         self.mask.copy_(((self.keys[None, :] >= pad[:, None]) & (self.keys[None, :] <= slot))[:, None, None, :])
-        self.graph.replay()
+
+    def run(self, tok: torch.Tensor, pad: torch.Tensor, slot: int) -> torch.Tensor:
+        self._fill(tok, pad, slot)
+        self._replay()
         return self.out.clone()

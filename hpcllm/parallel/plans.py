@@ -242,11 +242,13 @@ class FsdpPlan(Plan):
         return sum(tensor_bytes(p) for p in self.model.parameters() if p.requires_grad)  # sharded, as held
 
 
-def device_mesh(comm: Communicator, tp: int = 1, pp: int = 1):
+def device_mesh(comm: Communicator, tp: int = 1, pp: int = 1, *, named: bool = False):
     """The DeviceMesh of the job on torch.distributed (created beside the job's own backend when that
     is mpi or horovod: gloo on CPU): 1-D over every rank, (dp, tp) with tp > 1, or (pp, dp, tp) with
     pp > 1 — tp innermost, so the ranks of a tp group are adjacent (they share a node and its fast
-    links), pp outermost: rank = (pp_rank x dp + dp_rank) x tp + tp_rank."""
+    links), pp outermost: rank = (pp_rank x dp + dp_rank) x tp + tp_rank. `named`: the (dp, tp) mesh
+    even at tp=1, for the tensor-parallel path on groups of one rank (inference at tp=1, the bench's
+    DTensor-overhead figure)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from hpcllm.comm.torch_group import ensure_process_group
@@ -254,7 +256,7 @@ def device_mesh(comm: Communicator, tp: int = 1, pp: int = 1):
     ensure_process_group(comm)
     if pp > 1:
         return init_device_mesh(comm.device.type, (pp, comm.size // (pp * tp), tp), mesh_dim_names=("pp", "dp", "tp"))
-    if tp == 1:
+    if tp == 1 and not named:
         return init_device_mesh(comm.device.type, (comm.size,))
     return init_device_mesh(comm.device.type, (comm.size // tp, tp), mesh_dim_names=("dp", "tp"))
 

@@ -98,7 +98,7 @@ def for_inference(model, comm: Communicator, tp: int):
     torch.distributed group of this rank's tp ranks (the shard queue tells a group its shard)."""
     from hpcllm.parallel.plans import device_mesh
 
-    tp_mesh = device_mesh(comm, tp)["tp"]
+    tp_mesh = device_mesh(comm, tp, named=True)["tp"]  # named at tp=1 too: a group of one rank
     return split_model(model, tp_mesh, vocab_parallel=False), tp_mesh.get_group()
 
 

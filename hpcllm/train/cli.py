@@ -27,7 +27,10 @@ def register(sub, bench) -> None:
     p.add_argument("--warmup", type=int, help="untimed steps per implementation first (default 2; 5 compiled)")
     p.add_argument("--bucket-mb", type=float, help="gradient bucket size (default 4 on cpu, 64 on cuda)")
     p.add_argument("--shard", default="none", help="sharding modes to time beside each other, e.g. none,optimizer,full "
-                   "(parallel.shard; each is reported with its per-rank memory)")
+                   "(parallel.shard; each is reported with its per-rank memory; with --ranks 1, full is forced on "
+                   "the one rank)")
+    p.add_argument("--tp-overhead", action="store_true", help="also time the tensor-parallel (DTensor) path at tp=1 "
+                   "beside the plain plan, on one rank (--ranks 1)")
     p.set_defaults(func=_bench)
 
 

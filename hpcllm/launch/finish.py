@@ -56,7 +56,7 @@ def meaning(status: int) -> str:
     return "not an hpcllm exit status: see the srun lines above"
 
 
-def _requeue(spec, job: str | None, restarts: int) -> tuple[int, str]:
+def _requeue(spec, job: str | None, restarts: int) -> tuple[int, str | None]:
     limit = spec.slurm.max_requeues
     # A stop asked for while the job runs (the time-limit signal, scancel --signal) is ours to requeue.
     # If Slurm is already ending the job (scancel, scontrol requeue, time limit, preemption: all send
@@ -68,22 +68,26 @@ def _requeue(spec, job: str | None, restarts: int) -> tuple[int, str]:
     if job is None or restarts >= limit:
         return EXIT_REQUEUE, (f"hpcllm: checkpointed and stopped; not requeued (restart {restarts}, max_requeues "
                               f"{limit}): {again}")
+    from hpcllm.report.provenance import append
+
+    # said (and recorded for `hpcllm report`) before asking: a successful requeue ends this batch
+    # shell at once, so nothing after `scontrol requeue` is sure to run
+    print(f"hpcllm: checkpointed, requeueing job {job} (restart {restarts})", flush=True)
+    append(spec.run_dir, {"event": "requeued", "job": job, "restart": restarts, "time": time.time()})
     try:
         p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
         err = p.stderr.strip() if p.returncode else ""
     except (OSError, subprocess.TimeoutExpired) as e:
         err = str(e)
     if err:
+        append(spec.run_dir, {"event": "requeue_failed", "job": job, "restart": restarts, "time": time.time()})
         return EXIT_REQUEUE, f"hpcllm: checkpointed, but scontrol requeue {job} failed ({err}): {again}"
-    from hpcllm.report.provenance import append
-
-    append(spec.run_dir, {"event": "requeued", "job": job, "restart": restarts, "time": time.time()})  # for the report
-    return 0, f"hpcllm: checkpointed, requeueing job {job} (restart {restarts})"
+    return 0, None
 
 
-def decide(spec, status: int, job: str | None, restarts: int, label: str | None = None) -> tuple[int, str]:
-    """(the job's exit status, the line that says why). `job`: SLURM_JOB_ID; `label`: how to name it
-    (an array task: ARRAYID_TASK)."""
+def decide(spec, status: int, job: str | None, restarts: int, label: str | None = None) -> tuple[int, str | None]:
+    """(the job's exit status, the line that says why — None when a requeue has printed it already).
+    `job`: SLURM_JOB_ID; `label`: how to name it (an array task: ARRAYID_TASK)."""
     from hpcllm.jobs import get_kind
 
     kind = get_kind(spec.kind)
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         code, line = decide(spec, args.status, job, restarts, label)
     except HpcllmError as e:
         code, line = args.status or e.exit_code, f"hpcllm: job {label}: cannot check how it ended: {e}"
-    print(line, file=sys.stdout if code == 0 else sys.stderr, flush=True)
+    if line is not None:  # (a requeue has said so already)
+        print(line, file=sys.stdout if code == 0 else sys.stderr, flush=True)
     return code
 
 

@@ -27,10 +27,10 @@ def _starts(records: list[dict]) -> list[dict]:
             by_id[r["start"]] = entry
         elif r["event"] == "end" and r.get("start") in by_id:
             by_id[r["start"]]["end"] = r
-        elif r["event"] == "requeued":
-            for entry in reversed(starts):  # the job's latest start (array tasks may interleave)
+        elif r["event"] in ("requeued", "requeue_failed"):  # the batch script's last word, before and
+            for entry in reversed(starts):  # after scontrol; the job's latest start (array tasks interleave)
                 if _job(entry) == r.get("job"):
-                    entry["requeued"] = True
+                    entry["requeued"] = r["event"] == "requeued"
                     break
     for k, entry in enumerate(starts):
         if _job(entry) is not None and any(_job(later) == _job(entry) for later in starts[k + 1:]):

@@ -80,6 +80,9 @@ def test_report_of_a_job_requeued_twice(tmp_path):
     assert re.fullmatch(r"(stopped \(signal SIGTERM\)|killed \(.*\)), requeued", s0["ending"]), s0["ending"]
     assert s1["ending"] == "stopped (signal SIGUSR2), requeued", s1["ending"]
     assert s2["ending"] == "finished" and rep["final_step"] == STEPS
+    # the batch script's own requeue (after USR2) is recorded before scontrol ends its shell
+    events = [json.loads(x) for x in (run_dir / "provenance.jsonl").read_text().splitlines()]
+    assert [(e["job"], e["restart"]) for e in events if e["event"] == "requeued"] == [(job, 1)]
     for prev, s in ((s0, s1), (s1, s2)):
         assert s["steps_redone"] == max(0, prev["last_step"] - s["resumed_from_step"])
         assert 0 < s["recovery_s"] < 200

@@ -4,7 +4,7 @@
 # parallel.shard mode, batch 1 x 128 with activation checkpointing; each run's end-of-run line gives
 # rank 0's measured parameters, gradients, optimizer state and peak RSS, beside `hpcllm plan`'s
 # estimate. docs/performance.md keeps the table.
-#   bash scripts/memory_ladder.sh [OUT_DIR] [RANKS] [LAYERS...]
+#   [MODES="none optimizer full"] bash scripts/memory_ladder.sh [OUT_DIR] [RANKS] [LAYERS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/memory-ladder}
@@ -24,7 +24,7 @@ if [ ! -d "$out/ds" ]; then
 fi
 printf 'mode\tn_layer\tparams_M\tparams_MB\tgrads_MB\toptimizer_MB\tpeak_rss_MB\n'
 for L in "${layers[@]}"; do
-  for mode in none optimizer full; do
+  for mode in ${MODES:-none optimizer full}; do
     backend=mpi; [ "$mode" = full ] && backend=torch
     run="$out/$mode-$L"
     rm -rf "$run"

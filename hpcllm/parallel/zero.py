@@ -8,7 +8,8 @@ like FSDP2's.
 Gradients still go into the flat bucket buffers of the gradient sync (hpcllm.train.grad_sync), and
 when a bucket is complete during backward, instead of an allreduce:
 
-    copy-in         the bucket's gradients, rank-major: [rank 0's rows of p1, p2, ...][rank 1's rows ...]
+    copy-in         the bucket's gradients, rank-major: [rank 0's rows of p1, p2, ...][rank 1's rows ...],
+                    into one of two staging buffers the buckets take in turn
     reduce-scatter  this rank receives the sum of its own rows (then / N: the mean over ranks)
     step            AdamW on this rank's rows only (parameters that are views of those rows)
     all-gather      every rank's updated rows, copied back into the full parameters
@@ -65,13 +66,28 @@ class Zero1(GradSync):
                 b.pieces.append(piece)
                 self.pieces[p] = piece
                 offset += piece.span
-            b.send = torch.zeros(n * offset, device=b.buffer.device, dtype=b.buffer.dtype)  # rank-major
+            b.span = offset
             b.shard = torch.zeros(offset, device=b.buffer.device, dtype=b.buffer.dtype)  # my rows
             for piece in b.pieces:
                 if piece.hi > piece.lo:
                     rows = piece.param.data.view(-1, piece.width)[piece.lo : piece.hi]
                     piece.shard = torch.nn.Parameter(rows.view(piece.hi - piece.lo, *piece.param.shape[1:]))
                     piece.shard.grad = b.shard[piece.offset : piece.offset + rows.numel()].view_as(piece.shard)
+        # The rank-major staging buffer each bucket's collective reads (reduce-scatter) or writes
+        # (all-gather): two of them, used by the buckets in turn, sized for the largest bucket — a
+        # bucket waits for the one two before it to finish with its slot. A buffer per bucket would
+        # double the gradients' memory (N x its rows for every bucket), which is what ZeRO-1 saves.
+        self._slots: list[torch.Tensor] = []
+        by_slot: dict[int, int] = {}
+        for i, b in enumerate(self.buckets):
+            b.slot = i % 2
+            by_slot[b.slot] = max(by_slot.get(b.slot, 0), n * b.span)
+        for slot in sorted(by_slot):
+            ref = self.buckets[slot].buffer
+            self._slots.append(torch.zeros(by_slot[slot], device=ref.device, dtype=ref.dtype))
+        for b in self.buckets:
+            b.send = self._slots[b.slot][: n * b.span]  # a view: the slot, as this bucket lays it out
+        self._slot_user: dict[int, _Bucket] = {}  # the bucket whose collective last used each slot
         # the model's own groups (weight decay on matrices only, ...) over this rank's rows
         groups = []
         for g in full_optimizer.param_groups:
@@ -112,7 +128,16 @@ class Zero1(GradSync):
                     dst[lo:hi].copy_(src[r, : hi - lo])
 
     # -- the gradient sync's collective: reduce-scatter ----------------------------------------
+    def _take_slot(self, b: _Bucket) -> None:
+        """Before b writes its staging slot: the earlier bucket's collective on it is done (its
+        all-gathered rows copied out first, in step())."""
+        prev = self._slot_user.get(b.slot)
+        if prev is not None and prev is not b and prev.work is not None:
+            prev.work.wait()  # (idempotent: finish() waits on it again for free)
+        self._slot_user[b.slot] = b
+
     def _launch(self, b: _Bucket):
+        self._take_slot(b)
         self._copy_in(b)
         return self.comm.reduce_scatter(b.shard, b.send, "sum", async_op=True)
 
@@ -135,22 +160,34 @@ class Zero1(GradSync):
 
     def step(self) -> None:
         self.optimizer.step()
-        works = []
-        for b in self.buckets:  # my updated rows, rank-major into b.send: every rank's
+        in_flight: list[_Bucket] = []
+
+        def land(b: _Bucket) -> None:  # every rank's updated rows of b, back into the parameters
+            b.work.wait()
+            b.work = None
+            self._copy_out(b)
+
+        for i, b in enumerate(self.buckets):  # my updated rows; every rank's, rank-major into b.send
             for piece in b.pieces:
                 if piece.shard is not None:
                     b.shard[piece.offset : piece.offset + piece.shard.numel()].copy_(piece.shard.detach().view(-1))
-            works.append(self.comm.all_gather(b.send, b.shard, async_op=True))
-        for i, (b, w) in enumerate(zip(self.buckets, works)):
-            w.label = f"bucket {i + 1}/{len(self.buckets)}"
-            w.wait()
-            self._copy_out(b)
+            prev = self._slot_user.get(b.slot)
+            if prev in in_flight:  # its slot is b's: land it first
+                in_flight.remove(prev)
+                land(prev)
+            self._slot_user[b.slot] = b
+            b.work = self.comm.all_gather(b.send, b.shard, async_op=True)
+            b.work.label = f"bucket {i + 1}/{len(self.buckets)}"
+            in_flight.append(b)
+        for b in in_flight:
+            land(b)
         # b.shard now holds parameters, not gradients: the next reduce-scatter overwrites it
 
     def local_state(self, piece: _Piece) -> dict[str, torch.Tensor] | None:
         return self.optimizer.state.get(piece.shard) if piece.shard is not None else None
 
     def communication_bytes(self) -> int:
-        """Bytes of the buffers ZeRO-1 adds to the gradient buckets (rank-major copy, own rows)."""
-        return sum(b.send.numel() * b.send.element_size() + b.shard.numel() * b.shard.element_size()
-                   for b in self.buckets)
+        """Bytes of the buffers ZeRO-1 adds to the gradient buckets (the two rank-major staging
+        slots, this rank's rows of every bucket)."""
+        return (sum(t.numel() * t.element_size() for t in self._slots)
+                + sum(b.shard.numel() * b.shard.element_size() for b in self.buckets))

@@ -225,6 +225,8 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
         fill = {} if ckpt else {"hf_dir": spec.model.init} if spec.model.init else {"seed": tc.seed}
         materialize(model, device, whole=whole, **fill)
         held, total = held_bytes(model)
+        if whole is not None:  # a pipeline stage: of the whole model, not of the stage
+            total = held_bytes(whole)[1]
         log.info("model built on the meta device and sharded before materialising: this rank holds %s of the "
                  "model's %s", _mb(held), _mb(total))
     optimizer = plan.optimizer

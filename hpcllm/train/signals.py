@@ -13,6 +13,7 @@ import time
 log = logging.getLogger("hpcllm.train")
 
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+TIME_LIMIT = 1000  # StopRequest.code() of the time-limit margin: above every signal number
 
 
 _early: list[str] = []
@@ -66,3 +67,22 @@ class StopRequest:
         if self.reason is None and self.end_time is not None and time.time() > self.end_time - self.margin_s:
             self.reason = f"within {self.margin_s:g} s of the Slurm time limit"
         return self.reason is not None
+
+    def code(self) -> int:
+        """This rank's reason as a number the ranks can agree on (0: none; a signal's number; or
+        TIME_LIMIT), so that every rank names the same reason whichever saw it first."""
+        if not self.requested():
+            return 0
+        for sig in SIGNALS:
+            if self.reason == f"signal {sig.name}":
+                return int(sig)
+        return TIME_LIMIT
+
+    def describe(self, code: int) -> str:
+        """The reason `code` (the ranks' agreed maximum) stands for."""
+        if code == TIME_LIMIT:
+            return f"within {self.margin_s:g} s of the Slurm time limit"
+        try:
+            return f"signal {signal.Signals(code).name}"
+        except ValueError:
+            return "another rank was asked to stop"

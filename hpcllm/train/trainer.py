@@ -113,9 +113,10 @@ class TrainStep:
         self.fwd = torch.compile(model) if tc.compile else model
         self.t_data = self.t_compute = 0.0  # seconds waiting for batches, in forward/backward
 
-    def __call__(self, next_batch, step: int, stop_requested: bool) -> tuple[torch.Tensor, bool]:
-        """Run step number `step` (1-based, as logged and checkpointed); returns its mean loss and
-        whether any rank asked to stop."""
+    def __call__(self, next_batch, step: int, stop_code: int) -> tuple[torch.Tensor, int]:
+        """Run step number `step` (1-based, as logged and checkpointed) with this rank's stop request
+        (StopRequest.code(): 0 for none); returns its mean loss and the ranks' agreed stop code (0:
+        go on) — the largest, so every rank names the same reason."""
         tc, device, plan = self.tc, self.comm.device, self.plan
         waited = 0.0
 
@@ -133,10 +134,10 @@ class TrainStep:
         self.t_compute += time.perf_counter() - t0 - waited
         plan.finish()
         # built on the device and read back once: one host-device synchronisation per step
-        flags = torch.stack([torch.full((), float(stop_requested), device=device),
-                             (~torch.isfinite(step_loss)).float()])
+        flags = torch.stack([torch.full((), float(stop_code), device=device), (~torch.isfinite(step_loss)).float()])
         self.comm.allreduce(flags, "max")
-        stop_agreed, not_finite = (v > 0 for v in flags.tolist())
+        code, not_finite = flags.tolist()  # (one read-back)
+        stop_agreed, not_finite = int(code), not_finite > 0
         if not_finite:
             if tc.nan_policy == "abort":
                 raise TrainingError(f"loss is not finite at step {step} (on at least one rank); no checkpoint "
@@ -270,7 +271,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
             lr = lr_at(step, tc.lr, tc.min_lr, tc.warmup_steps, tc.max_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            step_loss, stop_agreed = run_step(loader.next_batch, step + 1, stop.requested())
+            step_loss, stop_agreed = run_step(loader.next_batch, step + 1, stop.code())
             step += 1
             steps_timed += 1
             window.add(step_loss)
@@ -298,7 +299,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                 t_log = time.perf_counter()
 
             if stop_agreed:
-                stopped = stop.reason or "another rank was asked to stop"
+                stopped = stop.describe(stop_agreed)
                 break
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps:
                 _save(spec, comm, step, plan, loader, window)

@@ -54,3 +54,24 @@ def test_warning_signal_is_cut_to_half_the_time_limit():
     assert SlurmConfig(time="01:00:00").warning_signal_s() == 120
     assert SlurmConfig(time="00:01:00").warning_signal_s() == 30
     assert SlurmConfig(time="1-00:00:00", signal_delay_s=600).seconds() == 86400
+
+
+def test_the_ranks_agree_on_a_reason_by_its_code():
+    """The trainer allreduces (max) each rank's code: a rank that saw nothing names the reason of the
+    one that did."""
+    from hpcllm.train.signals import TIME_LIMIT
+
+    quiet = StopRequest(margin_s=30, end_time=None)
+    assert quiet.code() == 0
+    stop = StopRequest(end_time=None).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.code() == int(signal.SIGUSR2)
+    finally:
+        stop.uninstall()
+    assert quiet.describe(int(signal.SIGUSR2)) == "signal SIGUSR2" and quiet.describe(int(signal.SIGTERM)) == \
+        "signal SIGTERM"
+    near = StopRequest(margin_s=30, end_time=time.time() + 300)
+    near.end_time = time.time() + 20  # later in the run
+    assert near.code() == TIME_LIMIT > int(signal.SIGTERM)
+    assert quiet.describe(TIME_LIMIT) == "within 30 s of the Slurm time limit"

@@ -66,8 +66,9 @@ def describe(spec, world: int) -> str:
         raise ConfigError(str(e)) from None
     tp, pp = pc.tp, pc.pp
     mesh = f"pp={pp} x dp={dp} x tp={tp}" if pp > 1 else f"dp={dp} x tp={tp}"
+    interleaved = f" ({pc.pp_schedule}, {pc.virtual_stages} stages per rank)" if pc.virtual_stages > 1 else ""
     lines = [f"plan of {spec.kind} job '{spec.name}' on {world} rank(s): parallel.shard={pc.shard}, tp={tp}"
-             f"{f', pp={pp}' if pp > 1 else ''} -> mesh {mesh} (dist.backend {spec.dist.backend})",
+             f"{f', pp={pp}{interleaved}' if pp > 1 else ''} -> mesh {mesh} (dist.backend {spec.dist.backend})",
              f"  model: {cfg.arch} {cfg.size}, {model.num_params(False) / 1e6:.1f}M parameters, {cfg.n_layer} layers, "
              f"{cfg.n_head} heads ({cfg.n_kv_head} kv), vocabulary {cfg.vocab_size}"]
     if tp > 1 and pp == 1:
@@ -97,10 +98,11 @@ def describe(spec, world: int) -> str:
     global_batch = tc.batch_size * accum * dp
     lines.append(f"  batch: {global_batch} sequences/step = {dp} data-parallel rank(s) x batch {tc.batch_size} x "
                  f"{accum} micro-step(s); {global_batch * tc.seq_len} tokens/step")
-    mem = estimate_memory(model, pc.shard, tp, dp, pp)
+    mem = estimate_memory(model, pc.shard, tp, dp, pp, virtual_stages=pc.virtual_stages)
     one = estimate_memory(model, "none", 1, 1)
     total = sum(mem.values())
-    lines.append(f"  memory per rank{' of stage 0 (rank 0)' if pp > 1 else ''} (estimate, fp32 weights + AdamW, "
+    of_rank0 = (" of pp rank 0 (rank 0)" if pc.virtual_stages > 1 else " of stage 0 (rank 0)") if pp > 1 else ""
+    lines.append(f"  memory per rank{of_rank0} (estimate, fp32 weights + AdamW, "
                  f"activations not included): parameters {_gib(mem['params_bytes'])}, gradients "
                  f"{_gib(mem['grads_bytes'])}, optimizer state {_gib(mem['optimizer_bytes'])}; total {_gib(total)} "
                  f"({total / sum(one.values()):.3g}x of one rank holding everything)")
@@ -109,22 +111,40 @@ def describe(spec, world: int) -> str:
 
 def pipeline_lines(model, pc, dp: int, accum: int) -> list[str]:
     """Which layers and ranks each stage has, its memory per rank, and the schedule's bubble."""
-    from hpcllm.parallel.estimate import estimate_memory
-    from hpcllm.parallel.pipeline import stage_layers
+    from hpcllm.parallel.estimate import estimate_memory, pipeline_bubble
+    from hpcllm.parallel.stages import rank_stages, stage_layers
 
-    pp, per_stage = pc.pp, dp * pc.tp
-    lines = [f"  rank r = (pp_rank x {dp} + dp_rank) x {pc.tp} + tp_rank: stage s on ranks "
-             f"[s*{per_stage}, (s+1)*{per_stage}); the {pp} stages of a pipeline read the same batches"
+    pp, v, per_stage = pc.pp, pc.virtual_stages, dp * pc.tp
+    layers = stage_layers(model.config.n_layer, pp * v)
+
+    def what(stage: int) -> list[str]:
+        span = layers[stage]
+        span_text = f"layer {span.start}" if len(span) == 1 else f"layers {span.start}..{span.stop - 1}"
+        return (["embedding"] if stage == 0 else []) + [span_text] + \
+            (["head and loss"] if stage == pp * v - 1 else [])
+
+    if v == 1:
+        where = f"stage s on ranks [s*{per_stage}, (s+1)*{per_stage}); the {pp} stages"
+    else:
+        where = (f"pp rank p on ranks [p*{per_stage}, (p+1)*{per_stage}) runs stages p, p+{pp}, ... ({v} per rank, "
+                 f"{pp * v} in all); the {pp} pp ranks")
+    lines = [f"  rank r = (pp_rank x {dp} + dp_rank) x {pc.tp} + tp_rank: {where} of a pipeline read the same batches"
              + (f", each stage's layers split over its tp groups of {pc.tp} adjacent ranks" if pc.tp > 1 else "")]
-    for stage, layers in enumerate(stage_layers(model.config.n_layer, pp)):
-        parts = (["embedding"] if stage == 0 else []) + [f"layers {layers.start}..{layers.stop - 1}"] + \
-            (["head and loss"] if stage == pp - 1 else [])
-        total = sum(estimate_memory(model, pc.shard, pc.tp, dp, pp, stage).values())
-        lines.append(f"  stage {stage} (ranks {stage * per_stage}..{(stage + 1) * per_stage - 1}): "
-                     f"{', '.join(parts)}; {_gib(total)} of weights, gradients and AdamW state per rank")
-    bubble = (pp - 1) / (accum + pp - 1)
-    lines.append(f"  schedule {pc.pp_schedule}: {accum} micro-batch(es) per step, bubble (pp-1)/(micro-batches+pp-1) "
-                 f"= {bubble:.0%} of each step idle per stage"
+    for p in range(pp):
+        total = sum(estimate_memory(model, pc.shard, pc.tp, dp, pp, p, v).values())
+        ranks = f"ranks {p * per_stage}..{(p + 1) * per_stage - 1}"
+        if v == 1:
+            held = ", ".join(what(p))
+            lines.append(f"  stage {p} ({ranks}): {held}; {_gib(total)} of weights, gradients and AdamW state per rank")
+        else:
+            held = "; ".join(f"stage {s}: {', '.join(what(s))}" for s in rank_stages(p, pp, v))
+            lines.append(f"  pp rank {p} ({ranks}): {held}; {_gib(total)} of weights, gradients and AdamW state "
+                         "per rank")
+    bubble = pipeline_bubble(pp, accum, v)
+    formula = "(pp-1)/(micro-batches+pp-1)" if v == 1 else \
+        f"(pp-1)/({v} x micro-batches+pp-1)" if accum >= pp else f"1 - {v} x micro-batches/({v} x pp+micro-batches-1)"
+    lines.append(f"  schedule {pc.pp_schedule}: {accum} micro-batch(es) per step, bubble {formula} "
+                 f"= {bubble:.0%} of each step idle per {'stage' if v == 1 else 'pp rank'}"
                  + ("; raise train.global_batch_size for more micro-batches" if bubble > 0.2 else ""))
     return lines
 

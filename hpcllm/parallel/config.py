@@ -34,8 +34,20 @@ class ParallelConfig:
     # dimension: world = pp x dp x tp, rank = (pp_rank x dp + dp_rank) x tp + tp_rank
     pp: int = 1
     # gpipe: every micro-batch's forward, then every backward (activations of all micro-batches held);
-    # 1f1b: one forward, one backward in the steady state (at most pp micro-batches' activations held)
-    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    # 1f1b: one forward, one backward in the steady state (at most pp micro-batches' activations held);
+    # interleaved1f1b: pp_virtual_stages stages per rank (rank r runs stages r, r + pp, ...), 1F1B over
+    # them depth first: the bubble / pp_virtual_stages, for a little more activation memory and V
+    # times the stage-to-stage sends
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved1f1b"] = "1f1b"
+    # stages per rank: 2 or more under interleaved1f1b (default 2), 1 otherwise; pp x it <= n_layer
+    pp_virtual_stages: int | None = None
+
+    @property
+    def virtual_stages(self) -> int:
+        """Stages per pipeline rank: pp_virtual_stages, or its default for the schedule."""
+        if self.pp_virtual_stages is not None:
+            return self.pp_virtual_stages
+        return 2 if self.pp_schedule == "interleaved1f1b" else 1
 
     def validate(self) -> None:
         if self.tp < 1:
@@ -51,6 +63,14 @@ class ParallelConfig:
         if self.tp > 1 and self.shard == "optimizer":
             raise ValueError("parallel.shard=optimizer with parallel.tp > 1 is not implemented: use shard none "
                              "(data parallel over ranks / tp) or full (FSDP2 over ranks / tp)")
+        if self.pp_virtual_stages is not None and self.pp_virtual_stages < 1:
+            raise ValueError(f"pp_virtual_stages must be >= 1, got {self.pp_virtual_stages}")
+        if self.pp_schedule == "interleaved1f1b" and self.virtual_stages < 2:
+            raise ValueError(f"parallel.pp_virtual_stages={self.virtual_stages} with pp_schedule interleaved1f1b: "
+                             "interleaving needs 2 or more stages per rank (or use pp_schedule 1f1b for one)")
+        if self.pp_schedule != "interleaved1f1b" and self.virtual_stages > 1:
+            raise ValueError(f"parallel.pp_virtual_stages={self.virtual_stages} needs parallel.pp_schedule="
+                             f"interleaved1f1b: {self.pp_schedule} runs one stage per rank")
         if self.pp > 1 and self.shard == "optimizer":
             raise ValueError("parallel.shard=optimizer with parallel.pp > 1 is not implemented: use shard none "
                              "(data parallel within each stage) or full (FSDP2 within each stage)")
@@ -85,11 +105,28 @@ class ParallelConfig:
         return dp, accum
 
 
+def interleaved_batches_ok(micro_batches: int, pp: int) -> bool:
+    """PyTorch's ScheduleInterleaved1F1B runs the micro-batches in max(1, m // pp) rounds of equal
+    size: m must be a multiple of that (m < 2 pp, or any multiple of pp, always is)."""
+    return micro_batches % max(1, micro_batches // pp) == 0
+
+
 def check_pipeline_batches(pc: ParallelConfig, train, accum: int, dp: int | None = None) -> None:
-    """1F1B keeps at most pp micro-batches in flight and needs at least that many per step."""
-    if pc.pp > 1 and pc.pp_schedule == "1f1b" and accum < pc.pp:
-        source = (f"train.global_batch_size={train.global_batch_size} / ({dp} data-parallel rank(s) x "
-                  f"train.batch_size={train.batch_size})" if train.global_batch_size else f"train.grad_accum={accum}")
+    """1F1B keeps at most pp micro-batches in flight and needs at least that many per step; the
+    interleaved schedule needs whole rounds of them."""
+    if pc.pp == 1:
+        return
+    source = (f"train.global_batch_size={train.global_batch_size} / ({dp} data-parallel rank(s) x "
+              f"train.batch_size={train.batch_size})" if train.global_batch_size else f"train.grad_accum={accum}")
+    if pc.pp_schedule == "interleaved1f1b" and not interleaved_batches_ok(accum, pc.pp):
+        fits = next(m for m in range(accum + 1, 2 * accum + 2) if interleaved_batches_ok(m, pc.pp))
+        raise_to = (f"train.global_batch_size to {fits * dp * train.batch_size}" if train.global_batch_size and dp
+                    else f"train.grad_accum to {fits}" if not train.global_batch_size else "train.global_batch_size")
+        raise ValueError(f"parallel.pp={pc.pp} with pp_schedule interleaved1f1b needs the micro-batches per step to "
+                         f"be a multiple of their rounds, max(1, micro-batches // pp) (PyTorch's "
+                         f"ScheduleInterleaved1F1B), this run has {accum} ({source}): raise {raise_to} for {fits} "
+                         f"micro-batches (any multiple of {pc.pp} works)")
+    if pc.pp_schedule == "1f1b" and accum < pc.pp:
         raise ValueError(f"parallel.pp={pc.pp} with pp_schedule 1f1b needs at least {pc.pp} micro-batches per step, "
                          f"this run has {accum} ({source}): raise train.global_batch_size (or grad_accum) or lower "
                          "train.batch_size, or use parallel.pp_schedule=gpipe")
@@ -114,6 +151,10 @@ def check_model(pc: ParallelConfig, model) -> None:
     if pc.pp > model.n_layer:
         raise ValueError(f"parallel.pp={pc.pp} is more than model.n_layer={model.n_layer}: each pipeline stage "
                          "holds one layer or more")
+    if pc.pp > 1 and pc.pp * pc.virtual_stages > model.n_layer:
+        raise ValueError(f"parallel.pp={pc.pp} x parallel.pp_virtual_stages={pc.virtual_stages} = "
+                         f"{pc.pp * pc.virtual_stages} stages is more than model.n_layer={model.n_layer}: each "
+                         "pipeline stage holds one layer or more; lower parallel.pp_virtual_stages")
     if pc.tp == 1:
         return
     for name, value in (("n_head", model.n_head), ("n_kv_head", model.n_kv_head), ("ffn_dim", model.ffn_dim)):

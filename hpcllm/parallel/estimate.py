@@ -2,9 +2,9 @@
 meta device: nothing allocated), so that a plan for a world you don't have (64 GPUs) is checked
 on a login node — and printed beside the measured figures at the end of a run.
 
-    parameters   fp32; with pp > 1 only those of the rank's pipeline stage (hpcllm.parallel.pipeline:
-                 its layers, the embedding on the first stage, the head on the last, a tied weight on
-                 both); split over tp for the layers the family's tp_plan names; over dp too with
+    parameters   fp32; with pp > 1 only those of the rank's pipeline stages (hpcllm.parallel.stages:
+                 their layers, the embedding on the first stage, the head on the last, a tied weight on
+                 both; one stage per rank, or pp_virtual_stages interleaved); split over tp for the layers the family's tp_plan names; over dp too with
                  parallel.shard full
     gradients    as the parameters (ZeRO-1 keeps whole gradients: it reduce-scatters them)
     optimizer    AdamW's two fp32 moments per parameter (and a step counter each); over dp with
@@ -60,14 +60,15 @@ def holdings(model) -> list[Holding]:
     return out
 
 
-def estimate_memory(model, shard: str, tp: int, dp: int, pp: int = 1, stage: int = 0) -> dict[str, int]:
+def estimate_memory(model, shard: str, tp: int, dp: int, pp: int = 1, pp_rank: int = 0,
+                    virtual_stages: int = 1) -> dict[str, int]:
     """Bytes per rank: params_bytes, grads_bytes, optimizer_bytes — of rank 0 (the largest part of
-    each tensor), or of a rank of pipeline stage `stage`."""
+    each tensor), or of a rank at pipeline coordinate `pp_rank` (its `virtual_stages` stages)."""
     held = holdings(model)
     if pp > 1:
-        from hpcllm.parallel.pipeline import stage_parameter_names
+        from hpcllm.parallel.stages import rank_stages, stage_parameter_names
 
-        names = set(stage_parameter_names(model, stage, pp))
+        names = set(stage_parameter_names(model, rank_stages(pp_rank, pp, virtual_stages), pp * virtual_stages))
         held = [h for h in held if h.name in names]
     per_tp = sum(h.rank0_elements(tp, 1) for h in held)
     over_dp = sum(h.rank0_elements(tp, dp) for h in held)
@@ -75,3 +76,14 @@ def estimate_memory(model, shard: str, tp: int, dp: int, pp: int = 1, stage: int
     grads = over_dp if shard == "full" else per_tp  # ZeRO-1 reduce-scatters whole gradients
     moments = 2 * (per_tp if shard == "none" else over_dp)
     return {"params_bytes": 4 * params, "grads_bytes": 4 * grads, "optimizer_bytes": 4 * moments + 4 * len(held)}
+
+
+def pipeline_bubble(pp: int, micro_batches: int, virtual_stages: int = 1) -> float:
+    """The idle fraction of each step on every pipeline rank, forward and backward of a stage taking
+    1/V of the rank's time: (pp-1) / (V m + pp-1) for m >= pp micro-batches — GPipe's and 1F1B's
+    (pp-1) / (m + pp-1) at V = 1. With fewer micro-batches than ranks, PyTorch's interleaved order
+    waits for each micro-batch to come round the ranks between a rank's chunks: then
+    1 - V m / (V pp + m - 1). (Both from its ScheduleInterleaved1F1B orders, simulated step by step
+    for pp 2..8, V 2..4, m 1..16, any ratio of backward to forward time.)"""
+    m, v = micro_batches, virtual_stages
+    return 1 - v * m / (v * max(m, pp) + min(m, pp) - 1)

@@ -1,20 +1,17 @@
 """Pipeline parallelism (`parallel.pp`) with PyTorch's engine, torch.distributed.pipelining: the
-layers split into `pp` stages on the `pp` ranks of a pipeline, each step's micro-batches (the
-gradient-accumulation steps, `train.accumulation`) flowing through them under ScheduleGPipe or
-Schedule1F1B, composed with data parallelism (or FSDP2) over the mesh's `dp` dimension and with
-tensor parallelism over its `tp` dimension (each stage's layers split as hpcllm.parallel.tensor does).
+layers split into stages on the `pp` ranks of a pipeline (hpcllm.parallel.stages: which layers, which
+rank, the modules a rank holds), each step's micro-batches (the gradient-accumulation steps,
+`train.accumulation`) flowing through them, composed with data parallelism (or FSDP2) over the
+mesh's `dp` dimension and with tensor parallelism over its `tp` dimension (each stage's layers split
+as hpcllm.parallel.tensor does).
 
-    stage s       layers [s*L/pp, ...): L/pp each, the first L % pp stages one more; the first stage
-                  also runs the family's `embed`, the last its `head` and the loss
-    names         a stage is the whole model with what it does not run deleted: its parameters keep
-                  the whole model's names, so a DCP checkpoint by name loads into any other plan
-    tied weight   an embedding tied to the output head (gpt2; llama with tie_embeddings) is held by
-                  the first and the last stage; its two gradient parts are summed between them after
-                  backward, so both apply the same AdamW update and stay bit-identical. It keeps its
-                  first name (the embedding's), on both: the checkpoint stores it once
-
-The family says what its pieces are (`CausalLM.embed`, `block_inputs`, `head` and the module paths
-`embedding_modules`, `head_modules`); nothing here names an architecture.
+    gpipe, 1f1b       one stage per rank: ScheduleGPipe, Schedule1F1B
+    interleaved1f1b   V = parallel.pp_virtual_stages stages per rank (rank r runs stages r, r + pp,
+                      ...): ScheduleInterleaved1F1B — a micro-batch passes every rank V times, in
+                      stages 1/V as long, so the fill and drain (the bubble) are V times shorter
+    tied weight       the embedding tied to the output head is held by the first and the last stage
+                      (pp ranks 0 and pp-1); its two gradient parts are summed between them after
+                      backward, so both apply the same AdamW update and stay bit-identical
 """
 
 from __future__ import annotations
@@ -23,150 +20,47 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from hpcllm.comm import Communicator
 from hpcllm.model.base import CausalLM
-from hpcllm.parallel.plans import FsdpPlan, Plan, as_tensor, tensor_bytes
+from hpcllm.parallel.plans import Plan, as_tensor, fully_shard_blocks, tensor_bytes
+from hpcllm.parallel.stages import StageModule, rank_stages, tied_parameter_names
 from hpcllm.parallel.tensor import _local, _replicas, average_gradients
 
 
-def stage_layers(n_layer: int, pp: int) -> list[range]:
-    """The layers of each stage: n_layer / pp each, the first n_layer % pp stages one more."""
-    size, extra = divmod(n_layer, pp)
-    out, start = [], 0
-    for stage in range(pp):
-        n = size + (stage < extra)
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
-def _held(model: CausalLM, stage: int, pp: int) -> set[int]:
-    """ids of the parameters stage `stage` uses: its blocks', the embedding's on the first stage, the
-    head's on the last (a tied weight is both)."""
-    modules = [model.blocks()[i] for i in stage_layers(model.config.n_layer, pp)[stage]]
-    if stage == 0:
-        modules += [model.get_submodule(path) for path in model.embedding_modules]
-    if stage == pp - 1:
-        modules += [model.get_submodule(path) for path in model.head_modules]
-    return {id(p) for m in modules for p in m.parameters()}
-
-
-def stage_parameter_names(model: CausalLM, stage: int, pp: int) -> list[str]:
-    """The names (a tied weight under its first name) of the parameters stage `stage` holds."""
-    held = _held(model, stage, pp)
-    return [name for name, p in model.named_parameters() if id(p) in held]
-
-
-def tied_parameter_names(model: CausalLM, pp: int) -> list[str]:
-    """Parameters held by both the first and the last stage (a tied embedding), by their first name."""
-    both = _held(model, 0, pp) & _held(model, pp - 1, pp)
-    return [name for name, p in model.named_parameters() if id(p) in both]
-
-
-class HeldLayers(nn.Module):
-    """A stage's blocks under their indices in the whole model (`model.layers.5`, not `.0`), iterated
-    in order like the ModuleList they replace."""
-
-    def __init__(self, layers: dict[int, nn.Module]):
-        super().__init__()
-        for i, layer in layers.items():
-            self.add_module(str(i), layer)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-
-class StageModule(nn.Module):
-    """Stage `stage` of `pp` of a model: the model's own modules with what this stage does not run
-    deleted (in place: `model` is pruned too and shares every module with the stage), under the
-    whole model's parameter names. Its forward runs the family's pieces — `embed` on the first stage,
-    the stage's blocks, `head` on the last — the code the whole model's forward runs."""
-
-    def __init__(self, model: CausalLM, stage: int, pp: int):
-        super().__init__()
-        held = _held(model, stage, pp)
-        blocks = model.blocks()
-        self.layer_ids = list(stage_layers(model.config.n_layer, pp)[stage])
-        container = next(name for name, m in model.named_modules() if m is blocks)
-        _replace(model, container, HeldLayers({i: blocks[i] for i in self.layer_ids}))
-        unused = (model.embedding_modules if stage > 0 else ()) + (model.head_modules if stage < pp - 1 else ())
-        for path in unused:  # a module holding a weight this stage uses (a tied embedding) stays
-            if not any(id(p) in held for p in model.get_submodule(path).parameters()):
-                _replace(model, path, None)
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        object.__setattr__(self, "whole", model)  # not a submodule: its modules are registered above
-        self.config = model.config
-        self.first, self.last = stage == 0, stage == pp - 1
-
-    def blocks(self) -> HeldLayers:
-        return self.whole.blocks()
-
-    def configure_optimizer(self, *args, **kwargs):
-        """AdamW over this stage's parameters, grouped as for the whole model."""
-        return CausalLM.configure_optimizer(self, *args, **kwargs)
-
-    def train(self, mode: bool = True):
-        self.whole.training = mode  # the model's own flag decides activation checkpointing
-        return super().train(mode)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids (first stage) or the previous stage's hidden state -> hidden state, or logits (last)."""
-        model = self.whole
-        positions = torch.arange(x.shape[1], device=x.device)[None]  # training: unpadded, no cache
-        if self.first:
-            x = model.embed(x, positions)
-        extra = model.block_inputs(x, positions)
-        for i, block in zip(self.layer_ids, model.blocks()):
-            x = model.run_block(block, x, *extra, i, None, 0, None)
-        return model.head(x) if self.last else x
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module | None) -> None:
-    parent, _, name = path.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    if module is None:
-        delattr(owner, name)
-    else:
-        setattr(owner, name, module)
-
-
 class PipelinePlan(Plan):
-    """`parallel.pp > 1`: this rank's stage of the pipeline it belongs to (its dp and tp coordinates),
-    run by torch.distributed.pipelining; with tp > 1 the stage's layers are split over its tp group
+    """`parallel.pp > 1`: this rank's stages of the pipeline it belongs to (its dp and tp coordinates),
+    run by torch.distributed.pipelining; with tp > 1 the stages' layers are split over its tp group
     (the activations between stages are whole: every tp rank of a stage sends and receives its copy);
     gradients averaged over the stage's dp ranks (one flat allreduce per dtype), or sharded over
-    them with FSDP2 (parallel.shard full)."""
+    them with FSDP2 (parallel.shard full: each stage its own FSDP2 root, as PipelineStage expects)."""
 
     comm_wait_s = 0.0  # the dp allreduce's and the tied weight's; activations move inside the schedule
 
     def __init__(self, model: CausalLM, make_optimizer, comm: Communicator, mesh, *, schedule: str, fsdp: bool,
-                 bf16: bool, vocab_parallel: bool = True):
+                 bf16: bool, vocab_parallel: bool = True, virtual_stages: int = 1):
         self.comm, self.mesh, self.schedule_name = comm, mesh, schedule
         self.pp, self.dp, self.tp = mesh["pp"].size(), mesh["dp"].size(), mesh["tp"].size()
-        self.stage_index = mesh.get_local_rank("pp")
+        self.virtual_stages, self.n_stages = virtual_stages, self.pp * virtual_stages
+        self.pp_rank = mesh.get_local_rank("pp")
+        self.stage_indices = rank_stages(self.pp_rank, self.pp, virtual_stages)
         self.pp_group, self.dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
         self.vocab_parallel = vocab_parallel and self.tp > 1
-        if self.tp > 1:  # the whole model split by its family's tp_plan, then cut to the stage
+        if self.tp > 1:  # the whole model split by its family's tp_plan, then cut to the stages
             from hpcllm.parallel.tensor import split_model
 
             split_model(model, mesh["tp"], vocab_parallel=vocab_parallel)
-        tied = tied_parameter_names(model, self.pp)
-        self.model = stage = StageModule(model, self.stage_index, self.pp)
-        self.fsdp = None
-        if fsdp and self.dp > 1:
-            self.fsdp = FsdpPlan(stage, make_optimizer, comm, bf16, mesh=mesh["dp"])
-            self.optimizer = self.fsdp.optimizer
-        else:
-            self.optimizer = make_optimizer(stage)
-        self.mode = "full" if self.fsdp else "none"
-        self.params = [p for p in stage.parameters() if p.requires_grad]
-        self.tied = [p for name, p in stage.named_parameters() if name in tied]
+        tied = tied_parameter_names(model, self.n_stages)
+        self.model = part = StageModule(model, self.stage_indices, self.n_stages)
+        self.chunks = part.chunks  # what each PipelineStage runs: the StageModule itself with one stage
+        self.sharded = fsdp and self.dp > 1
+        if self.sharded:
+            for chunk in self.chunks:
+                fully_shard_blocks(chunk, mesh["dp"], bf16)
+        self.optimizer = make_optimizer(part)  # every chunk's parameters, by their whole-model names
+        self.mode = "full" if self.sharded else "none"
+        self.params = [p for p in part.parameters() if p.requires_grad]
+        self.tied = [p for name, p in part.named_parameters() if name in tied]
         self.tied_group = self._tied_group() if tied else None
         self._schedules: dict[tuple[str, int], object] = {}  # (train | eval, micro-batches) -> schedule
         self.comm_wait_s = 0.0
@@ -195,21 +89,32 @@ class PipelinePlan(Plan):
 
     # -- the schedule ----------------------------------------------------------------------------
     def _schedule(self, kind: str, micro_batches: int):
-        """One PipelineStage and schedule per use (training with `accum` micro-batches, evaluation
-        with the eval batches), over the same stage module: their buffers and warm-up are their own."""
+        """One schedule, with its own PipelineStages, per use (training with `accum` micro-batches,
+        evaluation with the eval batches), over the same chunk modules: their buffers and warm-up
+        are their own."""
         key = (kind, micro_batches)
         if key not in self._schedules:
-            from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+            from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                      ScheduleInterleaved1F1B, ScheduleLoopedBFS)
 
-            stage = PipelineStage(self.model, self.stage_index, self.pp, self.comm.device, group=self.pp_group)
+            stages = [PipelineStage(chunk, index, self.n_stages, self.comm.device, group=self.pp_group)
+                      for chunk, index in zip(self.chunks, self.stage_indices)]
             if kind == "train":
                 # the trainer's `(loss / accum).backward()` per micro-step, exactly: each micro-batch's
                 # loss divided here and the schedule's own scaling of the gradients off
-                cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
-                self._schedules[key] = cls(stage, micro_batches, loss_fn=_scaled_loss(micro_batches),
-                                           scale_grads=False)
+                loss_fn = _scaled_loss(micro_batches)
+                if self.virtual_stages > 1:
+                    schedule = ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
+                else:
+                    cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
+                    schedule = cls(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
+            elif self.virtual_stages > 1:
+                # forward only, any number of batches: every batch through a rank's first chunk, then
+                # its next (the interleaved order asks for a multiple of its rounds of micro-batches)
+                schedule = ScheduleLoopedBFS(stages, micro_batches, loss_fn=CausalLM.loss, scale_grads=False)
             else:
-                self._schedules[key] = ScheduleGPipe(stage, micro_batches, loss_fn=CausalLM.loss, scale_grads=False)
+                schedule = ScheduleGPipe(stages[0], micro_batches, loss_fn=CausalLM.loss, scale_grads=False)
+            self._schedules[key] = schedule
         return self._schedules[key]
 
     def _run(self, schedule, batches: list, evaluate: bool) -> list[torch.Tensor]:
@@ -254,7 +159,7 @@ class PipelinePlan(Plan):
         import time
 
         t0 = time.perf_counter()
-        if self.dp > 1 and self.fsdp is None:
+        if self.dp > 1 and not self.sharded:
             average_gradients([p.grad for p in self.params if p.grad is not None], self.dp_group, self.dp)
         if self.tied_group is not None:
             for p in self.tied:
@@ -266,7 +171,7 @@ class PipelinePlan(Plan):
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """The norm of the whole model's gradient: each stage's squares, every element counted once
-        (a dp replica or FSDP shard by _replicas within the stage; the tied weight on the first stage
+        (a dp replica or FSDP shard by _replicas within the stage; the tied weight on pp rank 0's
         only), summed over the world in one allreduce."""
         stage_ranks = self.comm.size // self.pp
         tied = {id(p) for p in self.tied} if not self.model.first else set()

@@ -57,6 +57,7 @@ class Plan:
     tp = 1
     sequence_parallel = False
     pp = 1
+    virtual_stages = 1  # pipeline stages per pp rank
 
     def loss_context(self):
         """Where forward and backward of the loss run (tensor parallelism: on vocabulary-split logits)."""
@@ -210,14 +211,7 @@ class FsdpPlan(Plan):
     comm_wait_s = 0.0  # FSDP2's collectives are waited on inside forward/backward: not measured apart
 
     def __init__(self, model, make_optimizer, comm: Communicator, bf16: bool, mesh=None):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = mesh if mesh is not None else device_mesh(comm)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-            MixedPrecisionPolicy()
-        for block in model.blocks():
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard_blocks(model, mesh if mesh is not None else device_mesh(comm), bf16)
         self.model, self.comm = model, comm
         self.optimizer = make_optimizer(model)
 
@@ -242,6 +236,18 @@ class FsdpPlan(Plan):
         return sum(tensor_bytes(p) for p in self.model.parameters() if p.requires_grad)  # sharded, as held
 
 
+def fully_shard_blocks(model, mesh, bf16: bool) -> None:
+    """FSDP2 over `mesh`: each of `model.blocks()` its own unit, then `model` (what is left: the
+    embedding, the final norm and the head) — fp32 reduction; bf16 parameters under train.dtype bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in model.blocks():
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
 def device_mesh(comm: Communicator, tp: int = 1, pp: int = 1, *, named: bool = False):
     """The DeviceMesh of the job on torch.distributed (created beside the job's own backend when that
     is mpi or horovod: gloo on CPU): 1-D over every rank, (dp, tp) with tp > 1, or (pp, dp, tp) with
@@ -263,7 +269,7 @@ def device_mesh(comm: Communicator, tp: int = 1, pp: int = 1, *, named: bool = F
 
 def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_mb: float, bf16: bool,
                tp: int = 1, vocab_parallel: bool = True, sequence_parallel: bool = False, pp: int = 1,
-               pp_schedule: str = "1f1b") -> Plan:
+               pp_schedule: str = "1f1b", pp_virtual_stages: int = 1) -> Plan:
     """The plan for parallel.shard=`mode` (and parallel.tp, parallel.pp). With one rank every mode
     holds everything: `none`."""
     if mode not in MODES:
@@ -272,7 +278,8 @@ def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_m
         from hpcllm.parallel.pipeline import PipelinePlan
 
         return PipelinePlan(model, make_optimizer, comm, device_mesh(comm, tp, pp), schedule=pp_schedule,
-                            fsdp=mode == "full", bf16=bf16, vocab_parallel=vocab_parallel)
+                            fsdp=mode == "full", bf16=bf16, vocab_parallel=vocab_parallel,
+                            virtual_stages=pp_virtual_stages)
     if tp > 1:
         from hpcllm.parallel.tensor import TensorParallelPlan
 

@@ -208,7 +208,8 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
         raise ConfigError(str(e)) from None
     model.activation_checkpointing = tc.activation_checkpointing
     # of the whole model: under a pipeline plan `model` keeps only this rank's stage
-    estimate = estimate_memory(model, pc.shard if comm.size > 1 else "none", pc.tp, dp, pc.pp)
+    estimate = estimate_memory(model, pc.shard if comm.size > 1 else "none", pc.tp, dp, pc.pp,
+                               virtual_stages=pc.virtual_stages)
     n_params, flops_per_token = model.num_params(), model.estimate_flops_per_token(tc.seq_len)
     # a pipeline plan prunes the model to this rank's stage: what to draw or read, in order, is the
     # whole model's (a meta copy costs nothing)
@@ -218,7 +219,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     multi_tensor = None if pc.tp == 1 else False
     plan = build_plan(pc.shard, model, comm, bucket_mb=spec.dist.bucket_mb, bf16=uses_bf16(device, tc.dtype),
                       tp=pc.tp, vocab_parallel=pc.vocab_parallel, sequence_parallel=pc.sequence_parallel,
-                      pp=pc.pp, pp_schedule=pc.pp_schedule,
+                      pp=pc.pp, pp_schedule=pc.pp_schedule, pp_virtual_stages=pc.virtual_stages,
                       make_optimizer=lambda m: m.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas),
                                                                      fused=device.type == "cuda" and pc.tp == 1,
                                                                      foreach=multi_tensor))
@@ -251,7 +252,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     log.info("model %.2fM params, %d tokens/step (%d sequences: %d data-parallel rank(s) x batch %d x %d "
              "micro-step(s)), parallel.shard=%s tp=%d%s pp=%d%s, device %s%s", n_params / 1e6, tokens_per_step,
              global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp, " sequence_parallel" if pc.sequence_parallel
-             else "", pc.pp, f" ({pc.pp_schedule})" if pc.pp > 1 else "", dev_name,
+             else "", pc.pp, f" ({_schedule_label(pc)})" if pc.pp > 1 else "", dev_name,
              "" if peak else " (peak FLOP/s unknown: no MFU)")
     bar = None
     if comm.rank == 0 and tc.progress:
@@ -345,6 +346,14 @@ def evaluate(model: CausalLM, ds, spec: JobSpec, comm: Communicator, plan: Plan)
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
 
 
+def _pp_label(pp: int, virtual_stages: int) -> str:
+    return f"{pp} x {virtual_stages} stages per rank" if virtual_stages > 1 else str(pp)
+
+
+def _schedule_label(pc) -> str:
+    return pc.pp_schedule + (f", {pc.virtual_stages} stages per rank" if pc.virtual_stages > 1 else "")
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
@@ -364,6 +373,7 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     old_ranks, old_batch = state.get("world_size"), state.get("global_batch")
     meta = read_meta(ckpt)
     old_mode, old_tp, old_pp = meta.get("shard", "none"), meta.get("tp", 1), meta.get("pp", 1)
+    old_v, new_v = meta.get("pp_virtual_stages", 1), plan.virtual_stages
     if old_batch != global_batch:
         dp = spec.parallel.data_parallel(comm.size)  # the ranks of a tp group or a pipeline share their batches
         raise TrainingError(f"{ckpt}: written with a global batch of {old_batch} sequences per step ({old_ranks} "
@@ -382,10 +392,11 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
         stream = comm.rank if plan.sequence_parallel else spec.parallel.dp_rank(comm.rank, comm.size)
         torch.manual_seed(hash((spec.train.seed, step, stream)) % 2**63)
     window.load(state.get("log_window"), comm)
-    if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp or old_pp != plan.pp:
+    if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp or (old_pp, old_v) != (plan.pp, new_v):
         log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s%s: %s", step, old_ranks,
                  comm.size, old_mode, plan.mode, f" (parallel.tp {old_tp} -> {plan.tp})" if old_tp != plan.tp else "",
-                 f" (parallel.pp {old_pp} -> {plan.pp})" if old_pp != plan.pp else "", ckpt)
+                 f" (parallel.pp {_pp_label(old_pp, old_v)} -> {_pp_label(plan.pp, new_v)})"
+                 if (old_pp, old_v) != (plan.pp, new_v) else "", ckpt)
     log.info("resumed from %s (step %d)", ckpt, step)
     return step
 
@@ -395,7 +406,7 @@ def _save(spec, comm, step, plan: Plan, loader, window: LossWindow):
     global_state = dict(loader=loader.state_dict(), log_window=log_window, world_size=comm.size,
                         global_batch=loader.global_batch)
     meta = {"spec": to_dict(spec), "model": to_dict(plan.model.config), "world_size": comm.size, "shard": plan.mode,
-            "tp": plan.tp, "pp": plan.pp}
+            "tp": plan.tp, "pp": plan.pp, "pp_virtual_stages": plan.virtual_stages}
     path = save_checkpoint(spec.run_dir, step, comm, plan.state_dict(), global_state, meta, spec.train.keep_checkpoints)
     if comm.rank == 0:
         log.info("checkpoint %s", path)

@@ -4,7 +4,9 @@ within each stage, and pp=2 x tp=2, each give the losses and weights of one rank
 evaluation the val_loss of one rank; a pp=2 checkpoint resumes at pp=1 and a pp=1 one at pp=2,
 continuing the uninterrupted run, and exports the whole model; a rank's parameters at pp=2 are about
 half of pp=1's and equal to `hpcllm plan`'s estimate; plans that cannot run are one-line config
-errors naming the field."""
+errors naming the field. The interleaved schedule (2 stages per rank, 4-layer models, 10 steps):
+gpt and llama give one rank's run, gpt its val_loss, and a checkpoint of it resumes on one rank;
+dp=2 x interleaved pp=2 with FSDP2 continues a one-rank checkpoint; its config errors and dry run."""
 
 import json
 import re
@@ -148,3 +150,94 @@ def test_plan_dry_run_shows_the_stages(tmp_path):
     layer = 2 * 16384 * 16384 + 2 * 16384 * 1024 + 3 * 16384 * 53248 + 2 * 16384
     stage0 = 16 * layer + 128256 * 16384
     assert abs(p - stage0 * 4 / 64 / 2**30) < 0.01 and g == p and abs(o - 2 * p) < 0.01, out
+
+
+# -- the interleaved schedule: 2 stages per rank need 4 layers (pp=2 x V=2), 10 steps ----------------
+GPT4, LLAMA4 = {**GPT, "n_layer": 4}, {**LLAMA, "n_layer": 4}
+STEPS4 = 10
+INTERLEAVED = ("parallel.pp=2", "parallel.pp_schedule=interleaved1f1b")  # pp_virtual_stages: 2 by default
+
+
+@pytest.fixture(scope="module")
+def references4(dataset, tmp_path_factory):
+    """One rank with the union batch for the 4-layer models, 10 steps, checkpoints at 5 and 10."""
+    root = tmp_path_factory.mktemp("refs4")
+    for name, model in (("llama", LLAMA4), ("gpt", GPT4)):
+        train(spec_file(root, dataset, name, model, backend="single", max_steps=STEPS4, ckpt_interval=5), 1)
+    return root
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_interleaved_equals_one_rank(tmp_path, dataset, references4, family):
+    """pp=2 x 2 stages per rank (rank 0: stages 0 and 2, layers 0 and 2 and the embedding; rank 1:
+    layers 1 and 3 and the head; GPT-2's tied embedding on both ranks): the losses and weights of one
+    rank; rank 0's memory is `hpcllm plan`'s estimate. gpt: an evaluation through the pipeline gives
+    one rank's val_loss, and its step-5 checkpoint resumes on one rank, continuing the run."""
+    model = GPT4 if family == "gpt" else LLAMA4
+    evaluated = family == "gpt"
+    spec = spec_file(tmp_path, dataset, "pp2x2", model, backend="torch", batch=3, max_steps=STEPS4, ckpt_interval=5,
+                     **({"eval_interval": 5} if evaluated else {}))
+    p = train(spec, 2, *INTERLEAVED)
+    assert "parallel.shard=none tp=1 pp=2 (interleaved1f1b, 2 stages per rank)" in p.stderr
+    assert_same_run(tmp_path / "pp2x2", references4 / family, STEPS4)
+    est = estimate_memory(model_for_plan(load_spec(spec, list(INTERLEAVED))), "none", 1, 1, 2, 0, 2)
+    assert {k: metrics(tmp_path / "pp2x2")[-1][k] for k in est} == est
+    if not evaluated:
+        return
+    got = {m["step"]: m["val_loss"] for m in metrics(tmp_path / "pp2x2") if "val_loss" in m}
+    assert list(got) == [5, 10]
+    for step, value in got.items():
+        assert abs(value - one_rank_val_loss(tmp_path / "pp2x2", step, spec)) <= 1e-5 * value, (step, value)
+    resume_copy(tmp_path / "pp2x2", tmp_path / "to1", at=5)
+    p = train(spec_file(tmp_path, dataset, "to1", model, backend="single", max_steps=STEPS4, ckpt_interval=5), 1)
+    assert "resumed step 5 from 2 rank(s) on 1 rank(s) (parallel.shard none -> none) (parallel.pp 2 x 2 stages per " \
+           "rank -> 1)" in p.stderr
+    assert_same_run(tmp_path / "to1", references4 / family, STEPS4)
+
+
+def test_interleaved_with_data_parallel_fsdp(tmp_path, dataset, references4):
+    """dp=2 x pp=2 x 2 stages per rank, FSDP2 within each stage (each chunk its own root), on 4 ranks,
+    resumed from one rank's step 5 (pp=1 -> interleaved): the uninterrupted run's losses and weights."""
+    resume_copy(references4 / "llama", tmp_path / "from1", at=5)
+    spec = spec_file(tmp_path, dataset, "from1", LLAMA4, backend="torch", shard="full", batch=1, max_steps=STEPS4,
+                     ckpt_interval=5)
+    p = train(spec, 4, *INTERLEAVED)
+    assert "2 data-parallel rank(s)" in p.stderr and "parallel.shard=full tp=1 pp=2 (interleaved1f1b" in p.stderr
+    assert "resumed step 5 from 1 rank(s) on 4 rank(s) (parallel.shard none -> full) (parallel.pp 1 -> 2 x 2 stages " \
+           "per rank)" in p.stderr
+    assert_same_run(tmp_path / "from1", references4 / "llama", STEPS4)
+    est = estimate_memory(model_for_plan(load_spec(spec, list(INTERLEAVED))), "full", 1, 2, 2, 0, 2)
+    assert {k: metrics(tmp_path / "from1")[-1][k] for k in est} == est
+
+
+def test_interleaved_plans_that_cannot_run_and_the_dry_run(tmp_path, dataset):
+    from hpcllm.parallel.cli import describe
+
+    spec = spec_file(tmp_path, dataset, "bad4", LLAMA4, backend="torch", batch=3)
+    assert ("parallel.pp=2 x parallel.pp_virtual_stages=3 = 6 stages is more than model.n_layer=4: each pipeline "
+            "stage holds one layer or more") in _refused(spec, *INTERLEAVED, "parallel.pp_virtual_stages=3")
+    assert "parallel.pp_virtual_stages=1 with pp_schedule interleaved1f1b" in \
+        _refused(spec, *INTERLEAVED, "parallel.pp_virtual_stages=1")
+    assert "parallel.pp_virtual_stages=2 needs parallel.pp_schedule=interleaved1f1b: 1f1b runs one stage per rank" in \
+        _refused(spec, "parallel.pp=2", "parallel.pp_virtual_stages=2")
+    assert "pp_virtual_stages must be >= 1, got 0" in _refused(spec, *INTERLEAVED, "parallel.pp_virtual_stages=0")
+    # torch's ScheduleInterleaved1F1B runs max(1, m // pp) equal rounds: 5 micro-batches on pp=2 are not
+    assert ("parallel.pp=2 with pp_schedule interleaved1f1b needs the micro-batches per step to be a multiple of "
+            "their rounds, max(1, micro-batches // pp) (PyTorch's ScheduleInterleaved1F1B), this run has 5 "
+            "(train.grad_accum=5): raise train.grad_accum to 6 for 6 micro-batches") in \
+        _refused(spec, *INTERLEAVED, "train.global_batch_size=0", "train.grad_accum=5")
+    with pytest.raises(ConfigError, match=r"this run has 5 \(train.global_batch_size=10 / \(1 data-parallel rank\(s\) "
+                                          r"x train.batch_size=2\)\): raise train.global_batch_size to 12 for 6"):
+        describe(load_spec(spec, [*INTERLEAVED, "train.global_batch_size=10", "train.batch_size=2"]), 2)
+
+    # 8 ranks: pp=4 x 2 stages per rank x dp=2; 8 micro-batches per pipeline
+    out = describe(load_spec(spec, [*INTERLEAVED, "parallel.pp=4", "model.n_layer=9", "train.global_batch_size=48"]), 8)
+    assert "pp=4 (interleaved1f1b, 2 stages per rank) -> mesh pp=4 x dp=2 x tp=1" in out
+    assert "pp rank p on ranks [p*2, (p+1)*2) runs stages p, p+4, ... (2 per rank, 8 in all)" in out
+    # 9 layers over 8 stages: stage 0 has 2; pp rank 0 runs stages 0 and 4, pp rank 3 stages 3 and 7
+    assert "pp rank 0 (ranks 0..1): stage 0: embedding, layers 0..1; stage 4: layer 5;" in out
+    assert "pp rank 3 (ranks 6..7): stage 3: layer 4; stage 7: layer 8, head and loss;" in out
+    assert "schedule interleaved1f1b: 8 micro-batch(es) per step, bubble (pp-1)/(2 x micro-batches+pp-1) = 16%" in out
+    # fewer micro-batches than ranks: each micro-batch comes round the ranks before a rank's next chunk
+    out = describe(load_spec(spec, [*INTERLEAVED, "parallel.pp=4", "model.n_layer=9", "train.global_batch_size=12"]), 8)
+    assert "2 micro-batch(es) per step, bubble 1 - 2 x micro-batches/(2 x pp+micro-batches-1) = 56%" in out

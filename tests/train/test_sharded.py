@@ -54,12 +54,12 @@ def weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return read_checkpoint_model(run_dir / "checkpoints" / f"step_{step:08d}")
 
 
-def assert_same_run(run: Path, ref: Path) -> None:
+def assert_same_run(run: Path, ref: Path, steps: int = STEPS) -> None:
     got, want = metrics(run), metrics(ref)
-    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, steps + 1))
     for g, w in zip(got, want):
         assert abs(g["loss"] - w["loss"]) <= RTOL * abs(w["loss"]), (run.name, g["step"], g["loss"], w["loss"])
-    a, b = weights(run), weights(ref)
+    a, b = weights(run, steps), weights(ref, steps)
     assert a.keys() == b.keys()
     for k in a:  # relative to the tensor's norm (absolute below norm 1: a bias near zero has no scale of its own)
         err = ((a[k] - b[k]).norm() / max(b[k].norm().item(), 1.0)).item()

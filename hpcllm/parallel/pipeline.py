@@ -23,12 +23,12 @@ import torch.distributed as dist
 
 from hpcllm.comm import Communicator
 from hpcllm.model.base import CausalLM
-from hpcllm.parallel.plans import Plan, as_tensor, fully_shard_blocks, tensor_bytes
+from hpcllm.parallel.plans import as_tensor, fully_shard_blocks
 from hpcllm.parallel.stages import StageModule, rank_stages, tied_parameter_names
-from hpcllm.parallel.tensor import _local, _replicas, average_gradients
+from hpcllm.parallel.tensor import DTensorPlan, _local, average_gradients, clip_parts
 
 
-class PipelinePlan(Plan):
+class PipelinePlan(DTensorPlan):
     """`parallel.pp > 1`: this rank's stages of the pipeline it belongs to (its dp and tp coordinates),
     run by torch.distributed.pipelining; with tp > 1 the stages' layers are split over its tp group
     (the activations between stages are whole: every tp rank of a stage sends and receives its copy);
@@ -175,27 +175,9 @@ class PipelinePlan(Plan):
         only), summed over the world in one allreduce."""
         stage_ranks = self.comm.size // self.pp
         tied = {id(p) for p in self.tied} if not self.model.first else set()
-        sq = torch.zeros((), device=self.comm.device, dtype=torch.float32)
         grads = [p.grad for p in self.params if p.grad is not None]
-        for p in self.params:
-            if p.grad is not None and id(p) not in tied:
-                sq += _local(p.grad).float().pow(2).sum() / _replicas(p.grad, stage_ranks)
-        dist.all_reduce(sq)
-        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            _local(g).mul_(coef.to(_local(g).dtype))
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def same_start(self) -> None:
-        pass  # each stage filled its part from the same whole values (hpcllm.parallel.materialize)
-
-    def grads_bytes(self) -> int:
-        return sum(tensor_bytes(p) for p in self.params)  # a gradient is held like its parameter
+        clip_parts(grads, [(p.grad, stage_ranks) for p in self.params if p.grad is not None and id(p) not in tied],
+                   max_norm, self.comm.device)
 
 
 def _scaled_loss(accum: int):

@@ -137,7 +137,36 @@ def _replicas(t: torch.Tensor, world: int) -> int:
     return world // parts
 
 
-class TensorParallelPlan(Plan):
+def clip_parts(grads: list[torch.Tensor], counted: list[tuple[torch.Tensor, int]], max_norm: float, device) -> None:
+    """Scale `grads` (plain tensors or DTensor parts) so that the whole model's gradient norm is at
+    most `max_norm`. `counted`: the (gradient, ranks that hold copies of it) whose squares make up the
+    norm — each element once over the world, summed in one allreduce."""
+    sq = torch.zeros((), device=device, dtype=torch.float32)
+    for g, ranks in counted:
+        sq += _local(g).float().pow(2).sum() / _replicas(g, ranks)
+    dist.all_reduce(sq)
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        _local(g).mul_(coef.to(_local(g).dtype))
+
+
+class DTensorPlan(Plan):
+    """What the plans whose parameters are DTensors (or a pipeline stage's parts) share: AdamW's own
+    zero_grad, parts filled at materialisation, gradients held like their parameters."""
+
+    params: list[torch.nn.Parameter]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def same_start(self) -> None:
+        pass  # every rank filled its part from the same whole values (hpcllm.parallel.materialize)
+
+    def grads_bytes(self) -> int:
+        return sum(tensor_bytes(p) for p in self.params)  # a gradient is held like its parameter
+
+
+class TensorParallelPlan(DTensorPlan):
     """`parallel.tp > 1`: the model split over the mesh's `tp` dimension and replicated over `dp`
     (gradients averaged in one flat allreduce per dtype on the dp group), or, with parallel.shard
     full, sharded over `dp` with FSDP2 on top (2-D: dp x tp)."""
@@ -210,20 +239,5 @@ class TensorParallelPlan(Plan):
         """The norm of the whole model's gradient from every rank's parts: each part's squares
         divided by the number of ranks holding the same part, summed over the world (one allreduce)."""
         world = self.comm.size
-        sq = torch.zeros((), device=self.comm.device, dtype=torch.float32)
         grads = [p.grad for p in self.params if p.grad is not None]
-        for g in grads:
-            sq += _local(g).float().pow(2).sum() / _replicas(g, world)
-        dist.all_reduce(sq)
-        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            _local(g).mul_(coef.to(_local(g).dtype))
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def same_start(self) -> None:
-        pass  # every rank filled its part from the same whole values (hpcllm.parallel.materialize)
-
-    def grads_bytes(self) -> int:
-        return sum(tensor_bytes(p) for p in self.params)  # a gradient is held like its parameter
+        clip_parts(grads, [(g, world) for g in grads], max_norm, self.comm.device)

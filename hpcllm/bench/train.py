@@ -74,7 +74,7 @@ def dtensor_tp1_plan(model, comm, *, make_optimizer, bf16: bool):
     from hpcllm.parallel.tensor import TensorParallelPlan
 
     return TensorParallelPlan(model, make_optimizer, comm, device_mesh(comm, 1, named=True), vocab_parallel=True,
-                              fsdp=False, bf16=bf16)
+                              mode="none", bucket_mb=25.0, bf16=bf16)
 
 
 def _idle_until_rank0_done(comm) -> None:

@@ -83,6 +83,7 @@ class TorchCommunicator(Communicator):
                 device_id=device if device.type == "cuda" else None,
             )
         self.backend = backend
+        self.group = None  # the world's (TorchSubgroup: one of its subgroups)
         self._ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
         from hpcllm.comm.watchdog import Watchdog
 
@@ -97,11 +98,11 @@ class TorchCommunicator(Communicator):
         what = f"allreduce {op}"
         if not async_op:
             with self.blocking(what, tensor):
-                tdist.all_reduce(tensor, op=red)
+                tdist.all_reduce(tensor, op=red, group=self.group)
             if op == "avg" and not native_avg:
                 tensor.div_(self.size)
             return None
-        handle = tdist.all_reduce(tensor, op=red, async_op=True)
+        handle = tdist.all_reduce(tensor, op=red, group=self.group, async_op=True)
 
         def wait() -> None:
             handle.wait()
@@ -118,11 +119,11 @@ class TorchCommunicator(Communicator):
         what = f"reduce_scatter {op}"
         if not async_op:
             with self.blocking(what, input):
-                _reduce_scatter(output, input, op=red)
+                _reduce_scatter(output, input, op=red, group=self.group)
             if op == "avg" and not native_avg:
                 output.div_(self.size)
             return None
-        handle = _reduce_scatter(output, input, op=red, async_op=True)
+        handle = _reduce_scatter(output, input, op=red, group=self.group, async_op=True)
 
         def wait() -> None:
             handle.wait()
@@ -135,24 +136,27 @@ class TorchCommunicator(Communicator):
         _check_shards("all_gather", input, output, self.size)
         if not async_op:
             with self.blocking("all_gather", output):
-                _all_gather(output, input)
+                _all_gather(output, input, group=self.group)
             return None
-        handle = _all_gather(output, input, async_op=True)
+        handle = _all_gather(output, input, group=self.group, async_op=True)
         return Work(self, "all_gather", output, handle.wait)
 
     def broadcast(self, tensor, src=0):
         with self.blocking("broadcast", tensor):
-            tdist.broadcast(tensor, src=src)
+            tdist.broadcast(tensor, group=self.group, group_src=src)
 
     def allgather_object(self, obj):
         out: list[Any] = [None] * self.size
         with self.blocking("allgather_object"):
-            tdist.all_gather_object(out, obj)
+            tdist.all_gather_object(out, obj, group=self.group)
         return out
 
     def barrier(self):
         with self.blocking("barrier"):
-            tdist.barrier()
+            tdist.barrier(group=self.group)
+
+    def subgroup(self, group) -> "TorchSubgroup":
+        return TorchSubgroup(self, group)
 
     def close(self):
         # Leave together, then let gloo's worker threads drop their finished work: destroying a
@@ -163,3 +167,18 @@ class TorchCommunicator(Communicator):
         if tdist.is_initialized():
             release_gloo_work()
             tdist.destroy_process_group()
+
+
+class TorchSubgroup(TorchCommunicator):
+    """The collectives of a TorchCommunicator over one of its torch.distributed subgroups (a mesh
+    dimension's ranks, e.g. the data-parallel ranks under tensor or pipeline parallelism): rank and
+    size within the group, timed by the parent's watchdog. It owns nothing: closing it closes nothing."""
+
+    def __init__(self, parent: TorchCommunicator, group):
+        Communicator.__init__(self, parent.world, parent.device, parent.timeout_s)
+        self.group, self.backend, self._ops = group, parent.backend, parent._ops
+        self.rank, self.size = tdist.get_rank(group), tdist.get_world_size(group)
+        self.watchdog = parent.watchdog
+
+    def close(self):
+        pass

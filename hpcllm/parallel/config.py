@@ -14,7 +14,8 @@ SHARD_BACKENDS = {"none": ("mpi", "torch", "horovod", "single"), "optimizer": ("
 class ParallelConfig:
     # none:      every rank holds the whole model, its gradients and optimizer state (data parallel)
     # optimizer: ZeRO-1 — each rank keeps and updates 1/N of the optimizer state; gradients are
-    #            reduce-scattered and the updated parameters all-gathered (every backend)
+    #            reduce-scattered and the updated parameters all-gathered (every backend; with tp or pp
+    #            over the data-parallel ranks of each tensor-parallel part or pipeline stage)
     # full:      ZeRO-3 — parameters, gradients and optimizer state sharded with PyTorch's FSDP2,
     #            per transformer block (dist.backend torch: NCCL on GPU, gloo on CPU)
     shard: Literal["none", "optimizer", "full"] = "none"
@@ -55,14 +56,8 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1: it splits the sequence over "
                              "the tensor-parallel ranks")
-        if self.sequence_parallel and self.pp > 1:
-            raise ValueError("parallel.sequence_parallel=true with parallel.pp > 1 is not implemented: the stages "
-                             "pass whole activations; set parallel.sequence_parallel=false")
         if self.pp < 1:
             raise ValueError(f"pp must be >= 1, got {self.pp}")
-        if self.tp > 1 and self.shard == "optimizer":
-            raise ValueError("parallel.shard=optimizer with parallel.tp > 1 is not implemented: use shard none "
-                             "(data parallel over ranks / tp) or full (FSDP2 over ranks / tp)")
         if self.pp_virtual_stages is not None and self.pp_virtual_stages < 1:
             raise ValueError(f"pp_virtual_stages must be >= 1, got {self.pp_virtual_stages}")
         if self.pp_schedule == "interleaved1f1b" and self.virtual_stages < 2:
@@ -71,9 +66,6 @@ class ParallelConfig:
         if self.pp_schedule != "interleaved1f1b" and self.virtual_stages > 1:
             raise ValueError(f"parallel.pp_virtual_stages={self.virtual_stages} needs parallel.pp_schedule="
                              f"interleaved1f1b: {self.pp_schedule} runs one stage per rank")
-        if self.pp > 1 and self.shard == "optimizer":
-            raise ValueError("parallel.shard=optimizer with parallel.pp > 1 is not implemented: use shard none "
-                             "(data parallel within each stage) or full (FSDP2 within each stage)")
 
     def data_parallel(self, world: int) -> int:
         """The data-parallel size of a world of `world` ranks, or a ValueError naming the field."""

@@ -31,14 +31,17 @@ from hpcllm.parallel.tensor import DTensorPlan, _local, average_gradients, clip_
 class PipelinePlan(DTensorPlan):
     """`parallel.pp > 1`: this rank's stages of the pipeline it belongs to (its dp and tp coordinates),
     run by torch.distributed.pipelining; with tp > 1 the stages' layers are split over its tp group
-    (the activations between stages are whole: every tp rank of a stage sends and receives its copy);
-    gradients averaged over the stage's dp ranks (one flat allreduce per dtype), or sharded over
-    them with FSDP2 (parallel.shard full: each stage its own FSDP2 root, as PipelineStage expects)."""
+    (the activations between stages are whole: every tp rank of a stage sends and receives its copy;
+    under sequence parallelism each tp rank sends and receives its slice of the positions only);
+    gradients averaged over the stage's dp ranks (one flat allreduce per dtype), the optimizer state
+    sharded over them (parallel.shard optimizer: ZeRO-1), or everything sharded over them with FSDP2
+    (parallel.shard full: each stage its own FSDP2 root, as PipelineStage expects)."""
 
     comm_wait_s = 0.0  # the dp allreduce's and the tied weight's; activations move inside the schedule
 
-    def __init__(self, model: CausalLM, make_optimizer, comm: Communicator, mesh, *, schedule: str, fsdp: bool,
-                 bf16: bool, vocab_parallel: bool = True, virtual_stages: int = 1):
+    def __init__(self, model: CausalLM, make_optimizer, comm: Communicator, mesh, *, schedule: str, mode: str,
+                 bucket_mb: float, bf16: bool, vocab_parallel: bool = True, sequence_parallel: bool = False,
+                 virtual_stages: int = 1):
         self.comm, self.mesh, self.schedule_name = comm, mesh, schedule
         self.pp, self.dp, self.tp = mesh["pp"].size(), mesh["dp"].size(), mesh["tp"].size()
         self.virtual_stages, self.n_stages = virtual_stages, self.pp * virtual_stages
@@ -46,19 +49,23 @@ class PipelinePlan(DTensorPlan):
         self.stage_indices = rank_stages(self.pp_rank, self.pp, virtual_stages)
         self.pp_group, self.dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
         self.vocab_parallel = vocab_parallel and self.tp > 1
+        self.sequence_parallel = sequence_parallel and self.tp > 1
         if self.tp > 1:  # the whole model split by its family's tp_plan, then cut to the stages
             from hpcllm.parallel.tensor import split_model
 
-            split_model(model, mesh["tp"], vocab_parallel=vocab_parallel)
+            split_model(model, mesh["tp"], vocab_parallel=vocab_parallel, sequence_parallel=self.sequence_parallel)
         tied = tied_parameter_names(model, self.n_stages)
-        self.model = part = StageModule(model, self.stage_indices, self.n_stages)
+        self.model = part = StageModule(model, self.stage_indices, self.n_stages,
+                                        sequence_split=self.tp if self.sequence_parallel else 1)
         self.chunks = part.chunks  # what each PipelineStage runs: the StageModule itself with one stage
-        self.sharded = fsdp and self.dp > 1
+        self.sharded = mode == "full" and self.dp > 1
         if self.sharded:
             for chunk in self.chunks:
                 fully_shard_blocks(chunk, mesh["dp"], bf16)
         self.optimizer = make_optimizer(part)  # every chunk's parameters, by their whole-model names
-        self.mode = "full" if self.sharded else "none"
+        if mode == "optimizer" and self.dp > 1:
+            self._shard_optimizer(self.optimizer, bucket_mb)
+        self.mode = "full" if self.sharded else "optimizer" if self._zero_pending else "none"
         self.params = [p for p in part.parameters() if p.requires_grad]
         self.tied = [p for name, p in part.named_parameters() if name in tied]
         self.tied_group = self._tied_group() if tied else None
@@ -154,27 +161,35 @@ class PipelinePlan(DTensorPlan):
         return contextlib.nullcontext()  # forward_backward communicates nothing but activations
 
     def finish(self) -> None:
-        """Gradients -> their mean over the stage's dp ranks (FSDP2 has reduce-scattered them
-        already); a tied weight's two parts summed between the first and the last stage."""
+        """A tied weight's two parts summed between the first and the last stage; then gradients ->
+        their mean over the stage's dp ranks (FSDP2 has reduce-scattered them already), or this
+        rank's rows of it (ZeRO-1: the first and the last stage then hold the same rows of the tied
+        weight's gradient, and make the same update)."""
         import time
 
         t0 = time.perf_counter()
-        if self.dp > 1 and not self.sharded:
-            average_gradients([p.grad for p in self.params if p.grad is not None], self.dp_group, self.dp)
+        self._sum_partial_grads()  # (sequence parallelism's norms)
         if self.tied_group is not None:
             for p in self.tied:
                 if getattr(p.grad, "placements", None) != getattr(p, "placements", None):
                     # a tp-split embedding's gradient comes back replicated: its part, as the head's
                     p.grad = p.grad.redistribute(p.device_mesh, p.placements)
                 dist.all_reduce(_local(p.grad), group=self.tied_group)
+        if self.zero is not None:
+            self.zero.finish()
+        elif self.dp > 1 and not self.sharded:
+            average_gradients([p.grad for p in self.params if p.grad is not None], self.dp_group, self.dp)
         self.comm_wait_s += time.perf_counter() - t0
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """The norm of the whole model's gradient: each stage's squares, every element counted once
         (a dp replica or FSDP shard by _replicas within the stage; the tied weight on pp rank 0's
         only), summed over the world in one allreduce."""
-        stage_ranks = self.comm.size // self.pp
         tied = {id(p) for p in self.tied} if not self.model.first else set()
+        if self.zero is not None:
+            self.zero.clip_grad_norm(max_norm, skip={p for p in self.params if id(p) in tied})
+            return
+        stage_ranks = self.comm.size // self.pp
         grads = [p.grad for p in self.params if p.grad is not None]
         clip_parts(grads, [(p.grad, stage_ranks) for p in self.params if p.grad is not None and id(p) not in tied],
                    max_norm, self.comm.device)

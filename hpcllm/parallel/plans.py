@@ -175,31 +175,48 @@ class Zero1Plan(Plan):
         return super().grads_bytes() + self.zero.communication_bytes()
 
     def state_dict(self) -> dict:
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import Shard
 
         if self._mesh is None:
             self._mesh = device_mesh(self.comm)
-        mesh, optim = self._mesh, {}
-        for name, p in self.model.named_parameters():
-            piece = self.zero.pieces[p]
-            st = self.zero.local_state(piece)
-            rows = (piece.hi - piece.lo,) + tuple(p.shape[1:])
-            if not st:
-                st = {"step": torch.zeros((), dtype=torch.float32),
-                      "exp_avg": torch.zeros(rows, dtype=p.dtype, device=p.device),
-                      "exp_avg_sq": torch.zeros(rows, dtype=p.dtype, device=p.device)}
-            optim[name] = {"step": st["step"], **{
-                k: DTensor.from_local(st[k], mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride())
-                for k in ("exp_avg", "exp_avg_sq")}}
-        return {"model": model_state(self.model), "optim": optim}
+        return {"model": model_state(self.model),
+                "optim": sharded_optim_state(self.zero, self.model, lambda p: (self._mesh, [Shard(0)]))}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, p in self.model.named_parameters():
-            piece = self.zero.pieces[p]
-            if piece.shard is not None:
-                st = state["optim"][name]
-                self.optimizer.state[piece.shard] = {"step": st["step"], "exp_avg": st["exp_avg"].to_local(),
-                                                     "exp_avg_sq": st["exp_avg_sq"].to_local()}
+        adopt_sharded_optim_state(self.zero, self.model, state)
+
+
+def sharded_optim_state(zero, model, layout) -> dict:
+    """A ZeRO-1's optimizer state by parameter name: each moment this rank's rows of it as a DTensor
+    of the whole parameter — `layout(p)` gives its (mesh, placements): Shard(0) over the ranks of
+    the ZeRO-1, with a tensor-parallel parameter's own placement beside it — for DCP to reshard."""
+    from torch.distributed.tensor import DTensor
+
+    optim = {}
+    for name, p in model.named_parameters():
+        piece = zero.pieces[p]
+        st = zero.local_state(piece)
+        if not st:  # before the first step: zeros to load into (AdamW's own initial state)
+            rows = (piece.hi - piece.lo,) + tuple(piece.local.shape[1:])
+            st = {"step": torch.zeros((), dtype=torch.float32),
+                  "exp_avg": torch.zeros(rows, dtype=piece.local.dtype, device=piece.local.device),
+                  "exp_avg_sq": torch.zeros(rows, dtype=piece.local.dtype, device=piece.local.device)}
+        mesh, placements = layout(p)
+        optim[name] = {"step": st["step"], **{
+            k: DTensor.from_local(st[k], mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
+            for k in ("exp_avg", "exp_avg_sq")}}
+    return optim
+
+
+def adopt_sharded_optim_state(zero, model, state: dict) -> None:
+    """After an in-place load into a tree from `sharded_optim_state`: its rows become the state of
+    this rank's shards."""
+    for name, p in model.named_parameters():
+        piece = zero.pieces[p]
+        if piece.shard is not None:
+            st = state["optim"][name]
+            zero.optimizer.state[piece.shard] = {"step": st["step"], "exp_avg": st["exp_avg"].to_local(),
+                                                 "exp_avg_sq": st["exp_avg_sq"].to_local()}
 
 
 class FsdpPlan(Plan):
@@ -278,13 +295,13 @@ def build_plan(mode: str, model, comm: Communicator, *, make_optimizer, bucket_m
         from hpcllm.parallel.pipeline import PipelinePlan
 
         return PipelinePlan(model, make_optimizer, comm, device_mesh(comm, tp, pp), schedule=pp_schedule,
-                            fsdp=mode == "full", bf16=bf16, vocab_parallel=vocab_parallel,
-                            virtual_stages=pp_virtual_stages)
+                            mode=mode, bucket_mb=bucket_mb, bf16=bf16, vocab_parallel=vocab_parallel,
+                            sequence_parallel=sequence_parallel, virtual_stages=pp_virtual_stages)
     if tp > 1:
         from hpcllm.parallel.tensor import TensorParallelPlan
 
         return TensorParallelPlan(model, make_optimizer, comm, device_mesh(comm, tp), vocab_parallel=vocab_parallel,
-                                  fsdp=mode == "full", bf16=bf16, sequence_parallel=sequence_parallel)
+                                  mode=mode, bucket_mb=bucket_mb, bf16=bf16, sequence_parallel=sequence_parallel)
     if comm.size == 1 or mode == "none":
         return Plan(model, make_optimizer(model), comm, bucket_mb)
     if mode == "optimizer":

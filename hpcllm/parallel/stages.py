@@ -98,11 +98,12 @@ class StageModule(nn.Module):
     whole model's parameter names — the rank's parameters, optimizer state and checkpoint. A stage
     runs the family's pieces — `embed` on the first, its blocks, `head` on the last — the code the
     whole model's forward runs. With one stage it is itself the module its PipelineStage runs;
-    with several, each runs as a StageChunk of it (`chunks`)."""
+    with several, each runs as a StageChunk of it (`chunks`). Under sequence parallelism the hidden
+    state passed between stages is this tp rank's slice of the positions (1/`sequence_split`)."""
 
-    def __init__(self, model: CausalLM, stages: list[int], n_stages: int):
+    def __init__(self, model: CausalLM, stages: list[int], n_stages: int, sequence_split: int = 1):
         super().__init__()
-        self.stages, self.n_stages = list(stages), n_stages
+        self.stages, self.n_stages, self.sequence_split = list(stages), n_stages, sequence_split
         layers = stage_layers(model.config.n_layer, n_stages)
         self.layer_ids = {s: list(layers[s]) for s in self.stages}
         # each stage's modules, taken before pruning (a chunk registers them, and a module holding a
@@ -145,7 +146,8 @@ class StageModule(nn.Module):
     def run_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         """Token ids (first stage) or the previous stage's hidden state -> hidden state, or logits (last)."""
         model = self.whole
-        positions = torch.arange(x.shape[1], device=x.device)[None]  # training: unpadded, no cache
+        length = x.shape[1] if stage == 0 else x.shape[1] * self.sequence_split  # (a slice of the positions)
+        positions = torch.arange(length, device=x.device)[None]  # training: unpadded, no cache
         if stage == 0:
             x = model.embed(x, positions)
         extra = model.block_inputs(x, positions)

@@ -152,42 +152,134 @@ def clip_parts(grads: list[torch.Tensor], counted: list[tuple[torch.Tensor, int]
 
 class DTensorPlan(Plan):
     """What the plans whose parameters are DTensors (or a pipeline stage's parts) share: AdamW's own
-    zero_grad, parts filled at materialisation, gradients held like their parameters."""
+    zero_grad, parts filled at materialisation, gradients held like their parameters — and, under
+    parallel.shard optimizer, ZeRO-1 over the mesh's dp ranks (`self.zero`, Zero1Parts)."""
 
     params: list[torch.nn.Parameter]
+    _zero = None
+    _zero_pending = None  # (the optimizer of the whole parts, bucket_mb) until ZeRO-1 is made
+
+    def _shard_optimizer(self, optimizer, bucket_mb: float) -> None:
+        """ZeRO-1 over the dp ranks: each rank keeps and updates 1/dp of every parameter's part (its
+        rows on this tp rank) — made at first use of `zero` or `optimizer`, since its rows are views
+        of the parameters' storage and the plan is made on the meta device (materialize fills the
+        parameters after)."""
+        self._zero_pending = (optimizer, bucket_mb)
+
+    @property
+    def zero(self):
+        if self._zero_pending is not None:
+            from hpcllm.parallel.zero import Zero1Parts
+
+            optimizer, bucket_mb = self._zero_pending
+            named = list(self.model.named_parameters())
+            if any(_local(p.data).is_meta for _, p in named):
+                raise TrainingError("internal: ZeRO-1 made before the model was materialised (its rows would be "
+                                    "views of meta tensors)")
+            copies = {p: _replicas(p, self.tp) for _, p in named}  # the tp ranks holding the same part
+            self._zero = Zero1Parts(named, self.comm.subgroup(self.dp_group), bucket_mb, optimizer, copies)
+            self._optimizer, self._zero_pending = self._zero.optimizer, None
+        return self._zero
+
+    @property
+    def optimizer(self):
+        """AdamW over the parameters, or under ZeRO-1 over this rank's rows of them."""
+        return self._optimizer if self.zero is None else self.zero.optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer) -> None:
+        self._optimizer = optimizer
+
+    def _zero_layout(self, p):
+        """(mesh, placements) of p's ZeRO-1 rows as a DTensor of the whole parameter: Shard(0) over
+        dp of the tp part — strided when tp itself splits dim 0 (dp's rows within each tp part, the
+        layout FSDP2 gives over tensor parallelism)."""
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        if not isinstance(p, DTensor):
+            return self.mesh["dp"], [Shard(0)]
+        over_dp = _StridedShard(0, split_factor=self.tp) if p.placements[0].is_shard(0) else Shard(0)
+        return self.mesh["dp", "tp"], [over_dp, *p.placements]
+
+    def _sum_partial_grads(self) -> None:
+        """A parameter replicated over tp whose inputs were split by sequence (a norm under sequence
+        parallelism) gets a Partial gradient: each rank's sum over its own positions. Summed over the
+        tp group in one flat allreduce, each becomes the Replicate gradient of its parameter."""
+        partial = [p for p in self.params if p.grad is not None and isinstance(p.grad, DTensor)
+                   and any(pl.is_partial() for pl in p.grad.placements)]
+        if not partial:
+            return
+        tp_mesh = self.mesh["tp"]
+        odd = [p for p in partial if p.grad.placements != (Partial("sum"),) or p.grad.device_mesh != tp_mesh]
+        if odd:  # never a silently wrong sum
+            raise TrainingError(f"internal: a gradient with placements {odd[0].grad.placements} on mesh "
+                                f"{odd[0].grad.device_mesh}: sequence parallelism gives Partial(sum) on the tp mesh")
+        grads = [p.grad.to_local() for p in partial]
+        _allreduce_flat(grads, tp_mesh.get_group(), 1)
+        for p, g in zip(partial, grads):
+            p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                        stride=p.stride())
+
+    def step(self) -> None:
+        if self.zero is None:
+            self.optimizer.step()
+        else:  # this rank's rows updated, every rank's all-gathered into the parameters
+            self.zero.step()
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:  # the rows' gradients are views of the ZeRO-1 buffers, refilled by the next finish()
+            for p in self.params:
+                p.grad = None
 
     def same_start(self) -> None:
         pass  # every rank filled its part from the same whole values (hpcllm.parallel.materialize)
 
     def grads_bytes(self) -> int:
-        return sum(tensor_bytes(p) for p in self.params)  # a gradient is held like its parameter
+        held = sum(tensor_bytes(p) for p in self.params)  # a gradient is held like its parameter
+        return held + (self.zero.communication_bytes() if self.zero is not None else 0)
+
+    def state_dict(self) -> dict:
+        if self.zero is None:
+            return super().state_dict()
+        from hpcllm.parallel.plans import model_state, sharded_optim_state
+
+        return {"model": model_state(self.model), "optim": sharded_optim_state(self.zero, self.model, self._zero_layout)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.zero is None:
+            return super().load_state_dict(state)
+        from hpcllm.parallel.plans import adopt_sharded_optim_state
+
+        adopt_sharded_optim_state(self.zero, self.model, state)
 
 
 class TensorParallelPlan(DTensorPlan):
     """`parallel.tp > 1`: the model split over the mesh's `tp` dimension and replicated over `dp`
-    (gradients averaged in one flat allreduce per dtype on the dp group), or, with parallel.shard
-    full, sharded over `dp` with FSDP2 on top (2-D: dp x tp)."""
+    (gradients averaged in one flat allreduce per dtype on the dp group), with parallel.shard
+    optimizer its optimizer state sharded over `dp` (ZeRO-1: gradients reduce-scattered, parameters
+    all-gathered), or with parallel.shard full all of it sharded over `dp` with FSDP2 on top (2-D: dp x tp)."""
 
     comm_wait_s = 0.0  # the dp allreduce's time; the tp collectives are inside forward/backward
 
-    def __init__(self, model, make_optimizer, comm: Communicator, mesh, *, vocab_parallel: bool, fsdp: bool,
-                 bf16: bool, sequence_parallel: bool = False):
+    def __init__(self, model, make_optimizer, comm: Communicator, mesh, *, vocab_parallel: bool, mode: str,
+                 bucket_mb: float, bf16: bool, sequence_parallel: bool = False):
         split_model(model, mesh["tp"], vocab_parallel=vocab_parallel, sequence_parallel=sequence_parallel)
         self.model, self.comm, self.mesh = model, comm, mesh
         self.tp, self.dp = mesh["tp"].size(), mesh["dp"].size()
         self.dp_group, self.tp_group = mesh["dp"].get_group(), mesh["tp"].get_group()
         self.vocab_parallel, self.sequence_parallel = vocab_parallel, sequence_parallel
         self.fsdp = None
-        if fsdp and self.dp > 1:
+        if mode == "full" and self.dp > 1:
             self.fsdp = FsdpPlan(model, make_optimizer, comm, bf16, mesh=mesh["dp"])
             self.optimizer = self.fsdp.optimizer
         else:
             self.optimizer = make_optimizer(model)
-        self.mode = "full" if self.fsdp else "none"
-        self.params = [p for p in model.parameters() if p.requires_grad]
+            if mode == "optimizer" and self.dp > 1:
+                self._shard_optimizer(self.optimizer, bucket_mb)
+        self.mode = "full" if self.fsdp else "optimizer" if self._zero_pending else "none"
+        self.params = [p for p in model.parameters() if p.requires_grad]  # (under FSDP2: its own, sharded over dp)
         self.comm_wait_s = 0.0
 
     def loss_context(self):
@@ -205,39 +297,26 @@ class TensorParallelPlan(DTensorPlan):
 
     def finish(self) -> None:
         """Gradients -> their mean over the dp ranks, in one flat buffer per dtype (FSDP2 has
-        reduce-scattered them already, and summed the partial ones over tp); under sequence
-        parallelism the norms' partial gradients summed over the tp ranks first."""
+        reduce-scattered them already, and summed the partial ones over tp), or this rank's rows of
+        it (ZeRO-1); under sequence parallelism the norms' partial gradients summed over the tp ranks first."""
         if self.fsdp is not None:
             return
         import time
 
         t0 = time.perf_counter()
         self._sum_partial_grads()
-        if self.dp > 1:
+        if self.zero is not None:
+            self.zero.finish()
+        elif self.dp > 1:
             average_gradients([p.grad for p in self.params if p.grad is not None], self.dp_group, self.dp)
         self.comm_wait_s += time.perf_counter() - t0
-
-    def _sum_partial_grads(self) -> None:
-        """A parameter replicated over tp whose inputs were split by sequence (a norm under sequence
-        parallelism) gets a Partial gradient: each rank's sum over its own positions. Summed over the
-        tp group in one flat allreduce, each becomes the Replicate gradient of its parameter."""
-        partial = [p for p in self.params if p.grad is not None and isinstance(p.grad, DTensor)
-                   and any(pl.is_partial() for pl in p.grad.placements)]
-        if not partial:
-            return
-        odd = [p for p in partial if p.grad.placements != (Partial("sum"),) or p.grad.device_mesh != self.mesh["tp"]]
-        if odd:  # never a silently wrong sum
-            raise TrainingError(f"internal: a gradient with placements {odd[0].grad.placements} on mesh "
-                                f"{odd[0].grad.device_mesh}: sequence parallelism gives Partial(sum) on the tp mesh")
-        grads = [p.grad.to_local() for p in partial]
-        _allreduce_flat(grads, self.tp_group, 1)
-        for p, g in zip(partial, grads):
-            p.grad = DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                        stride=p.stride())
 
     def clip_grad_norm(self, max_norm: float) -> None:
         """The norm of the whole model's gradient from every rank's parts: each part's squares
         divided by the number of ranks holding the same part, summed over the world (one allreduce)."""
+        if self.zero is not None:
+            self.zero.clip_grad_norm(max_norm)
+            return
         world = self.comm.size
         grads = [p.grad for p in self.params if p.grad is not None]
         clip_parts(grads, [(g, world) for g in grads], max_norm, self.comm.device)

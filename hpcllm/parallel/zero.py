@@ -16,6 +16,11 @@ when a bucket is complete during backward, instead of an allreduce:
 
 Communication volume equals one allreduce (a reduce-scatter plus an all-gather); the optimizer state
 and the optimizer step are 1/N. Weight decay follows the model's own parameter groups.
+
+`Zero1Parts` is the same over the data-parallel ranks of a device mesh, for the plans whose
+parameters are tensor-parallel DTensors or a pipeline stage's (hpcllm.parallel.tensor, .pipeline):
+each parameter's *local part* is cut along its first dimension over the dp ranks, and the
+reduce-scatters start after backward (as those plans' own dp allreduce does), bucket by bucket.
 """
 
 from __future__ import annotations
@@ -29,12 +34,18 @@ from hpcllm.comm import Communicator
 from hpcllm.train.grad_sync import GradSync, _Bucket
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's part on this rank (sharing its storage), a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @dataclass
 class _Piece:
     """This rank's rows of one parameter, and where all ranks' rows sit in its bucket's buffers."""
 
     name: str
     param: torch.nn.Parameter
+    local: torch.Tensor  # what is cut: the parameter's values on this rank (a DTensor's local part)
     rows: int  # c: rows per rank (padded: the last ranks' chunks may be short or empty)
     lo: int
     hi: int  # this rank owns rows lo..hi-1
@@ -47,31 +58,36 @@ class _Piece:
         return self.rows * self.width
 
 
-class Zero1(GradSync):
-    """The gradient sync and the optimizer of ZeRO-1 in one: `finish()` leaves this rank's rows of
-    the mean gradient in `self.optimizer`'s parameters; `step()` updates them and all-gathers."""
+class _ShardedState:
+    """What both ZeRO-1s share: the pieces and the staging slots of `self.buckets` (each with
+    .params, in the order their gradients are complete), the optimizer over this rank's rows, the
+    rank-major copies, clipping, and the step with its all-gather — over `self.comm` (every rank of
+    the job for Zero1; the dp ranks of a mesh for Zero1Parts)."""
 
-    def __init__(self, model: torch.nn.Module, comm: Communicator, bucket_mb: float, full_optimizer):
-        super().__init__(list(model.parameters()), comm, bucket_mb)
-        n, r = comm.size, comm.rank
-        names = {p: name for name, p in model.named_parameters()}
+    comm: Communicator
+    buckets: list
+
+    def _shard(self, names: dict, full_optimizer) -> None:
+        n, r = self.comm.size, self.comm.rank
         self.pieces: dict[torch.nn.Parameter, _Piece] = {}
         for b in self.buckets:
             b.pieces, offset = [], 0
             for p in b.params:
-                d0 = p.shape[0] if p.dim() else 1
+                local = _local(p.data)
+                d0 = local.shape[0] if local.dim() else 1
                 c = math.ceil(d0 / n)
                 lo, hi = min(r * c, d0), min((r + 1) * c, d0)
-                piece = _Piece(names[p], p, c, lo, hi, p.numel() // max(d0, 1), offset)
+                piece = _Piece(names[p], p, local, c, lo, hi, local.numel() // max(d0, 1), offset)
                 b.pieces.append(piece)
                 self.pieces[p] = piece
                 offset += piece.span
             b.span = offset
-            b.shard = torch.zeros(offset, device=b.buffer.device, dtype=b.buffer.dtype)  # my rows
+            ref = _local(b.params[0].data)
+            b.shard = torch.zeros(offset, device=ref.device, dtype=ref.dtype)  # my rows
             for piece in b.pieces:
                 if piece.hi > piece.lo:
-                    rows = piece.param.data.view(-1, piece.width)[piece.lo : piece.hi]
-                    piece.shard = torch.nn.Parameter(rows.view(piece.hi - piece.lo, *piece.param.shape[1:]))
+                    rows = piece.local.view(-1, piece.width)[piece.lo : piece.hi]
+                    piece.shard = torch.nn.Parameter(rows.view(piece.hi - piece.lo, *piece.local.shape[1:]))
                     piece.shard.grad = b.shard[piece.offset : piece.offset + rows.numel()].view_as(piece.shard)
         # The rank-major staging buffer each bucket's collective reads (reduce-scatter) or writes
         # (all-gather): two of them, used by the buckets in turn, sized for the largest bucket — a
@@ -83,20 +99,20 @@ class Zero1(GradSync):
             b.slot = i % 2
             by_slot[b.slot] = max(by_slot.get(b.slot, 0), n * b.span)
         for slot in sorted(by_slot):
-            ref = self.buckets[slot].buffer
+            ref = self.buckets[slot].shard
             self._slots.append(torch.zeros(by_slot[slot], device=ref.device, dtype=ref.dtype))
         for b in self.buckets:
             b.send = self._slots[b.slot][: n * b.span]  # a view: the slot, as this bucket lays it out
-        self._slot_user: dict[int, _Bucket] = {}  # the bucket whose collective last used each slot
+        self._slot_user: dict[int, object] = {}  # the bucket whose collective last used each slot
         # the model's own groups (weight decay on matrices only, ...) over this rank's rows
         groups = []
         for g in full_optimizer.param_groups:
-            shards = [self.pieces[p].shard for p in g["params"] if self.pieces[p].shard is not None]
+            shards = [self.pieces[p].shard for p in g["params"] if p in self.pieces and self.pieces[p].shard is not None]
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": shards})
         self.optimizer = type(full_optimizer)(groups)  # each group carries every setting (lr, betas, ...)
 
     # -- rank-major layout -------------------------------------------------------------------
-    def _ranks_view(self, b: _Bucket, piece: _Piece) -> torch.Tensor:
+    def _ranks_view(self, b, piece: _Piece) -> torch.Tensor:
         """(N, rows, width) view of `piece` in the rank-major buffer b.send."""
         k = b.shard.numel()
         return b.send.view(self.comm.size, k)[:, piece.offset : piece.offset + piece.span].view(
@@ -107,9 +123,17 @@ class Zero1(GradSync):
         for r in range(self.comm.size):
             yield r, min(r * piece.rows, d0), min((r + 1) * piece.rows, d0)
 
-    def _copy_in(self, b: _Bucket) -> None:
+    def _copy_in(self, b) -> None:
         for piece in b.pieces:
-            dst, src = self._ranks_view(b, piece), piece.param.grad.view(-1, piece.width)
+            dst = self._ranks_view(b, piece)
+            if piece.param.grad is None:  # a parameter this rank's backward never reached: zero
+                dst.zero_()
+                continue
+            grad = piece.param.grad
+            if getattr(grad, "placements", None) != getattr(piece.param, "placements", None):
+                # (a tied tp embedding's gradient comes back replicated: this rank's part, as the weight's)
+                grad = grad.redistribute(piece.param.device_mesh, piece.param.placements)
+            src = _local(grad).reshape(-1, piece.width)
             if piece.rows * self.comm.size == src.shape[0]:  # an even cut: one copy
                 dst.copy_(src.view_as(dst))
                 continue
@@ -117,18 +141,17 @@ class Zero1(GradSync):
                 dst[r, : hi - lo].copy_(src[lo:hi])
                 dst[r, hi - lo :].zero_()
 
-    def _copy_out(self, b: _Bucket) -> None:
+    def _copy_out(self, b) -> None:
         with torch.no_grad():
             for piece in b.pieces:
-                src, dst = self._ranks_view(b, piece), piece.param.data.view(-1, piece.width)
+                src, dst = self._ranks_view(b, piece), piece.local.view(-1, piece.width)
                 if piece.rows * self.comm.size == dst.shape[0]:
                     dst.copy_(src.reshape(dst.shape))
                     continue
                 for r, lo, hi in self._rank_rows(piece, dst.shape[0]):
                     dst[lo:hi].copy_(src[r, : hi - lo])
 
-    # -- the gradient sync's collective: reduce-scatter ----------------------------------------
-    def _take_slot(self, b: _Bucket) -> None:
+    def _take_slot(self, b) -> None:
         """Before b writes its staging slot: the earlier bucket's collective on it is done (its
         all-gathered rows copied out first, in step())."""
         prev = self._slot_user.get(b.slot)
@@ -136,22 +159,15 @@ class Zero1(GradSync):
             prev.work.wait()  # (idempotent: finish() waits on it again for free)
         self._slot_user[b.slot] = b
 
-    def _launch(self, b: _Bucket):
+    def _reduce_scatter(self, b):
         self._take_slot(b)
         self._copy_in(b)
         return self.comm.reduce_scatter(b.shard, b.send, "sum", async_op=True)
 
-    def _complete(self, b: _Bucket) -> None:
-        b.shard.div_(self.comm.size)
-
     # -- clipping, step, all-gather ------------------------------------------------------------
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip the (global) gradient norm as torch.nn.utils.clip_grad_norm_ does for the whole
-        model: the squared norms of every rank's rows are summed in one small allreduce."""
-        sq = torch.zeros(1, device=self.comm.device, dtype=torch.float32)
-        for b in self.buckets:
-            sq += b.shard.float().pow(2).sum()
-        self.comm.allreduce(sq, "sum")
+    def _clip(self, sq: torch.Tensor, allreduce, max_norm: float) -> float:
+        """Scale every bucket's rows so that the norm sqrt(allreduce(sq)) is at most `max_norm`."""
+        allreduce(sq)
         norm = sq.sqrt()
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for b in self.buckets:
@@ -160,9 +176,9 @@ class Zero1(GradSync):
 
     def step(self) -> None:
         self.optimizer.step()
-        in_flight: list[_Bucket] = []
+        in_flight: list = []
 
-        def land(b: _Bucket) -> None:  # every rank's updated rows of b, back into the parameters
+        def land(b) -> None:  # every rank's updated rows of b, back into the parameters
             b.work.wait()
             b.work = None
             self._copy_out(b)
@@ -187,7 +203,86 @@ class Zero1(GradSync):
         return self.optimizer.state.get(piece.shard) if piece.shard is not None else None
 
     def communication_bytes(self) -> int:
-        """Bytes of the buffers ZeRO-1 adds to the gradient buckets (the two rank-major staging
-        slots, this rank's rows of every bucket)."""
+        """Bytes of the buffers ZeRO-1 adds to the gradients (the two rank-major staging slots,
+        this rank's rows of every bucket)."""
         return (sum(t.numel() * t.element_size() for t in self._slots)
                 + sum(b.shard.numel() * b.shard.element_size() for b in self.buckets))
+
+
+class Zero1(GradSync, _ShardedState):
+    """The gradient sync and the optimizer of ZeRO-1 in one: `finish()` leaves this rank's rows of
+    the mean gradient in `self.optimizer`'s parameters; `step()` updates them and all-gathers."""
+
+    def __init__(self, model: torch.nn.Module, comm: Communicator, bucket_mb: float, full_optimizer):
+        super().__init__(list(model.parameters()), comm, bucket_mb)
+        self._shard({p: name for name, p in model.named_parameters()}, full_optimizer)
+
+    # -- the gradient sync's collective: reduce-scatter ----------------------------------------
+    def _launch(self, b: _Bucket):
+        return self._reduce_scatter(b)
+
+    def _complete(self, b: _Bucket) -> None:
+        b.shard.div_(self.comm.size)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the (global) gradient norm as torch.nn.utils.clip_grad_norm_ does for the whole
+        model: the squared norms of every rank's rows are summed in one small allreduce."""
+        sq = torch.zeros(1, device=self.comm.device, dtype=torch.float32)
+        for b in self.buckets:
+            sq += b.shard.float().pow(2).sum()
+        return self._clip(sq, lambda t: self.comm.allreduce(t, "sum"), max_norm)
+
+
+class _PartBucket:
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params, self.work = params, None
+
+
+class Zero1Parts(_ShardedState):
+    """ZeRO-1 over `comm`, the data-parallel ranks of a mesh, for parameters that are parts: a
+    tensor-parallel DTensor's local part, or a pipeline stage's parameters. `finish()` (after
+    backward, with the parameters' own gradients complete) reduce-scatters them bucket by bucket
+    and frees them; `step()` updates this rank's rows and all-gathers them.
+
+    `copies[p]`: how many ranks of the world hold each row of p's part (tensor parallelism
+    replicates the norms over its tp ranks); `clip_grad_norm` counts every element once."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], comm: Communicator, bucket_mb: float,
+                 full_optimizer, copies: dict[torch.nn.Parameter, int]):
+        self.comm, self.copies = comm, copies
+        limit, size, current = int(bucket_mb * 2**20), 0, []
+        self.buckets: list[_PartBucket] = []
+        for _, p in reversed([(n, p) for n, p in named_params if p.requires_grad]):  # backward's order
+            dtype_changes = current and _local(current[-1].data).dtype != _local(p.data).dtype
+            if dtype_changes or size >= limit:
+                self.buckets.append(_PartBucket(current))
+                current, size = [], 0
+            current.append(p)
+            size += _local(p.data).numel() * _local(p.data).element_size()
+        if current:
+            self.buckets.append(_PartBucket(current))
+        self._shard({p: name for name, p in named_params}, full_optimizer)
+
+    def finish(self) -> None:
+        """Each bucket's gradients reduce-scattered (two staging slots in turn), then / N."""
+        for i, b in enumerate(self.buckets):
+            b.work = self._reduce_scatter(b)
+            b.work.label = f"bucket {i + 1}/{len(self.buckets)}"
+            for p in b.params:
+                p.grad = None  # copied into the slot: this rank's rows come back in b.shard
+        for b in self.buckets:
+            b.work.wait()
+            b.work = None
+            b.shard.div_(self.comm.size)
+
+    def clip_grad_norm(self, max_norm: float, skip=frozenset()) -> float:
+        """The whole model's gradient norm from every rank's rows — each divided by its copies,
+        those of the parameters in `skip` (counted by another rank: a tied weight) left out — summed
+        over the world in one allreduce."""
+        import torch.distributed as dist
+
+        sq = torch.zeros((), device=self.comm.device, dtype=torch.float32)
+        for piece in self.pieces.values():
+            if piece.shard is not None and piece.param not in skip:
+                sq += piece.shard.grad.float().pow(2).sum() / self.copies.get(piece.param, 1)
+        return self._clip(sq, dist.all_reduce, max_norm)

@@ -1,7 +1,7 @@
 """Sequence parallelism (parallel.sequence_parallel) on real ranks with gloo, through the CLI: the norms,
 dropout and residual adds on sequence slices give the losses and weights of one rank with the union
 batch, for GPT-2 (LayerNorm with bias, learned positions added on the slices) and Llama (RMSNorm,
-rotary applied after the all-gather), at tp=2 and at dp=2 x tp=2 (data parallel, and FSDP2); its
+rotary applied after the all-gather), at tp=2, at dp=2 x tp=2 (data parallel, ZeRO-1 and FSDP2) and within pp=2 stages; its
 checkpoint resumes on one rank; plans that cannot run are one-line config errors naming the field;
 `hpcllm plan` says what it splits."""
 
@@ -18,13 +18,24 @@ pytestmark = pytest.mark.mpi
 
 
 @pytest.mark.parametrize("n,shard,family", [(2, "none", "llama"), (2, "none", "gpt"), (4, "none", "llama"),
-                                            (4, "full", "gpt")])
+                                            (4, "full", "gpt"), (4, "optimizer", "llama")])
 def test_sequence_parallel_equals_one_rank_with_the_union_batch(tmp_path, dataset, references, n, shard, family):
     name = f"sp-{shard}-{n}-{family}"
     model = LLAMA if family == "llama" else GPT
     spec = spec_file(tmp_path, dataset, name, model, backend="torch", shard=shard, tp=2, batch=GLOBAL // (n // 2))
     p = train(spec, n, "parallel.sequence_parallel=true")
     assert f"parallel.shard={shard} tp=2 sequence_parallel" in p.stderr, p.stderr[-2000:]
+    assert_same_run(tmp_path / name, references / family)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt"])
+def test_sequence_parallel_within_pipeline_stages(tmp_path, dataset, references, family):
+    """pp=2 x tp=2: each stage's norms on sequence slices, each tp rank passing only its slice of the
+    positions to the next stage (whose Llama rotary positions are still the whole sequence's)."""
+    name = f"pp-sp-{family}"
+    spec = spec_file(tmp_path, dataset, name, LLAMA if family == "llama" else GPT, backend="torch", tp=2, batch=3)
+    p = train(spec, 4, "parallel.pp=2", "parallel.sequence_parallel=true")
+    assert "parallel.shard=none tp=2 sequence_parallel pp=2" in p.stderr, p.stderr[-2000:]
     assert_same_run(tmp_path / name, references / family)
 
 

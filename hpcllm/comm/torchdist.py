@@ -156,6 +156,7 @@ class TorchCommunicator(Communicator):
             tdist.barrier(group=self.group)
 
     def subgroup(self, group) -> "TorchSubgroup":
+        """This communicator's collectives over `group`, a torch.distributed group of some of its ranks."""
         return TorchSubgroup(self, group)
 
     def close(self):

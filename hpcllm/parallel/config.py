@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# the pipeline schedules that run several stages per rank (parallel.pp_virtual_stages)
+MULTI_STAGE = ("interleaved1f1b", "loopedbfs")
 # which backends can carry each mode (dist.backend); `auto` resolves to the first of them on CPU
 SHARD_BACKENDS = {"none": ("mpi", "torch", "horovod", "single"), "optimizer": ("mpi", "torch", "horovod", "single"),
                   "full": ("torch", "single")}
@@ -38,9 +40,13 @@ class ParallelConfig:
     # 1f1b: one forward, one backward in the steady state (at most pp micro-batches' activations held);
     # interleaved1f1b: pp_virtual_stages stages per rank (rank r runs stages r, r + pp, ...), 1F1B over
     # them depth first: the bubble / pp_virtual_stages, for a little more activation memory and V
-    # times the stage-to-stage sends
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved1f1b"] = "1f1b"
-    # stages per rank: 2 or more under interleaved1f1b (default 2), 1 otherwise; pp x it <= n_layer
+    # times the stage-to-stage sends;
+    # loopedbfs: the same stages per rank, breadth first — every micro-batch through a rank's first
+    # stage, then its next, ..., then the backwards in reverse: the same bubble, any number of
+    # micro-batches, but every micro-batch's activations of every stage held (GPipe's, V times)
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved1f1b", "loopedbfs"] = "1f1b"
+    # stages per rank: 2 or more under interleaved1f1b and loopedbfs (default 2), 1 otherwise;
+    # pp x it <= n_layer
     pp_virtual_stages: int | None = None
 
     @property
@@ -48,7 +54,7 @@ class ParallelConfig:
         """Stages per pipeline rank: pp_virtual_stages, or its default for the schedule."""
         if self.pp_virtual_stages is not None:
             return self.pp_virtual_stages
-        return 2 if self.pp_schedule == "interleaved1f1b" else 1
+        return 2 if self.pp_schedule in MULTI_STAGE else 1
 
     def validate(self) -> None:
         if self.tp < 1:
@@ -60,12 +66,12 @@ class ParallelConfig:
             raise ValueError(f"pp must be >= 1, got {self.pp}")
         if self.pp_virtual_stages is not None and self.pp_virtual_stages < 1:
             raise ValueError(f"pp_virtual_stages must be >= 1, got {self.pp_virtual_stages}")
-        if self.pp_schedule == "interleaved1f1b" and self.virtual_stages < 2:
-            raise ValueError(f"parallel.pp_virtual_stages={self.virtual_stages} with pp_schedule interleaved1f1b: "
-                             "interleaving needs 2 or more stages per rank (or use pp_schedule 1f1b for one)")
-        if self.pp_schedule != "interleaved1f1b" and self.virtual_stages > 1:
+        if self.pp_schedule in MULTI_STAGE and self.virtual_stages < 2:
+            raise ValueError(f"parallel.pp_virtual_stages={self.virtual_stages} with pp_schedule {self.pp_schedule}: "
+                             "it runs 2 or more stages per rank (or use pp_schedule 1f1b for one)")
+        if self.pp_schedule not in MULTI_STAGE and self.virtual_stages > 1:
             raise ValueError(f"parallel.pp_virtual_stages={self.virtual_stages} needs parallel.pp_schedule="
-                             f"interleaved1f1b: {self.pp_schedule} runs one stage per rank")
+                             f"interleaved1f1b or loopedbfs: {self.pp_schedule} runs one stage per rank")
 
     def data_parallel(self, world: int) -> int:
         """The data-parallel size of a world of `world` ranks, or a ValueError naming the field."""

@@ -83,7 +83,7 @@ def pipeline_bubble(pp: int, micro_batches: int, virtual_stages: int = 1) -> flo
     1/V of the rank's time: (pp-1) / (V m + pp-1) for m >= pp micro-batches — GPipe's and 1F1B's
     (pp-1) / (m + pp-1) at V = 1. With fewer micro-batches than ranks, PyTorch's interleaved order
     waits for each micro-batch to come round the ranks between a rank's chunks: then
-    1 - V m / (V pp + m - 1). (Both from its ScheduleInterleaved1F1B orders, simulated step by step
-    for pp 2..8, V 2..4, m 1..16, any ratio of backward to forward time.)"""
+    1 - V m / (V pp + m - 1). ScheduleLoopedBFS's orders give the same. (Both from PyTorch's orders,
+    simulated step by step: tests/train/test_pipeline_bubble.py, any ratio of backward to forward time.)"""
     m, v = micro_batches, virtual_stages
     return 1 - v * m / (v * max(m, pp) + min(m, pp) - 1)

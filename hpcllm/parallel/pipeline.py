@@ -9,6 +9,8 @@ as hpcllm.parallel.tensor does).
     interleaved1f1b   V = parallel.pp_virtual_stages stages per rank (rank r runs stages r, r + pp,
                       ...): ScheduleInterleaved1F1B — a micro-batch passes every rank V times, in
                       stages 1/V as long, so the fill and drain (the bubble) are V times shorter
+    loopedbfs         the same stages, ScheduleLoopedBFS: breadth first (every micro-batch through
+                      a rank's first stage, then its next); the same bubble, any micro-batch count
     tied weight       the embedding tied to the output head is held by the first and the last stage
                       (pp ranks 0 and pp-1); its two gradient parts are summed between them after
                       backward, so both apply the same AdamW update and stay bit-identical
@@ -111,7 +113,8 @@ class PipelinePlan(DTensorPlan):
                 # loss divided here and the schedule's own scaling of the gradients off
                 loss_fn = _scaled_loss(micro_batches)
                 if self.virtual_stages > 1:
-                    schedule = ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
+                    cls = ScheduleLoopedBFS if self.schedule_name == "loopedbfs" else ScheduleInterleaved1F1B
+                    schedule = cls(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
                 else:
                     cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
                     schedule = cls(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)

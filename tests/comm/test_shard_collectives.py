@@ -4,7 +4,8 @@ One mpirun per backend and world size runs every check on every rank; each rank 
 results with the exact expected values and returns what was wrong, and the test fails on any rank's
 mismatch. Values are distinct per rank and per element, and chosen so that sums and averages are
 exact in float32 and bfloat16 alike: a wrong shard, a missing or doubled contribution, or a
-division by the wrong size changes them.
+division by the wrong size changes them. The torch communicator over a subgroup (a mesh dimension's
+ranks) keeps every collective within the group.
 """
 
 import importlib.util
@@ -160,3 +161,49 @@ def test_shard_collectives_mpi_on_gpu_tensors():
 def test_single_process_is_identity():
     res = _body_shards("single")
     _assert_every_rank([res], 1, "single")
+
+
+def _body_subgroup() -> dict:
+    """The torch communicator over the 2-rank subgroups {0, 2} and {1, 3} of 4 ranks (the dp groups of
+    a dp=2 x tp=2 mesh, as ZeRO-1 under tensor parallelism uses them): every collective reduces and
+    gathers within the group only, ranks and sizes are the group's."""
+    import torch
+    import torch.distributed as dist
+
+    from hpcllm.comm import DistConfig, init_comm
+
+    comm = init_comm(DistConfig(backend="torch", timeout_s=60))
+    groups = {r: dist.new_group([r % 2, r % 2 + 2]) for r in (0, 1)}  # every rank creates every group
+    sub = comm.subgroup(groups[comm.rank % 2])
+    peers = [comm.rank % 2, comm.rank % 2 + 2]  # global ranks, in group-rank order
+    k = 3
+    full = torch.arange(2 * k, dtype=torch.float32) + 100 * comm.rank
+    shard = torch.zeros(k)
+    sub.reduce_scatter(shard, full, "sum")
+    want_rs = sum(torch.arange(2 * k, dtype=torch.float32) + 100 * q for q in peers)[sub.rank * k:(sub.rank + 1) * k]
+    gathered = torch.zeros(2 * k)
+    sub.all_gather(gathered, torch.full((k,), float(comm.rank)), async_op=True).wait()
+    avg = torch.tensor([float(comm.rank)])
+    sub.allreduce(avg, "avg")
+    b = torch.tensor([float(comm.rank)])
+    sub.broadcast(b, src=1)
+    objects = sub.allgather_object(comm.rank)
+    sub.barrier()
+    sub.close()  # closes nothing: the world's communicator still works
+    whole = torch.ones(1)
+    comm.allreduce(whole)
+    comm.close()
+    return {"rank": sub.rank, "size": sub.size, "rs": shard.tolist(), "want_rs": want_rs.tolist(),
+            "gathered": gathered.tolist(), "want_gathered": [float(q) for q in peers for _ in range(k)],
+            "avg": avg.item(), "want_avg": sum(peers) / 2, "bcast": b.item(), "want_bcast": float(peers[1]),
+            "objects": objects, "peers": peers, "world_sum": whole.item()}
+
+
+@pytest.mark.mpi
+def test_torch_subgroup_collectives_stay_within_the_group():
+    results = run_on_ranks(4, "tests.comm.test_shard_collectives:_body_subgroup")
+    for global_rank, res in enumerate(results):
+        assert (res["rank"], res["size"]) == (global_rank // 2, 2), res
+        for key in ("rs", "gathered", "avg", "bcast"):
+            assert res[key] == res[f"want_{key}"], (global_rank, key, res)
+        assert res["objects"] == res["peers"] and res["world_sum"] == 4.0, res

@@ -6,7 +6,8 @@ continuing the uninterrupted run, and exports the whole model; a rank's paramete
 half of pp=1's and equal to `hpcllm plan`'s estimate; plans that cannot run are one-line config
 errors naming the field. The interleaved schedule (2 stages per rank, 4-layer models, 10 steps):
 gpt and llama give one rank's run, gpt its val_loss, and a checkpoint of it resumes on one rank;
-dp=2 x interleaved pp=2 with FSDP2 continues a one-rank checkpoint; its config errors and dry run."""
+dp=2 x interleaved pp=2 with FSDP2 continues a one-rank checkpoint; its config errors and dry run.
+Looped BFS (the same stages, breadth first): one rank's run, alone and with dp=2 x ZeRO-1 or FSDP2."""
 
 import json
 import re
@@ -219,6 +220,19 @@ def test_interleaved_with_data_parallel_fsdp(tmp_path, dataset, references4):
     assert {k: metrics(tmp_path / "from1")[-1][k] for k in est} == est
 
 
+@pytest.mark.parametrize("n,shard,family", [(2, "none", "llama"), (4, "optimizer", "gpt"), (4, "full", "llama")])
+def test_looped_bfs_equals_one_rank(tmp_path, dataset, references4, n, shard, family):
+    """pp=2 x 2 stages per rank under PyTorch's ScheduleLoopedBFS (every micro-batch through a rank's
+    first stage, then its second; the backwards in reverse): one rank's losses and weights — alone,
+    and with dp=2 and ZeRO-1 (GPT-2's tied embedding on rank 0's first stage and rank 1's last) or
+    FSDP2 in each stage, 3 micro-batches per pipeline."""
+    spec = spec_file(tmp_path, dataset, "bfs", GPT4 if family == "gpt" else LLAMA4, backend="torch", shard=shard,
+                     batch=3 if n == 2 else 1, max_steps=STEPS4)
+    p = train(spec, n, "parallel.pp=2", "parallel.pp_schedule=loopedbfs")
+    assert f"parallel.shard={shard} tp=1 pp=2 (loopedbfs, 2 stages per rank)" in p.stderr, p.stderr[-2000:]
+    assert_same_run(tmp_path / "bfs", references4 / family, STEPS4)
+
+
 def test_interleaved_plans_that_cannot_run_and_the_dry_run(tmp_path, dataset):
     from hpcllm.parallel.cli import describe
 
@@ -227,8 +241,10 @@ def test_interleaved_plans_that_cannot_run_and_the_dry_run(tmp_path, dataset):
             "stage holds one layer or more") in _refused(spec, *INTERLEAVED, "parallel.pp_virtual_stages=3")
     assert "parallel.pp_virtual_stages=1 with pp_schedule interleaved1f1b" in \
         _refused(spec, *INTERLEAVED, "parallel.pp_virtual_stages=1")
-    assert "parallel.pp_virtual_stages=2 needs parallel.pp_schedule=interleaved1f1b: 1f1b runs one stage per rank" in \
-        _refused(spec, "parallel.pp=2", "parallel.pp_virtual_stages=2")
+    assert ("parallel.pp_virtual_stages=2 needs parallel.pp_schedule=interleaved1f1b or loopedbfs: 1f1b runs one "
+            "stage per rank") in _refused(spec, "parallel.pp=2", "parallel.pp_virtual_stages=2")
+    assert "parallel.pp_virtual_stages=1 with pp_schedule loopedbfs" in \
+        _refused(spec, "parallel.pp=2", "parallel.pp_schedule=loopedbfs", "parallel.pp_virtual_stages=1")
     assert "pp_virtual_stages must be >= 1, got 0" in _refused(spec, *INTERLEAVED, "parallel.pp_virtual_stages=0")
     # torch's ScheduleInterleaved1F1B runs max(1, m // pp) equal rounds: 5 micro-batches on pp=2 are not
     assert ("parallel.pp=2 with pp_schedule interleaved1f1b needs the micro-batches per step to be a multiple of "

@@ -75,7 +75,7 @@ def describe(spec, world: int) -> str:
         lines.append(f"  rank r = dp_rank x {tp} + tp_rank: ranks {{0..{tp - 1}}}, {{{tp}..{2 * tp - 1}}}, ... each split "
                      f"the model in {tp}; each tp group reads one data-parallel share of the batch")
     if pp > 1:
-        lines += pipeline_lines(model, pc, dp, accum)
+        lines += pipeline_lines(model, pc, dp, accum, tc.activation_checkpointing)
     if tp > 1:
         lines.append(f"  tp rank t holds query heads [t*{cfg.n_head // tp}, (t+1)*{cfg.n_head // tp}), kv heads "
                      f"[t*{cfg.n_kv_head // tp}, ...), 1/{tp} of every MLP and of the vocabulary rows; norms whole"
@@ -109,8 +109,9 @@ def describe(spec, world: int) -> str:
     return "\n".join(lines)
 
 
-def pipeline_lines(model, pc, dp: int, accum: int) -> list[str]:
-    """Which layers and ranks each stage has, its memory per rank, and the schedule's bubble."""
+def pipeline_lines(model, pc, dp: int, accum: int, checkpointing: bool = False) -> list[str]:
+    """Which layers and ranks each stage has, its memory per rank, the schedule's bubble, and (GPipe,
+    looped BFS) that every micro-batch's activations are held at once."""
     from hpcllm.parallel.estimate import estimate_memory, pipeline_bubble
     from hpcllm.parallel.stages import rank_stages, stage_layers
 
@@ -146,6 +147,10 @@ def pipeline_lines(model, pc, dp: int, accum: int) -> list[str]:
     lines.append(f"  schedule {pc.pp_schedule}: {accum} micro-batch(es) per step, bubble {formula} "
                  f"= {bubble:.0%} of each step idle per {'stage' if v == 1 else 'pp rank'}"
                  + ("; raise train.global_batch_size for more micro-batches" if bubble > 0.2 else ""))
+    if pc.pp_schedule in ("gpipe", "loopedbfs") and accum > pp:
+        lines.append(f"  activations: {pc.pp_schedule} holds all {accum} micro-batches' of every stage at once (1f1b and "
+                     f"interleaved1f1b about {pp})" + ("" if checkpointing else
+                                                       "; train.activation_checkpointing cuts each to its blocks' inputs"))
     return lines
 
 

@@ -266,3 +266,9 @@ def test_interleaved_plans_that_cannot_run_and_the_dry_run(tmp_path, dataset):
     # fewer micro-batches than ranks: each micro-batch comes round the ranks before a rank's next chunk
     out = describe(load_spec(spec, [*INTERLEAVED, "parallel.pp=4", "model.n_layer=9", "train.global_batch_size=12"]), 8)
     assert "2 micro-batch(es) per step, bubble 1 - 2 x micro-batches/(2 x pp+micro-batches-1) = 56%" in out
+    # looped BFS: the same bubble, and every micro-batch's activations held at once
+    out = describe(load_spec(spec, ["parallel.pp=4", "parallel.pp_schedule=loopedbfs", "model.n_layer=9",
+                                    "train.global_batch_size=48"]), 8)
+    assert "schedule loopedbfs: 8 micro-batch(es) per step, bubble (pp-1)/(2 x micro-batches+pp-1) = 16%" in out
+    assert "activations: loopedbfs holds all 8 micro-batches' of every stage at once (1f1b and interleaved1f1b " \
+           "about 4); train.activation_checkpointing cuts each to its blocks' inputs" in out

@@ -9,8 +9,8 @@ never name an architecture:
 A family's forward is made of three pieces it defines — `embed` (tokens -> hidden), its blocks (with
 `block_inputs`, what every block takes besides the hidden state) and `head` (hidden -> logits) — and
 `CausalLM.forward` runs them in order, so a pipeline stage (hpcllm.parallel.stages), which runs a
-slice of them, runs the same code as the whole model. And a `Family` (the module-level FAMILY of each family file) that maps the model to and from an HF
-directory: config.json fields and tensor names.
+slice of them, runs the same code as the whole model. And a `Family` (the module-level FAMILY of
+each family file) maps the model to and from an HF directory: config.json fields and tensor names.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from hpcllm.comm import Communicator
 from hpcllm.model.base import CausalLM
-from hpcllm.parallel.plans import as_tensor, fully_shard_blocks
+from hpcllm.parallel.plans import as_tensor, fully_shard_blocks, local_tensor
 from hpcllm.parallel.stages import StageModule, rank_stages, tied_parameter_names
-from hpcllm.parallel.tensor import DTensorPlan, _local, average_gradients, clip_parts
+from hpcllm.parallel.tensor import DTensorPlan, average_gradients, clip_parts
 
 
 class PipelinePlan(DTensorPlan):
@@ -171,13 +171,10 @@ class PipelinePlan(DTensorPlan):
         import time
 
         t0 = time.perf_counter()
-        self._sum_partial_grads()  # (sequence parallelism's norms)
+        self._grads_like_params()  # (sequence parallelism's norms; a tp-split tied embedding's part)
         if self.tied_group is not None:
             for p in self.tied:
-                if getattr(p.grad, "placements", None) != getattr(p, "placements", None):
-                    # a tp-split embedding's gradient comes back replicated: its part, as the head's
-                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
-                dist.all_reduce(_local(p.grad), group=self.tied_group)
+                dist.all_reduce(local_tensor(p.grad), group=self.tied_group)
         if self.zero is not None:
             self.zero.finish()
         elif self.dp > 1 and not self.sharded:

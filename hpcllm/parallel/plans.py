@@ -27,8 +27,13 @@ from hpcllm.train.grad_sync import GradSync
 MODES = ("none", "optimizer", "full")
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's part on this rank (sharing its storage), a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t
+    local = local_tensor(t)
     return local.numel() * local.element_size()
 
 

@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from hpcllm.comm import Communicator
 from hpcllm.errors import TrainingError
-from hpcllm.parallel.plans import FsdpPlan, Plan, tensor_bytes
+from hpcllm.parallel.plans import FsdpPlan, Plan, local_tensor, tensor_bytes
 
 
 def block_plan(column: tuple[str, ...], row: tuple[str, ...], *, sequence_parallel: bool = False) -> dict:
@@ -102,10 +102,6 @@ def for_inference(model, comm: Communicator, tp: int):
     return split_model(model, tp_mesh, vocab_parallel=False), tp_mesh.get_group()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _allreduce_flat(tensors: list[torch.Tensor], group, divide_by: int) -> None:
     """Sum `tensors` over `group` in place (then divide), in one flat buffer per dtype."""
     for dtype in sorted({t.dtype for t in tensors}, key=str):
@@ -123,7 +119,7 @@ def _allreduce_flat(tensors: list[torch.Tensor], group, divide_by: int) -> None:
 def average_gradients(grads: list[torch.Tensor], group, size: int) -> None:
     """Each gradient -> its mean over the `size` ranks of `group`, in one flat allreduce per dtype
     (their local parts, for DTensors)."""
-    _allreduce_flat([_local(g) for g in grads], group, size)
+    _allreduce_flat([local_tensor(g) for g in grads], group, size)
 
 
 def _replicas(t: torch.Tensor, world: int) -> int:
@@ -143,11 +139,11 @@ def clip_parts(grads: list[torch.Tensor], counted: list[tuple[torch.Tensor, int]
     norm — each element once over the world, summed in one allreduce."""
     sq = torch.zeros((), device=device, dtype=torch.float32)
     for g, ranks in counted:
-        sq += _local(g).float().pow(2).sum() / _replicas(g, ranks)
+        sq += local_tensor(g).float().pow(2).sum() / _replicas(g, ranks)
     dist.all_reduce(sq)
     coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
     for g in grads:
-        _local(g).mul_(coef.to(_local(g).dtype))
+        local_tensor(g).mul_(coef.to(local_tensor(g).dtype))
 
 
 class DTensorPlan(Plan):
@@ -173,7 +169,7 @@ class DTensorPlan(Plan):
 
             optimizer, bucket_mb = self._zero_pending
             named = list(self.model.named_parameters())
-            if any(_local(p.data).is_meta for _, p in named):
+            if any(local_tensor(p.data).is_meta for _, p in named):
                 raise TrainingError("internal: ZeRO-1 made before the model was materialised (its rows would be "
                                     "views of meta tensors)")
             copies = {p: _replicas(p, self.tp) for _, p in named}  # the tp ranks holding the same part
@@ -200,6 +196,16 @@ class DTensorPlan(Plan):
             return self.mesh["dp"], [Shard(0)]
         over_dp = _StridedShard(0, split_factor=self.tp) if p.placements[0].is_shard(0) else Shard(0)
         return self.mesh["dp", "tp"], [over_dp, *p.placements]
+
+    def _grads_like_params(self) -> None:
+        """Each gradient in its parameter's layout, before anything reads it: the Partial gradients
+        of sequence parallelism's norms summed over tp (below), and a tp-split tied embedding's
+        gradient — which comes back Replicate (the sum of its embedding and head uses) — cut to the
+        parameter's part (locally: no communication)."""
+        self._sum_partial_grads()
+        for p in self.params:
+            if isinstance(p, DTensor) and isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
 
     def _sum_partial_grads(self) -> None:
         """A parameter replicated over tp whose inputs were split by sequence (a norm under sequence
@@ -304,7 +310,7 @@ class TensorParallelPlan(DTensorPlan):
         import time
 
         t0 = time.perf_counter()
-        self._sum_partial_grads()
+        self._grads_like_params()
         if self.zero is not None:
             self.zero.finish()
         elif self.dp > 1:

@@ -31,12 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from hpcllm.comm import Communicator
+from hpcllm.parallel.plans import local_tensor
 from hpcllm.train.grad_sync import GradSync, _Bucket
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's part on this rank (sharing its storage), a plain tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @dataclass
@@ -73,7 +69,7 @@ class _ShardedState:
         for b in self.buckets:
             b.pieces, offset = [], 0
             for p in b.params:
-                local = _local(p.data)
+                local = local_tensor(p.data)
                 d0 = local.shape[0] if local.dim() else 1
                 c = math.ceil(d0 / n)
                 lo, hi = min(r * c, d0), min((r + 1) * c, d0)
@@ -82,7 +78,7 @@ class _ShardedState:
                 self.pieces[p] = piece
                 offset += piece.span
             b.span = offset
-            ref = _local(b.params[0].data)
+            ref = local_tensor(b.params[0].data)
             b.shard = torch.zeros(offset, device=ref.device, dtype=ref.dtype)  # my rows
             for piece in b.pieces:
                 if piece.hi > piece.lo:
@@ -129,11 +125,7 @@ class _ShardedState:
             if piece.param.grad is None:  # a parameter this rank's backward never reached: zero
                 dst.zero_()
                 continue
-            grad = piece.param.grad
-            if getattr(grad, "placements", None) != getattr(piece.param, "placements", None):
-                # (a tied tp embedding's gradient comes back replicated: this rank's part, as the weight's)
-                grad = grad.redistribute(piece.param.device_mesh, piece.param.placements)
-            src = _local(grad).reshape(-1, piece.width)
+            src = local_tensor(piece.param.grad).reshape(-1, piece.width)  # (in the parameter's layout)
             if piece.rows * self.comm.size == src.shape[0]:  # an even cut: one copy
                 dst.copy_(src.view_as(dst))
                 continue
@@ -253,12 +245,12 @@ class Zero1Parts(_ShardedState):
         limit, size, current = int(bucket_mb * 2**20), 0, []
         self.buckets: list[_PartBucket] = []
         for _, p in reversed([(n, p) for n, p in named_params if p.requires_grad]):  # backward's order
-            dtype_changes = current and _local(current[-1].data).dtype != _local(p.data).dtype
-            if dtype_changes or size >= limit:
+            local = local_tensor(p.data)
+            if current and (size >= limit or local_tensor(current[-1].data).dtype != local.dtype):
                 self.buckets.append(_PartBucket(current))
                 current, size = [], 0
             current.append(p)
-            size += _local(p.data).numel() * _local(p.data).element_size()
+            size += local.numel() * local.element_size()
         if current:
             self.buckets.append(_PartBucket(current))
         self._shard({p: name for name, p in named_params}, full_optimizer)

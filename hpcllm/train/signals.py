@@ -16,7 +16,7 @@ SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 TIME_LIMIT = 1000  # StopRequest.code() of the time-limit margin: above every signal number
 
 
-_early: list[str] = []
+_early: list[int] = []  # the signal numbers caught before the trainer's handler
 
 
 def catch_early_signals() -> None:
@@ -25,15 +25,18 @@ def catch_early_signals() -> None:
     submitit's handler end the job). The trainer's StopRequest picks it up."""
 
     def remember(signum, frame) -> None:
-        _early.append(f"signal {signal.Signals(signum).name}")
+        _early.append(int(signum))
 
     for sig in SIGNALS:
         signal.signal(sig, remember)
 
 
 class StopRequest:
+    """Why this rank was asked to stop, as a code the ranks can agree on (`code()`: 0 for not asked,
+    a signal's number, or TIME_LIMIT), and its words (`reason`, `describe`)."""
+
     def __init__(self, margin_s: float = 120.0, end_time: float | None = None):
-        self.reason: str | None = None
+        self._code = 0
         env_end = os.environ.get("SLURM_JOB_END_TIME")
         self.end_time = end_time if end_time is not None else (float(env_end) if env_end else None)
         self.margin_s = margin_s
@@ -50,8 +53,8 @@ class StopRequest:
     def install(self) -> "StopRequest":
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
-        if _early and self.reason is None:
-            self.reason = _early[0]
+        if _early and not self._code:
+            self._code = _early[0]
         _early.clear()
         return self
 
@@ -61,22 +64,22 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        self.reason = f"signal {signal.Signals(signum).name}"
+        self._code = int(signum)
 
     def requested(self) -> bool:
-        if self.reason is None and self.end_time is not None and time.time() > self.end_time - self.margin_s:
-            self.reason = f"within {self.margin_s:g} s of the Slurm time limit"
-        return self.reason is not None
+        if not self._code and self.end_time is not None and time.time() > self.end_time - self.margin_s:
+            self._code = TIME_LIMIT
+        return self._code != 0
 
     def code(self) -> int:
         """This rank's reason as a number the ranks can agree on (0: none; a signal's number; or
         TIME_LIMIT), so that every rank names the same reason whichever saw it first."""
-        if not self.requested():
-            return 0
-        for sig in SIGNALS:
-            if self.reason == f"signal {sig.name}":
-                return int(sig)
-        return TIME_LIMIT
+        self.requested()
+        return self._code
+
+    @property
+    def reason(self) -> str | None:
+        return self.describe(self._code) if self._code else None  # (what requested() last found)
 
     def describe(self, code: int) -> str:
         """The reason `code` (the ranks' agreed maximum) stands for."""

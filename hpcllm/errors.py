@@ -15,6 +15,8 @@ the rank's log, and exits with `exit_code`, instead of showing a deep traceback.
     7     training fault: non-finite loss, incompatible resume      TrainingError
     8     inference set-up: model/tokenizer mismatch, output dir    InferError
     9     a job ended without finishing its work                    IncompleteError
+    10    an input the spec names is gone at run time (dataset, model)  MissingInputError
+    11    the run_dir is held by another job (one job per run_dir)  RunDirBusy
     85    stopped on request and checkpointed: requeue me           EXIT_REQUEUE
 """
 
@@ -75,6 +77,20 @@ class IncompleteError(HpcllmError):
     exit_code = 9
 
 
+class MissingInputError(HpcllmError):
+    """An input the job spec names (dataset, model directory, prompts) was there when the job was
+    submitted but is missing or unreadable when it runs: the spec is fine, the world changed."""
+
+    exit_code = 10
+
+
+class RunDirBusy(HpcllmError):
+    """Another job (its host, pid and Slurm id named) holds the run_dir's lock: two jobs on one run_dir
+    would write the same checkpoints and metrics."""
+
+    exit_code = 11
+
+
 EXIT_CODES = {
     EXIT_OK: "done",
     HpcllmError.exit_code: "unclassified error",
@@ -86,5 +102,7 @@ EXIT_CODES = {
     TrainingError.exit_code: "training fault",
     InferError.exit_code: "inference set-up",
     IncompleteError.exit_code: "job did not finish",
+    MissingInputError.exit_code: "input missing at run time",
+    RunDirBusy.exit_code: "run_dir held by another job",
     EXIT_REQUEUE: "stopped and checkpointed (requeue)",
 }

@@ -20,11 +20,11 @@ system-deps:
 	bash scripts/install_system_deps.sh
 
 # mpi4py is built from source so it links the system Open MPI that mpirun and srun use
-$(VENV)/.installed: setup.py | system-deps
+$(VENV)/.installed: setup.py constraints.txt | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q --no-binary mpi4py "mpi4py>=3.1"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -18,7 +18,7 @@ def write(tmp_path, text, name="job.yaml"):
 def test_load_and_override(tmp_path):
     p = write(tmp_path, "kind: train\nname: t1\nrun_dir: runs/t1\ndist: {backend: mpi, timeout_s: 30}\n")
     spec = load_spec(p, ["dist.timeout_s=12", "train.max_steps=7", "name=007"])
-    assert isinstance(spec, JobSpec)
+    assert type(spec) is JobSpec and spec.train.max_steps == 7 and spec.dist.timeout_s == 12.0  # overrides applied
     assert spec.kind == "train" and spec.name == "007"  # str fields keep the text as written
     assert spec.dist.backend == "mpi" and spec.dist.timeout_s == 12.0 and isinstance(spec.dist.timeout_s, float)
     assert spec.train.max_steps == 7

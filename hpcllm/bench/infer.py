@@ -50,13 +50,15 @@ def main(args) -> int:
     new = args.batch_size * args.new_tokens
 
     def ours():
-        engine.generate(prompts.tolist(), ids, params)
+        return [r.tokens for r in engine.generate(prompts.tolist(), ids, params)]
 
     def hf_generate(**cache):
         def theirs():
             with torch.no_grad():
-                hf.generate(prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev), do_sample=False,
-                            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0, **cache)
+                out = hf.generate(prompts.to(dev), attention_mask=torch.ones_like(prompts).to(dev), do_sample=False,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0,
+                                  **cache)
+            return out[:, args.prompt_len:].tolist()
 
         return theirs
 
@@ -75,8 +77,10 @@ def main(args) -> int:
         return time.perf_counter() - t0
 
     impls = {"hpcllm engine": ours} | peers
-    for fn in impls.values():
-        fn()
+    # the warm-up round's outputs: each peer really generated, and the same greedy tokens (a figure for
+    # another computation would compare nothing)
+    first = {k: fn() for k, fn in impls.items()}
+    mine = [t for row in first["hpcllm engine"] for t in row]
     times = {k: [] for k in impls}
     for _ in range(rounds):
         for k, fn in impls.items():
@@ -89,6 +93,10 @@ def main(args) -> int:
     print(f"  {'hpcllm engine':<28} {a:>10,.0f} new tokens/s")
     for k in peers:
         print(f"  {k:<28} {tps[k]:>10,.0f} new tokens/s   (transformers {transformers.__version__})")
+    for k in peers:
+        theirs = [t for row in first[k] for t in row]
+        same = sum(a == b for a, b in zip(mine, theirs))
+        print(f"  {k}: {len(first[k])} x {len(first[k][0])} new tokens, {same}/{len(mine)} equal to hpcllm's")
     for k in peers:
         print(f"  ratio hpcllm / {k:<28} {a / tps[k]:.2f}x")
     if engine.cuda_graph_fallback:  # the figure above is eager decoding's: say so beside it

@@ -20,7 +20,7 @@ from hpcllm.errors import CheckpointError, ConfigError
 log = logging.getLogger("hpcllm")
 
 
-def write_tokenizer(dataset: str, out: Path) -> list[int]:
+def write_tokenizer(dataset: str, out: Path) -> tuple[list[int], int | None]:
     """Copy the dataset's tokenizer as HF files into `out`; returns its eos ids ([] if none found)."""
     from hpcllm.data.shards import read_manifest
     from hpcllm.errors import DataError
@@ -29,13 +29,14 @@ def write_tokenizer(dataset: str, out: Path) -> list[int]:
         man = read_manifest(dataset)
     except DataError as e:
         log.warning("no tokenizer exported: %s", e)
-        return []
+        return [], None
     from hpcllm.data import load_tokenizer
 
     # tokenizer.json as the data was made with it (the byte tokenizer as an equivalent HF one), and its
     # special tokens and chat template as tokenizer_config.json
-    load_tokenizer(dataset).save_hf(out)
-    return [man["eos_id"]]
+    tok = load_tokenizer(dataset)
+    tok.save_hf(out)
+    return [man["eos_id"]], tok.pad_id
 
 
 def export(run_dir: str, out_dir: str, *, max_shard_bytes: int = 5 << 30, dtype: str = "auto",
@@ -56,8 +57,8 @@ def export(run_dir: str, out_dir: str, *, max_shard_bytes: int = 5 << 30, dtype:
     step = read_meta(ckpt).get("step")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
-        eos = write_tokenizer(dataset, tmp)
-        save_hf_model(model, tmp, max_shard_bytes=max_shard_bytes, eos_ids=eos,
+        eos, pad = write_tokenizer(dataset, tmp)
+        save_hf_model(model, tmp, max_shard_bytes=max_shard_bytes, eos_ids=eos, pad_id=pad,
                       dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     log.info("exported %s (step %s, %s, %.1fM parameters) to %s", ckpt, step, cfg.arch, model.num_params(False) / 1e6, out)
     return out

@@ -83,6 +83,8 @@ class HFTokenizer:
         self.eos_id = self._eos_id(config, generation)
         self.special_tokens["eos_token"] = self.tok.id_to_token(self.eos_id)
         pad = self._id_of(self.special_tokens["pad_token"], "pad_token") if self.special_tokens["pad_token"] else None
+        if pad is None and _is_id(generation.get("pad_token_id"), self.vocab_size):  # Qwen, Mistral name it there
+            pad = generation["pad_token_id"]
         if pad is None:
             pad = self.tok.token_to_id("<|pad|>")
         self.pad_id = pad if pad is not None else self.eos_id
@@ -156,6 +158,10 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def _is_id(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
 
 TOKENIZER_JSON, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")

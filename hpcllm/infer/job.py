@@ -60,11 +60,14 @@ def load_model_for(spec: JobSpec, prompts: PromptDataset):
     else:
         from hpcllm.data.tokenizer import check_model_tokenizer, tokenizer_identity_of
         from hpcllm.model import load_hf_model
-        from hpcllm.model.hf import generation_eos, model_dir
+        from hpcllm.model.fit import check_fits
+        from hpcllm.model.hf import generation_eos, model_dir, read_config
 
         d = model_dir(path)
         check_model_tokenizer(d, prompts.tokenizer_id, prompts.path)
         tok_id = tokenizer_identity_of(d)
+        # every rank reads the whole model in fp32 on the CPU first (a tp plan cuts it afterwards)
+        check_fits(read_config(d)[1], bytes_per_param=4, device="cpu", source=f"{d}/config.json")
         model, cfg = load_hf_model(path)
         extra_stops = [t for t in generation_eos(d) if 0 <= t < prompts.vocab_size]
     n = model.config.vocab_size

@@ -10,16 +10,17 @@ import socket
 from pathlib import Path
 
 from hpcllm.config import JobSpec
-from hpcllm.errors import ConfigError, DistError
+from hpcllm.errors import ConfigError, DistError, MissingInputError
 
 
 def check_inputs(spec: JobSpec, kind) -> None:
-    """Every input path of the job is set and exists (here: on this node)."""
+    """Every input path of the job is set and exists (here: on this node). A path that is set but gone
+    is not a spec error (submit checked it): the input moved or was deleted, or this node does not see it."""
     for key, path in kind.inputs(spec):
         if not path:
             raise ConfigError(f"{key} is not set")
         if not Path(path).exists():
-            raise ConfigError(f"{key}: '{path}' does not exist (on {socket.gethostname()}: is it on a shared "
+            raise MissingInputError(f"{key}: '{path}' does not exist (on {socket.gethostname()}: is it on a shared "
                               "filesystem?)")
 
 

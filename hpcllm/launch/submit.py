@@ -107,6 +107,18 @@ def _check_run_dir(pl: Planned) -> None:
                           "writable directory): choose another run_dir")
 
 
+def _check_shared_run_dir(pl: Planned, earlier: list[Planned], overrides: list[str]) -> None:
+    """Two specs of one submission on one run_dir would hold the same checkpoints, logs and lock (and
+    the second would be refused when it starts): overrides apply to every spec, so a `run_dir=` given
+    with several specs is the usual way there."""
+    for other in earlier:
+        if Path(other.spec.run_dir).resolve() == Path(pl.spec.run_dir).resolve():
+            cause = (" (the override run_dir=... applies to every spec of the command: give each spec its "
+                     "own run_dir in its file)" if any(o.split("=", 1)[0] == "run_dir" for o in overrides) else "")
+            raise ConfigError(f"{other.path} and {pl.path} both have run_dir {pl.spec.run_dir!r}{cause}: each job "
+                              "needs its own run_dir")
+
+
 def plan(spec_paths: list[str], overrides: list[str], chain: bool) -> list[Planned]:
     """Load and check every spec; raise ConfigError (one line) before anything is submitted."""
     planned: list[Planned] = []
@@ -116,6 +128,7 @@ def plan(spec_paths: list[str], overrides: list[str], chain: bool) -> list[Plann
         kind = get_kind(spec.kind)
         kind.check(spec)
         pl = Planned(path, spec, kind, tasks=1)
+        _check_shared_run_dir(pl, planned, overrides)
         _check_inputs(pl, planned, chain)
         _check_run_dir(pl)
         try:

@@ -183,7 +183,8 @@ def generation_eos(path: str | Path) -> list[int]:
 
 
 def save_hf_model(model: CausalLM, out_dir: str | Path, *, max_shard_bytes: int = 5 << 30,
-                  eos_ids: list[int] | None = None, dtype: torch.dtype | None = None) -> Path:
+                  eos_ids: list[int] | None = None, pad_id: int | None = None,
+                  dtype: torch.dtype | None = None) -> Path:
     """Write config.json, safetensors (sharded above max_shard_bytes, with an index) and
     generation_config.json, each atomically, that transformers' from_pretrained loads."""
     from safetensors.torch import save_file
@@ -221,8 +222,12 @@ def save_hf_model(model: CausalLM, out_dir: str | Path, *, max_shard_bytes: int 
     config = family.config_to_hf(model.config)
     if dtype is not None:
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    generation = {}
     if eos_ids:
-        config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-        write_json(out / "generation_config.json", {"eos_token_id": config["eos_token_id"], "do_sample": False})
+        config["eos_token_id"] = generation["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    if pad_id is not None:  # generate() pads finished rows with it (and warns without one)
+        config["pad_token_id"] = generation["pad_token_id"] = pad_id
+    if generation:
+        write_json(out / "generation_config.json", {**generation, "do_sample": False})
     write_json(out / "config.json", config)
     return out

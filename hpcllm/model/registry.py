@@ -70,6 +70,13 @@ FAMILIES: dict[str, FamilyInfo] = {
                              activation="silu", rope_theta=10000.0, ffn_dim=_llama_ffn),
                         ("llama", "mistral", "qwen2", "qwen3")),
 }
+# Beyond any released model by a wide margin: a config.json (or spec) past one of these is a mistake or
+# an attack, refused before anything is allocated (a 10^12 vocabulary would otherwise end in the
+# allocator's traceback, or in a node swapping itself to death)
+SIZE_LIMITS = {"vocab_size": 2**24, "n_embd": 2**17, "ffn_dim": 2**20, "n_layer": 2**12, "n_head": 2**12,
+               "n_kv_head": 2**12, "head_dim": 2**13, "block_size": 2**24}
+MAX_PARAMS = 10**13  # 10T: ten times the largest dense models
+
 OPTIONAL = ("n_kv_head", "head_dim", "ffn_dim", "bias", "qkv_bias", "qk_norm", "norm_eps", "tie_embeddings",
             "activation", "rope_theta", "rope_scaling")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -104,6 +111,12 @@ def check_config(c) -> None:
         v = getattr(c, k)
         if v is not None and v < 1:
             raise ValueError(f"{k} must be >= 1, got {v}")
+        if v is not None and v > SIZE_LIMITS[k]:
+            raise ValueError(f"{k}={v} is beyond any real model (limit {SIZE_LIMITS[k]}): refused before allocating")
+    n = param_count(c)
+    if n is not None and n > MAX_PARAMS:
+        raise ValueError(f"the sizes (n_layer={c.n_layer}, n_embd={c.n_embd}, ffn_dim={c.ffn_dim}, vocab_size="
+                         f"{c.vocab_size}) make {n / 1e12:.1f}T parameters, beyond the limit of {MAX_PARAMS / 1e12:.0f}T")
     if c.n_head and c.n_embd and c.head_dim is None and c.n_embd % c.n_head:
         raise ValueError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})"
                          + (" (or set head_dim)" if "head_dim" in info.fields else ""))
@@ -118,6 +131,21 @@ def check_config(c) -> None:
         missing = [k for k in need if k not in c.rope_scaling]
         if missing:
             raise ValueError(f"rope_scaling type {kind} needs {', '.join(missing)}")
+
+
+def param_count(c) -> int | None:
+    """About how many parameters the sizes make (the matrices; norms and biases are noise), without
+    building anything; None while a size is unknown."""
+    if None in (c.n_layer, c.n_head, c.n_embd, c.vocab_size):
+        return None
+    head_dim = c.head_dim or c.n_embd // c.n_head
+    kv = c.n_kv_head or c.n_head
+    ffn = c.ffn_dim or 4 * c.n_embd
+    attention = c.n_embd * head_dim * (2 * c.n_head + 2 * kv)
+    mlp = (3 if c.arch == "llama" else 2) * c.n_embd * ffn
+    tied = c.tie_embeddings if c.tie_embeddings is not None else c.arch == "gpt2"
+    embeddings = c.vocab_size * c.n_embd * (1 if tied else 2)
+    return c.n_layer * (attention + mlp) + embeddings
 
 
 def fill_defaults(c) -> None:

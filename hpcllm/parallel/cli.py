@@ -15,7 +15,24 @@ def register(sub, bench) -> None:
     p = intermixed_parser(sub, "plan", help="dry run of a train spec's parallel plan on N ranks: mesh, holdings, memory")
     add_spec_args(p)
     p.add_argument("--world", type=int, help="ranks to plan for (default: the spec's slurm.nodes x tasks_per_node)")
+    p.add_argument("--memory-per-rank", type=parse_bytes, metavar="SIZE",
+                   help="each rank's device memory, e.g. 80GiB or 40GB (default: this machine's GPU, if it has one): "
+                        "says whether each stage fits, with the margin, and what to change if not (exit 2)")
     p.set_defaults(func=_plan)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '40GB', '512MiB', '1.5TiB' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size (e.g. 80GiB, 40GB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def _gib(n: int) -> str:
@@ -48,7 +65,7 @@ def model_for_plan(spec):
         return build_model(cfg)
 
 
-def describe(spec, world: int) -> str:
+def describe(spec, world: int, memory_per_rank: int | None = None) -> str:
     from hpcllm.errors import ConfigError
     from hpcllm.parallel.config import check_model
     from hpcllm.parallel.estimate import estimate_memory, holdings
@@ -106,7 +123,108 @@ def describe(spec, world: int) -> str:
                  f"activations not included): parameters {_gib(mem['params_bytes'])}, gradients "
                  f"{_gib(mem['grads_bytes'])}, optimizer state {_gib(mem['optimizer_bytes'])}; total {_gib(total)} "
                  f"({total / sum(one.values()):.3g}x of one rank holding everything)")
+    if memory_per_rank:
+        lines += fit_lines(model, spec, world, dp, accum, memory_per_rank)
     return "\n".join(lines)
+
+
+def activation_bytes(cfg, tc, pc, dp: int, accum: int, on_gpu: bool) -> int:
+    """Activations one rank holds at the peak of a step, estimated as Korthikanti et al. (2022) do for a
+    transformer layer with fused attention (no seq^2 scores): 34 x seq x batch x hidden bytes in bf16
+    (doubled in fp32), /tp with sequence parallel (about /tp for the matmuls without), a block's input only
+    under activation checkpointing (plus one block recomputed); per micro-batch in flight (pp of them
+    under 1F1B on its stages' layers, every one of them under GPipe and looped BFS)."""
+    import math
+
+    per_layer_elem = tc.seq_len * tc.batch_size * cfg.n_embd
+    fp32 = tc.dtype == "fp32" or (tc.dtype == "auto" and not on_gpu)
+    width = 4 if fp32 else 2
+    layers = math.ceil(cfg.n_layer / pc.pp)
+    full = 17 * per_layer_elem * width / pc.tp  # 34 bytes in bf16 = 17 elements
+    if tc.activation_checkpointing:
+        held = layers * per_layer_elem * width + full
+    else:
+        held = layers * full
+    in_flight = 1 if pc.pp == 1 else (accum if pc.pp_schedule in ("gpipe", "loopedbfs") else min(accum, pc.pp))
+    logits = tc.seq_len * tc.batch_size * cfg.vocab_size * 4 / (pc.tp if pc.vocab_parallel else 1)
+    return int(held * in_flight + logits)
+
+
+def runs_on_gpu(spec) -> bool:
+    """Whether the job will train on GPUs (then train.dtype auto is bf16): asked for by dist.device or
+    slurm.gpus_per_node, or `auto` on a machine with one."""
+    if spec.dist.device != "auto":
+        return spec.dist.device == "cuda"
+    if spec.slurm.gpus_per_node:
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fit_lines(model, spec, world: int, dp: int, accum: int, memory: int) -> list[str]:
+    """Whether each pipeline rank's state and activations fit in `memory`, the margin, and (when one does
+    not) the plans on the same world that would, checked with the same estimates."""
+    from hpcllm.parallel.estimate import estimate_memory
+
+    pc, tc, cfg = spec.parallel, spec.train, model.config
+    on_gpu = runs_on_gpu(spec)
+    act = activation_bytes(cfg, tc, pc, dp, accum, on_gpu)
+    worst = max(sum(estimate_memory(model, pc.shard, pc.tp, dp, pc.pp, p, pc.virtual_stages).values())
+                for p in range(pc.pp))
+    need = worst + act
+    head = (f"  fit in {_gib(memory)} per rank: state {_gib(worst)} + activations ~{_gib(act)} (batch {tc.batch_size} "
+            f"x seq {tc.seq_len}, {'fp32' if tc.dtype == 'fp32' or not on_gpu and tc.dtype == 'auto' else 'bf16'}"
+            f"{', checkpointed' if tc.activation_checkpointing else ''}; estimate) = {_gib(need)}")
+    if need <= memory:
+        return [head + f": FITS, margin {_gib(memory - need)} ({(memory - need) / memory:.0%}) for buffers, "
+                       "allocator slack and the CUDA context"]
+    lines = [head + f": DOES NOT FIT, short by {_gib(need - memory)}"]
+    options = []
+    for shard, tp, pp, ckpt in _alternatives(pc, cfg, world, tc.activation_checkpointing):
+        dp2 = world // (tp * pp)
+        pc2 = _replace(pc, shard=shard, tp=tp, pp=pp)
+        tc2 = _replace(tc, activation_checkpointing=ckpt)
+        state = max(sum(estimate_memory(model, shard if dp2 > 1 else "none", tp, dp2, pp, p).values()) for p in range(pp))
+        total = state + activation_bytes(cfg, tc2, pc2, dp2, max(accum, pp), on_gpu)
+        if total <= memory:
+            what = ", ".join(f"{k}={v}" for k, v in (("parallel.shard", shard), ("parallel.tp", tp), ("parallel.pp", pp),
+                                                      ("train.activation_checkpointing", str(ckpt).lower()))
+                             if v != {"parallel.shard": pc.shard, "parallel.tp": pc.tp, "parallel.pp": pc.pp,
+                                      "train.activation_checkpointing": str(tc.activation_checkpointing).lower()}[k])
+            options.append(f"    {what}: {_gib(total)} per rank")
+    if options:
+        lines.append(f"  plans on {world} ranks that fit (same estimates; the fewest changes first):")
+        lines += options[:5]
+    else:
+        lines.append(f"  no plan on {world} ranks fits: more ranks (--world), a smaller batch_size or seq_len, or a "
+                     "smaller model")
+    return lines
+
+
+def _alternatives(pc, cfg, world: int, checkpointing: bool):
+    """(shard, tp, pp, activation checkpointing) on the same world, fewest changes first: the valid
+    tp (dividing the heads and the world) and pp (at most n_layer stages) of powers of two."""
+    tps = [t for t in (1, 2, 4, 8, 16) if world % t == 0 and cfg.n_head % t == 0 and cfg.n_kv_head % t == 0]
+    pps = [p for p in (1, 2, 4, 8, 16, 32) if p <= cfg.n_layer]
+    out = []
+    for tp in tps:
+        for pp in pps:
+            if world % (tp * pp):
+                continue
+            for shard in ("none", "optimizer", "full"):
+                if shard != "none" and world // (tp * pp) < 2:
+                    continue
+                for ckpt in sorted({checkpointing, True}):
+                    changes = (shard != pc.shard) + (tp != pc.tp) + (pp != pc.pp) + (ckpt != checkpointing)
+                    out.append((changes, tp * pp, shard, tp, pp, ckpt))
+    return [o[2:] for o in sorted(out)]
+
+
+def _replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
 
 
 def pipeline_lines(model, pc, dp: int, accum: int, checkpointing: bool = False) -> list[str]:
@@ -162,5 +280,17 @@ def _plan(args: argparse.Namespace) -> int:
     world = args.world or spec.slurm.nodes * spec.slurm.tasks_per_node
     if world < 1:
         raise ConfigError(f"--world must be >= 1, got {world}")
-    print(describe(spec, world))
+    memory = args.memory_per_rank or _local_gpu_memory()
+    text = describe(spec, world, memory)
+    print(text)
+    if "DOES NOT FIT" in text:
+        raise ConfigError(f"the plan does not fit in {_gib(memory)} per rank (see above: what to change)")
+    if not memory:
+        print("  (pass --memory-per-rank SIZE, e.g. 80GiB, to check that each rank's part fits)")
     return 0
+
+
+def _local_gpu_memory() -> int | None:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None

@@ -43,7 +43,7 @@ class TrainConfig:
             return self.grad_accum
         per_micro = ranks * self.batch_size
         if self.global_batch_size % per_micro:
-            raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of {ranks} rank(s) x "
+            raise ValueError(f"train.global_batch_size={self.global_batch_size} is not a multiple of {ranks} data-parallel rank(s) x "
                              f"train.batch_size={self.batch_size} = {per_micro}: choose a global batch that every "
                              "rank count you run on divides, or another batch_size")
         return self.global_batch_size // per_micro

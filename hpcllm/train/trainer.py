@@ -27,6 +27,7 @@ from hpcllm.comm import Communicator
 from hpcllm.errors import EXIT_REQUEUE, CheckpointError, ConfigError, TrainingError
 from hpcllm.model import build_model as new_model
 from hpcllm.model.base import CausalLM
+from hpcllm.model.fit import check_fits
 from hpcllm.checkpoint import is_legacy, latest_checkpoint, read_meta, read_state, save_checkpoint
 from hpcllm.parallel.config import check_model
 from hpcllm.parallel.estimate import estimate_memory
@@ -54,17 +55,23 @@ class TrainResult:
 
 
 def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None = None,
-                dataset: str = "the dataset", *, on_meta: bool = False) -> CausalLM:
+                dataset: str = "the dataset", *, on_meta: bool = False, bytes_per_param: float = 16.0,
+                ranks_on_node: int = 1) -> CausalLM:
     """The model to train, whatever its family: from `model.init` (an HF directory: its config.json
     says what it is, its tokenizer.json must be the data's) or fresh from the spec's `model`
     section, initialised from train.seed. `on_meta`: shapes only, no storage and no weights read —
-    the plan shards it, then hpcllm.parallel.materialize gives each rank its part."""
+    the plan shards it, then hpcllm.parallel.materialize gives each rank its part. `bytes_per_param`:
+    what the plan keeps per parameter on this rank (weights, gradients, AdamW state), checked against
+    its memory before anything is allocated."""
+    fits = dict(bytes_per_param=bytes_per_param, device=device, ranks_on_node=ranks_on_node,
+                what="weights, gradients and AdamW state")
     if spec.model.init:
         from hpcllm.data.tokenizer import check_model_tokenizer
-        from hpcllm.model.hf import hf_model_on_meta, load_hf_model
+        from hpcllm.model.hf import hf_model_on_meta, load_hf_model, model_dir, read_config
 
         if tokenizer_id is not None:
             check_model_tokenizer(spec.model.init, tokenizer_id, dataset)
+        check_fits(read_config(spec.model.init)[1], source=f"{model_dir(spec.model.init)}/config.json", **fits)
         if on_meta:
             model, _ = hf_model_on_meta(spec.model.init, dropout=spec.model.dropout)
         else:
@@ -80,6 +87,7 @@ def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None
             raise ConfigError(f"model: {e}") from None
         if cfg.vocab_size != vocab_size:
             raise TrainingError(f"model.vocab_size={cfg.vocab_size} but the dataset's tokenizer has {vocab_size}")
+        check_fits(cfg, source="the spec's model section", **fits)
         if on_meta:
             with torch.device("meta"):
                 model = new_model(cfg)
@@ -88,6 +96,15 @@ def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None
     if spec.train.seq_len > model.config.block_size:
         raise TrainingError(f"train.seq_len={spec.train.seq_len} exceeds the model context ({model.config.block_size})")
     return model if on_meta else model.to(device)
+
+
+def plan_bytes_per_param(pc, dp: int, world: int) -> float:
+    """fp32 weights and gradients (8 bytes) and AdamW's two moments (8) per parameter, over the ranks
+    that share them under the plan (tp x pp always; dp too for what parallel.shard shards)."""
+    split = pc.tp * pc.pp
+    sharded_dp = dp if world > 1 else 1
+    weights = 8 / (split * (sharded_dp if pc.shard == "full" else 1))
+    return weights + 8 / (split * (sharded_dp if pc.shard in ("optimizer", "full") else 1))
 
 
 def uses_bf16(device, dtype_cfg: str) -> bool:
@@ -201,7 +218,8 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     ds = open_dataset(spec.data.dataset)
     ckpt = latest_checkpoint(spec.run_dir, warn=comm.rank == 0) if tc.resume else None
     on_meta = builds_on_meta(pc, comm.size)  # sharded parameters: no rank ever holds the whole model
-    model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path), on_meta=on_meta)
+    model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path), on_meta=on_meta,
+                        bytes_per_param=plan_bytes_per_param(pc, dp, comm.size), ranks_on_node=comm.world.local_size)
     try:
         check_model(pc, model.config)
     except ValueError as e:

@@ -73,6 +73,8 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_pat
     text = "def f(x):\n    return {'a': x}  # ünïcode\n"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == mine.encode(text)
     assert hf_tok.eos_token_id == mine.eos_id
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == mine.eos_id
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == mine.eos_id and generation["pad_token_id"] == mine.pad_id
+    assert hf_tok.pad_token_id == mine.pad_id == hf.generation_config.pad_token_id
     again = hpcllm("export", str(run), str(out))
     assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr

@@ -95,7 +95,7 @@ def test_bad_inputs(setup, tmp_path):
     assert p.returncode == 8 and "is not writable" in p.stderr
     # missing model
     p = infer(str(spec(setup, "nomodel", model="/nope")))
-    assert p.returncode == 2 and "infer.model: '/nope' does not exist" in p.stderr
+    assert p.returncode == 10 and "infer.model: '/nope' does not exist" in p.stderr
 
 
 @pytest.mark.mpi

@@ -45,6 +45,15 @@ def hpcllm_submit(*args):
                           env=slurm_env(), cwd=REPO, timeout=120)
 
 
+def test_an_override_that_gives_two_specs_one_run_dir_is_refused(tmp_path):
+    prep, train = specs(tmp_path)
+    p = hpcllm_submit(str(prep), str(train), "--chain", f"run_dir={tmp_path / 'same'}", "--dry-run")
+    assert p.returncode == 2, p.stderr
+    assert f"{prep} and {train} both have run_dir" in p.stderr and "applies to every spec" in p.stderr
+    assert "would submit" not in p.stdout
+
+
+@pytest.mark.slurm
 def test_dry_run_submits_nothing(tmp_path):
     prep, train = specs(tmp_path)
     # options anywhere among the specs and overrides
@@ -174,7 +183,7 @@ def test_debug_prints_and_runs_the_job_interactively(tmp_path):
 def test_preflight_fails_fast_on_missing_inputs(tmp_path):
     _, train = specs(tmp_path)
     p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "train", str(train)], capture_output=True, text=True)
-    assert p.returncode == 2 and "data.dataset:" in p.stderr and "does not exist" in p.stderr
+    assert p.returncode == 10 and "data.dataset:" in p.stderr and "does not exist" in p.stderr
 
 
 @pytest.mark.slurm

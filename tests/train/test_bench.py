@@ -29,9 +29,21 @@ def test_bench_train_on_two_ranks_prints_every_figure():
     got = figures(out)
     assert set(got) == {"hpcllm", "torch DDP (gloo)", "no communication", "alone"}, out
     assert all(v > 0 for v in got.values()), out
-    assert re.search(r"ratio hpcllm / torch DDP \(gloo\)\s+\d+\.\d\dx  \(per round \d+\.\d\d-\d+\.\d\dx\)", out), out
-    assert re.search(r"scaling efficiency 2 vs 1 rank  hpcllm \d+\.\d\d, DDP \d+\.\d\d, "
-                     r"ceiling without communication \d+\.\d\d", out), out
+    ratio = re.search(r"ratio hpcllm / torch DDP \(gloo\)\s+(\d+\.\d\d)x  \(per round (\d+\.\d\d)-(\d+\.\d\d)x\)", out)
+    assert ratio, out
+    # the ratio is the quotient of the two figures it stands beside (to their printed rounding)
+    assert close(float(ratio[1]), got["hpcllm"] / got["torch DDP (gloo)"]), out
+    assert float(ratio[2]) <= float(ratio[3]), out
+    eff = re.search(r"scaling efficiency 2 vs 1 rank  hpcllm (\d+\.\d\d), DDP (\d+\.\d\d), "
+                    r"ceiling without communication (\d+\.\d\d)", out)
+    assert eff, out
+    ideal = 2 * got["alone"]  # "1 rank alone" is the figure named alone
+    assert close(float(eff[1]), got["hpcllm"] / ideal) and close(float(eff[2]), got["torch DDP (gloo)"] / ideal)
+    assert close(float(eff[3]), got["no communication"] / ideal), out
+
+
+def close(printed: float, computed: float) -> bool:
+    return abs(printed - computed) <= 0.01 + 0.01 * computed
 
 
 def test_bench_train_single_process_against_the_nanogpt_loop():

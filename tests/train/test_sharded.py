@@ -122,7 +122,7 @@ def test_resume_on_another_number_of_ranks_and_in_another_mode(tmp_path, dataset
 def test_bad_global_batch_and_backend_are_config_errors(tmp_path, dataset):
     spec = spec_file(tmp_path, dataset, "bad", GPT, batch=4)
     p = run_mpi(2, [sys.executable, "-m", "hpcllm.cli", "train", str(spec)])
-    assert p.returncode != 0 and "global_batch_size=6 is not a multiple of 2 rank(s) x train.batch_size=4" in p.stderr
+    assert p.returncode != 0 and "global_batch_size=6 is not a multiple of 2 data-parallel rank(s) x train.batch_size=4" in p.stderr
     assert "Traceback" not in p.stderr
     spec = spec_file(tmp_path, dataset, "bad2", GPT, shard="full", backend="mpi")
     p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "train", str(spec)], capture_output=True, text=True)

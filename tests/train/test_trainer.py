@@ -226,7 +226,7 @@ def test_killed_rank_ends_the_job(tmp_path, dataset):
 def test_wrong_kind_and_missing_dataset_are_clear(tmp_path, dataset):
     spec = train_spec(tmp_path, dataset)
     p = hpcllm("train", str(spec), "data.dataset=/nope")
-    assert p.returncode == 2 and "data.dataset: '/nope' does not exist" in p.stderr
+    assert p.returncode == 10 and "data.dataset: '/nope' does not exist" in p.stderr
     p = hpcllm("train", str(spec), "kind=infer")
     assert p.returncode == 2 and "runs kind: train" in p.stderr
 

@@ -20,10 +20,16 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from hpcllm.checkpoint.layout import is_complete_sharded
 from hpcllm.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a checkpoint is read or written, not here: finding checkpoints and telling
+# whether they are complete (the batch script's last word, hpcllm.launch.finish) must not cost seconds
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -46,9 +52,7 @@ def is_legacy(ckpt: Path) -> bool:
 
 
 def is_complete(ckpt: Path) -> bool:
-    from hpcllm.checkpoint.sharded import is_complete as sharded_complete
-
-    return sharded_complete(ckpt) or is_legacy(ckpt)
+    return is_complete_sharded(ckpt) or is_legacy(ckpt)
 
 
 def latest_checkpoint(run_dir: str | Path, *, warn: bool = True) -> Path | None:
@@ -106,6 +110,8 @@ def read_state_file(file: Path) -> dict:
     (arbitrary classes, code) is refused as untrusted: loading it unsafely is never offered."""
     import pickle
 
+    import torch
+
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
     try:
@@ -151,6 +157,8 @@ def model_config(ckpt: Path, meta: dict, tensors: dict[str, torch.Tensor]):
 
 def load_trained_model(path: str | Path):
     """(model, ModelConfig, dataset path) from a run dir (its latest checkpoint) or a checkpoint dir."""
+    import torch
+
     from hpcllm.model import build_model
 
     ckpt = find_checkpoint(path)
@@ -193,6 +201,8 @@ def read_checkpoint_model(ckpt: Path) -> dict[str, torch.Tensor]:
 def load_weights(file: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy `tensors` into `model`, or fail with one line naming the first tensor that does not fit
     (a checkpoint of another shape: model.* changed on an existing run_dir)."""
+    import torch
+
     from hpcllm.model.hf import tied_names
 
     own = model.state_dict()

@@ -26,12 +26,10 @@ from pathlib import Path
 import torch
 
 from hpcllm.atomic import shared_atomic_dir
+from hpcllm.checkpoint.layout import DCP_DIR, METADATA
 from hpcllm.errors import CheckpointError
 
 log = logging.getLogger("hpcllm.checkpoint")
-
-DCP_DIR = "dcp"
-METADATA = ".metadata"
 
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {"BytesStorageMetadata", "ChunkStorageMetadata", "Metadata",
@@ -79,10 +77,6 @@ def _reader(dcp_dir: Path):
             return md
 
     return SafeReader(str(dcp_dir))
-
-
-def is_complete(ckpt: Path) -> bool:
-    return (ckpt / DCP_DIR / METADATA).is_file() and (ckpt / "state.pt").is_file() and (ckpt / "meta.json").is_file()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -12,20 +12,36 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-from hpcllm.comm.communicator import Communicator, SingleProcess, Work
 from hpcllm.comm.config import DistConfig
 from hpcllm.comm.world import World, check_mpi_agrees, check_srun_pmi, detect_world
 from hpcllm.errors import DistError
+
+if TYPE_CHECKING:
+    import torch
+
+    from hpcllm.comm.communicator import Communicator, SingleProcess, Work
 
 __all__ = ["Communicator", "DistConfig", "SingleProcess", "Work", "World", "detect_world", "init_comm", "pick_device"]
 
 log = logging.getLogger("hpcllm.comm")
 
 
+def __getattr__(name: str):
+    # torch is imported with the communicators, not with the package: the job spec's `dist` section
+    # (hpcllm.comm.config) is read by commands that never communicate — `hpcllm config`, and the
+    # batch script's last word (hpcllm.launch.finish), which must not spend seconds importing torch
+    if name in ("Communicator", "SingleProcess", "Work"):
+        from hpcllm.comm import communicator
+
+        return getattr(communicator, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def pick_device(cfg: DistConfig, world: World) -> torch.device:
+    import torch
+
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -89,6 +105,8 @@ def _abort_on_uncaught_exception(mpi_comm) -> None:
 
 
 def init_comm(cfg: DistConfig | None = None) -> Communicator:
+    from hpcllm.comm.communicator import SingleProcess
+
     cfg = cfg or DistConfig()
     world = detect_world()
     device = pick_device(cfg, world)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,3 +51,15 @@ class InferConfig:
         for i, s in enumerate(self.stop_strings):
             if not s:
                 raise ValueError(f"stop_strings[{i}] is empty (it would stop every row at once)")
+
+
+def array_slot(ic: InferConfig) -> tuple[int, int]:
+    """(task, tasks) of a job array, or (0, 1) for a plain job. (Here, beside the config, not with the
+    job: the batch script's last word asks it too, and must not import torch.)"""
+    if ic.array_tasks > 1:
+        return ic.array_task, ic.array_tasks
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1

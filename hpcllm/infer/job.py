@@ -23,6 +23,7 @@ from hpcllm.comm import Communicator
 from hpcllm.config import JobSpec
 from hpcllm.data.prompts import PromptDataset, open_prompt_dataset
 from hpcllm.errors import ConfigError, DataError, IncompleteError, InferError
+from hpcllm.infer.config import array_slot
 from hpcllm.infer.engine import Engine
 from hpcllm.infer.outputs import (MANIFEST, done_and_intact, fingerprint, is_marked_done, mark_begun,
                                   refuse_other_settings, remove_outputs, write_manifest, write_output)
@@ -118,17 +119,6 @@ def output_text(tokens: list[int], stopped: bool, decode_bytes, stops: list[byte
 
 
 # ------------------------------------------------------------------------------------ the job
-
-
-def array_slot(ic) -> tuple[int, int]:
-    """(task, tasks) of a job array, or (0, 1) for a plain job."""
-    if ic.array_tasks > 1:
-        return ic.array_task, ic.array_tasks
-    env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-    return 0, 1
 
 
 def check_stop_tokens(ic, prompts: PromptDataset) -> None:

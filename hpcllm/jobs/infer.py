@@ -41,7 +41,7 @@ def array_tasks(spec) -> int:
 
 
 def array_task_overrides(task: int, tasks: int) -> list[str]:
-    # task i does the shards s with s % tasks == i (hpcllm.infer.job.array_slot)
+    # task i does the shards s with s % tasks == i (hpcllm.infer.config.array_slot)
     return [f"infer.array_task={task}", f"infer.array_tasks={tasks}"]
 
 
@@ -49,7 +49,7 @@ def incomplete(spec) -> str | None:
     """Every shard of this job (of this array task) has its output and `.done` marker; a whole job
     also has its output manifest."""
     from hpcllm.data.prompts import open_prompt_dataset
-    from hpcllm.infer.job import array_slot
+    from hpcllm.infer.config import array_slot
     from hpcllm.infer.outputs import marked_done
 
     out_dir = Path(spec.run_dir) / "outputs"

@@ -45,12 +45,13 @@ def register(sub, bench) -> None:
     p.add_argument("--chain", action="store_true", help="each job starts after the previous one succeeded (afterok)")
     p.set_defaults(func=_submit)
 
-    p = intermixed_parser(sub, "jobs", help="submitted jobs and their Slurm state (sacct)")
-    p.add_argument("run_dirs", nargs="*", help="run dirs (default: runs/*)")
+    p = intermixed_parser(sub, "jobs", help="submitted jobs and their Slurm state (sacct, squeue)")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR|JOB",
+                   help="run dirs (default: runs/*); job ids (123, an array task 120_3 or its own id) pick jobs")
     p.add_argument("--watch", type=float, default=0.0, help="refresh every N seconds (at least 10)")
     p.set_defaults(func=_jobs)
     p = intermixed_parser(sub, "logs", help="a rank's stdout (or --err) of a submitted job")
-    p.add_argument("job", help="job id (array task: ID_i)")
+    p.add_argument("job", help="job id (an array task: ARRAY_TASK, e.g. 120_3, or its own job id)")
     p.add_argument("run_dirs", nargs="*", help="run dirs to look in (default: runs/*)")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--err", action="store_true", help="stderr instead of stdout")

@@ -144,14 +144,10 @@ def plan(spec_paths: list[str], overrides: list[str], chain: bool) -> list[Plann
 
 def max_array_size() -> int:
     """The cluster's MaxArraySize (array indices must stay below it); Slurm's default if unknown."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 1001
-    for line in out.splitlines():
-        if line.split("=")[0].strip() == "MaxArraySize":
-            return int(line.split("=", 1)[1])
-    return 1001
+    from hpcllm.launch.jobs import slurm_config
+
+    size = slurm_config(_submit_env()).get("MaxArraySize", "")
+    return int(size) if size.isdigit() else 1001
 
 
 def array_chunks(tasks: int, max_array: int) -> list[range]:
@@ -328,7 +324,9 @@ def submit(spec_paths: list[str], overrides: list[str], dry_run: bool = False, c
         slurm_check(pl)
     max_array = max_array or max_array_size()
     from hpcllm.atomic import write_text
-    from hpcllm.launch.jobs import record_submission
+    from hpcllm.launch.jobs import cluster_name, record_submission
+
+    cluster = cluster_name(_submit_env())  # `hpcllm jobs` lists the jobs of the cluster it is pointed at
 
     submitted: list[str] = []
     previous: list[str] | None = None
@@ -342,7 +340,7 @@ def submit(spec_paths: list[str], overrides: list[str], dry_run: bool = False, c
             with contextlib.redirect_stderr(errors), submitit_clean_env():
                 _submit_one(pl, previous if chain else None, max_array)
             for jid, chunk in zip(pl.job_ids, array_chunks(pl.tasks, max_array)):
-                record_submission(pl.spec.run_dir, jid, pl.kind.name, pl.spec.name, len(chunk))
+                record_submission(pl.spec.run_dir, jid, pl.kind.name, pl.spec.name, len(chunk), cluster)
         except BaseException as e:  # sbatch refused after all (limits changed, slurmctld down), Ctrl-C, ...
             _cancel(submitted + pl.job_ids)  # nothing half-submitted
             if created and not pl.job_ids:

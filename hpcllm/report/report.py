@@ -42,10 +42,19 @@ def _job(entry: dict) -> str | None:
     return (entry["start"].get("slurm") or {}).get("job_id")
 
 
+def _job_name(entry: dict) -> str | None:
+    """How Slurm names the job: an array task by ARRAY_TASK (its own job id is another number)."""
+    slurm = entry["start"].get("slurm") or {}
+    if slurm.get("array_job_id") and slurm.get("array_task_id") is not None:
+        return f"{slurm['array_job_id']}_{slurm['array_task_id']}"
+    return slurm.get("job_id")
+
+
 def _ending(entry: dict) -> str:
     end, again = entry["end"], ", requeued" if entry["requeued"] else ""
     if end is None:
-        return "killed (no end record: kill -9, node failure or a crash the process could not report)" + again
+        return ("killed (no end record: scancel or the time limit where SIGTERM ends the process, kill -9, a node "
+                "failure or a crash the process could not report)" + again)
     if end["ending"] == "stopped":
         return f"stopped ({end.get('reason')})" + again
     if end["ending"] == "crashed":
@@ -66,7 +75,7 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 def _per_rank(end: dict | None, last_metrics: dict | None) -> list[dict]:
     """Per-rank CPU time and peak memory from the end record; for a start killed outright, the CPU
-    time each rank had at the last metrics record it logged."""
+    time each rank had at `last_metrics` (`at_step`): the last record of it that has CPU times."""
     if end:
         return [{k: r.get(k) for k in ("rank", "host", "cpu_s", "peak_rss_bytes", "gpu_peak_allocated_bytes")}
                 for r in end.get("ranks", [])]
@@ -92,8 +101,12 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
         last_time = end["time"] if end else (seen_by_next.get("time") or (last_logged or {}).get("time") or s["time"])
         loop_start = (mine[0]["time"] - mine[0]["dt_s"]) if mine else None
         dt = sum(m["dt_s"] for m in mine)
-        row = dict(start=s["start"], slurm_job=_job(entry), restart_count=(s.get("slurm") or {}).get("restart_count"),
-                   ranks=s["world_size"], ending=_ending(entry), began=s["process_start"], stopped=last_time,
+        # a killed start's CPU times: of the last record that has them (the next start drops the records
+        # past its checkpoint, so the last one kept in metrics.jsonl may be older than the last logged)
+        cpu_at = seen_by_next if seen_by_next.get("cpu_s_ranks") else last_logged
+        row = dict(start=s["start"], slurm_job=_job(entry), slurm_name=_job_name(entry),
+                   restart_count=(s.get("slurm") or {}).get("restart_count"), ranks=s["world_size"],
+                   ending=_ending(entry), began=s["process_start"], stopped=last_time,
                    allocated_s=last_time - s["process_start"], resumed_from_step=resumed, last_step=last_step,
                    startup_s=(loop_start - s["process_start"]) if loop_start is not None else None,
                    in_steps_s=(last_time - loop_start) if loop_start is not None else None,
@@ -102,7 +115,7 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
                    comm_fraction=(sum(m.get("t_comm_s", 0) for m in mine) / dt) if dt else None,
                    peak_bytes_rank0=max((m.get("peak_bytes") or 0 for m in mine), default=None),
                    gpu_util_pct=_mean(m.get("gpu_util_pct") for m in mine),
-                   per_rank=_per_rank(end, last_logged))
+                   per_rank=_per_rank(end, cpu_at))
         if k > 0:
             before = rows[-1]
             row["steps_redone"] = max(0, before["last_step"] - resumed) if before["last_step"] is not None else None
@@ -153,8 +166,9 @@ def inference_report(run_dir: Path, starts: list[dict]) -> dict:
                 busy[m["rank"]] = busy.get(m["rank"], 0.0) + m["seconds"]
         seconds = summ.get("seconds")
         records = summ.get("records", sum(m.get("n_records", 0) for m in mine))
-        rows.append(dict(start=sid, slurm_job=_job(entry), array_task=(s.get("slurm") or {}).get("array_task_id"),
-                         ranks=s["world_size"], ending=_ending(entry), began=s["process_start"],
+        rows.append(dict(start=sid, slurm_job=_job(entry), slurm_name=_job_name(entry),
+                         array_task=(s.get("slurm") or {}).get("array_task_id"), ranks=s["world_size"],
+                         ending=_ending(entry), began=s["process_start"],
                          allocated_s=t1 - s["process_start"], shards_done=len(mine),
                          shards_skipped=summ.get("skipped_shards"), records=records, new_tokens=summ.get("new_tokens"),
                          records_per_s=records / seconds if seconds else None,
@@ -228,7 +242,10 @@ def _train_lines(i: int, r: dict) -> list[str]:
     for pr in r["per_rank"]:
         mem = f", peak RSS {pr['peak_rss_bytes'] / 2**20:.1f} MB" if pr.get("peak_rss_bytes") else ""
         gpu = f", GPU peak {pr['gpu_peak_allocated_bytes'] / 2**20:.1f} MB" if pr.get("gpu_peak_allocated_bytes") else ""
-        at = f" (at step {pr['at_step']}, its last log)" if pr.get("at_step") is not None else ""
+        at = ""
+        if pr.get("at_step") is not None:  # a killed start: when the CPU times were taken
+            at = f" (at step {pr['at_step']}, its last log" + (
+                ")" if pr["at_step"] == r["last_step"] else f" kept; it logged up to step {_f(r['last_step'], '{}')})")
         lines.append(f"      rank {pr['rank']}{' (' + pr['host'] + ')' if pr.get('host') else ''}: CPU "
                      f"{_f(pr['cpu_s'])} s{at}{mem}{gpu}")
     return lines
@@ -246,9 +263,7 @@ def _infer_lines(r: dict) -> list[str]:
 def format_report(rep: dict) -> str:
     lines = [f"run {rep['run_dir']} ({rep['kind']}): {len(rep['starts'])} start(s)"]
     for i, r in enumerate(rep["starts"]):
-        job = f"job {r['slurm_job']}" if r.get("slurm_job") else "not under Slurm"
-        if r.get("array_task") is not None:
-            job += f" (array task {r['array_task']})"
+        job = f"job {r.get('slurm_name') or r['slurm_job']}" if r.get("slurm_job") else "not under Slurm"
         lines.append(f"  start {i} [{r['start']}] {job}, {r['ranks']} rank(s): {r['ending']}")
         lines += _train_lines(i, r) if rep["kind"] == "train" else _infer_lines(r)
     if rep["kind"] == "train":

@@ -2,8 +2,9 @@
 
 Every start records its SLURM_JOB_ID; `sacct -D` lists each instance of a job — a requeued job
 appears once per start — with the wall time it held its nodes. That is the allocation as the
-cluster bills it (prolog, launch and the grace time after a signal included), which the records
-alone can only approach from inside the processes.
+cluster bills it: the prolog and launch before the processes, and after their end record their exit
+and the job's last step, all of which the records miss (docs/monitoring.md: a few seconds a start).
+When Slurm requeues the job itself, the instance ends at the requeue while the ranks run on briefly.
 """
 
 from __future__ import annotations

@@ -126,3 +126,43 @@ def test_an_inference_array_task_is_complete_with_its_own_shards(tmp_path):
     out.write_bytes(bytes(data))
     p = finish(spec_file, 0, "--array-task", "0", "--array-tasks", "2")
     assert p.returncode == 9 and "1 prompt shard(s) without output" in p.stderr and "prompts-00000.h5" in p.stderr
+
+
+# the batch script's last word imports no torch: Slurm bills every second of it (importing torch
+# alone took 5 s of the 7.9 s it used to take), and the run's records end before it
+NO_TORCH = """
+import sys
+from hpcllm.launch.finish import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+print(code, heavy)
+"""
+
+
+def test_finish_imports_no_torch(tmp_path):
+    import torch
+
+    from hpcllm.checkpoint.layout import DCP_DIR, METADATA
+    from hpcllm.comm import SingleProcess, detect_world
+    from hpcllm.data.prepare import prepare_prompts
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    train = write_spec(tmp_path, {"kind": "train", "name": "t", "run_dir": str(tmp_path / "run"),
+                                  "train": {"max_steps": 3}})
+    final = tmp_path / "run" / "checkpoints" / "step_00000003"
+    (final / DCP_DIR).mkdir(parents=True)  # the layout of a whole checkpoint (its contents are not read)
+    for f in (final / DCP_DIR / METADATA, final / "state.pt", final / "meta.json"):
+        f.write_text("")
+    prep = write_spec(tmp_path, {"kind": "prepare", "name": "p", "data": {
+        "inputs": [str(tmp_path / "p.jsonl")], "output": "prompts", "prompts_per_shard": 2,
+        "dataset": str(tmp_path / "prompts")}})
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": f"prompt {i}"}) + "\n" for i in range(4)))
+    prepare_prompts(load_spec(prep).data, SingleProcess(detect_world(), torch.device("cpu"), 10.0))  # in this process: fast
+    infer = write_spec(tmp_path, {"kind": "infer", "name": "i", "run_dir": str(tmp_path / "inf"), "infer": {
+        "model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts")}})
+    for spec, args, code in ((train, ["0"], 0), (prep, ["0"], 0),
+                             (infer, ["0", "--array-task", "1", "--array-tasks", "2"], 9)):
+        p = subprocess.run([sys.executable, "-c", NO_TORCH, str(spec), *args], capture_output=True, text=True,
+                           timeout=60, env=env, cwd=REPO)
+        assert p.stdout.splitlines()[-1] == f"{code} []", (spec, p.stdout, p.stderr)
+    assert "1 prompt shard(s) without output" in p.stderr and "[array task 1 of 2]" in p.stderr

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from hpcllm.launch.jobs import record_submission
 from tests.report.test_report import REPO
 from tests.slurm_util import require_slurm, run, sbatch, slurm_env, wait_job, wait_until
 from tests.train.corpus import prepare_small_corpus
@@ -65,6 +66,7 @@ def test_report_of_a_job_requeued_twice(tmp_path):
     require_slurm()
     run_dir, script = _render_train(tmp_path, "job", max_requeues=2)
     job = str(sbatch(script, tmp_path))
+    record_submission(run_dir, job, "train", "job", 1, cluster="hpcllm")  # as `hpcllm submit` would: for `hpcllm jobs`
     wait_until(lambda: _starts(run_dir) == 1 and any(s >= 80 for s in _steps(run_dir)), 120, "first start at step 80")
     assert run(["scontrol", "requeue", job]).returncode == 0
     wait_until(lambda: _starts(run_dir) == 2 and len(_steps(run_dir)) > 0 and _steps(run_dir)[-1] >= 200, 180,
@@ -96,6 +98,15 @@ def test_report_of_a_job_requeued_twice(tmp_path):
     assert 0 < sl["goodput"] <= rep["goodput"] + 0.05
     text = _report(run_dir)
     assert f"job {job}" in text and "recovery" in text and "goodput" in text and "slurm (sacct): 3 allocation" in text
+    # `hpcllm jobs`: the restarts, and the elapsed time of all three starts (sacct -D), not of the last one
+    j = subprocess.run([sys.executable, "-m", "hpcllm.cli", "jobs", str(run_dir)], capture_output=True, text=True,
+                       cwd=REPO, env=slurm_env())
+    assert j.returncode == 0, j.stderr
+    header, row = j.stdout.splitlines()
+    assert header.split()[3:6] == ["STATE", "ELAPSED", "RESTARTS"]
+    total = int(sum(a["elapsed_s"] for a in sl["allocations"]))
+    assert row.split()[:6] == [job, "train", "job", "COMPLETED", f"00:{total // 60:02d}:{total % 60:02d}", "2"], \
+        j.stdout
 
 
 def _rank_pids(pattern: str) -> list[int]:
@@ -181,7 +192,9 @@ def test_report_of_an_inference_array_with_a_task_retried(tmp_path):
     rep = _report(run_dir, "--json")
     cancelled, task1, retry0, retry1 = rep["starts"]
     assert [s["array_task"] for s in rep["starts"]] == ["0", "1", "0", "1"]
-    assert cancelled["ending"].startswith("killed") and cancelled["shards_lost"] == lost
+    assert cancelled["ending"].startswith("killed (no end record: scancel") and cancelled["shards_lost"] == lost
+    # array tasks by Slurm's name for them (ARRAY_TASK), not by their own job ids
+    assert [s["slurm_name"] for s in rep["starts"]] == [f"{job}_0", f"{job}_1", f"{job2}_0", f"{job2}_1"]
     assert sorted(rep["shards_redone"]) == lost
     assert all(starts == [cancelled["start"], retry0["start"]] for starts in rep["shards_redone"].values())
     assert retry0["shards_done"] == len(lost) and retry1["shards_done"] == 0 and retry1["shards_skipped"] == 3
@@ -191,3 +204,4 @@ def test_report_of_an_inference_array_with_a_task_retried(tmp_path):
         assert set(s["rank_busy_s"]) == {"0", "1"} and 1.0 <= s["load_balance"] <= 2.0
     text = _report(run_dir)
     assert "shards redone: " + lost[0] in text and "begun and not finished" in text
+    assert f"] job {job}_0, 2 rank(s): killed" in text and f"] job {job2}_1, 2 rank(s): finished" in text, text

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcllm.data.shards import check_shard, read_manifest
+from hpcllm.data.shards import check_shard, member, read_manifest
 from hpcllm.errors import DataError
 
 log = logging.getLogger("hpcllm.data")
@@ -60,7 +60,7 @@ class Dataset:
         self.tokenizer_id, self.dtype = man["tokenizer"], np.dtype(man["dtype"])
         self._shards: dict[str, list[_Shard]] = {}
         for e in man["shards"]:
-            sh = _Shard(self.path / e["path"], e["token_offset"], e["n_tokens"])
+            sh = _Shard(member(self.path, e["path"], "shard"), e["token_offset"], e["n_tokens"])
             sh.offset = _contiguous_offset(sh.path)
             self._shards.setdefault(e["split"], []).append(sh)
         # HDF5 is touched here, on the opening thread, and then only through np.memmap — unless a
@@ -127,9 +127,10 @@ def load_tokenizer(dataset: str | Path):
 
     d = Path(dataset.path if isinstance(dataset, Dataset) else dataset)
     man = read_manifest(d)
-    tok = load_tokenizer_file(d / man["tokenizer_file"])
+    path = member(d, man.get("tokenizer_file"), "tokenizer_file")
+    tok = load_tokenizer_file(path)
     if tok.identity != man["tokenizer"]:
-        raise DataError(f"{d / man['tokenizer_file']}: tokenizer is {tok.identity}, manifest says {man['tokenizer']}")
+        raise DataError(f"{path}: tokenizer is {tok.identity}, manifest says {man['tokenizer']}")
     return tok
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from hpcllm.atomic import atomic_path
 from hpcllm.errors import DataError
+from hpcllm.paths import inside
 
 FORMAT = "hpcllm-dataset"
 FORMAT_VERSION = 1
@@ -123,11 +124,22 @@ def read_texts(f, n: int, where: Path) -> list[bytes] | None:
     return [data[offsets[i] : offsets[i + 1]] for i in range(n)]
 
 
+def manifest_path(dataset: str | Path) -> Path:
+    """The dataset's manifest.json, refused (DataError) when it is a link out of the dataset."""
+    d = Path(dataset)
+    return inside(d, MANIFEST, what=f"dataset {d}: manifest")
+
+
+def member(dataset: str | Path, name, what: str) -> Path:
+    """A file the manifest names (`what`: its key), checked to lie inside the dataset before use."""
+    return inside(dataset, name, what=f"{Path(dataset) / MANIFEST}: {what}")
+
+
 def read_manifest(dataset: str | Path) -> dict:
     d = Path(dataset)
-    m = d / MANIFEST
     if not d.exists():
         raise DataError(f"dataset '{d}' not found (run `hpcllm prepare` first)")
+    m = manifest_path(d)
     if not m.is_file():
         partial = sorted(p.name for p in d.glob("*.h5*"))
         hint = f" ({len(partial)} shard file(s) present: an unfinished prepare? rerun it)" if partial else ""
@@ -147,7 +159,10 @@ def check_shard(dataset: Path, entry: dict, man: dict, *, checksum: bool = False
     """Problems with one shard listed in the manifest (empty list: fine). Cheap unless checksum."""
     import h5py
 
-    path = dataset / entry["path"]
+    try:
+        path = member(dataset, entry["path"], "shard")
+    except DataError as e:
+        return [str(e)]
     if not path.is_file():
         return [f"{path}: missing"]
     if path.stat().st_size != entry["bytes"]:

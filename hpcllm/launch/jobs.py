@@ -16,7 +16,9 @@ MIN_POLL_S = 10.0
 
 
 def record_submission(run_dir: str | Path, job_id: str, kind: str, name: str, tasks: int) -> None:
-    with open(Path(run_dir) / RECORD, "a") as f:
+    from hpcllm.paths import open_append
+
+    with open_append(Path(run_dir) / RECORD) as f:  # never through a link planted in the run dir
         f.write(json.dumps({"job_id": job_id, "kind": kind, "name": name, "array_tasks": tasks,
                             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 

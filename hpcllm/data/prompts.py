@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcllm.data.shards import MANIFEST, member, ragged_ok, read_manifest, read_texts
+from hpcllm.data.shards import MANIFEST, member, ragged_ok, read_manifest, read_texts, stored_dataset
 from hpcllm.errors import DataError
 
 
@@ -58,11 +58,14 @@ class PromptShard:
         data = read_verified(self.path, self.n_bytes, self.sha256)
         try:
             with h5py.File(io.BytesIO(data), "r") as f:
-                flat, off, ids = f["tokens"][:], f["offsets"][:], f["ids"][:]
+                # each dataset stores what it declares before it is read: sizes come from the file
+                flat, off, ids = (stored_dataset(f, k, self.path, "tokens" if k == "tokens" else "values")[:]
+                                  for k in ("tokens", "offsets", "ids"))
                 texts = read_texts(f, len(ids), self.path)
                 cflat = coff = None
                 if "cont_tokens" in f:
-                    cflat, coff = f["cont_tokens"][:], f["cont_offsets"][:]
+                    cflat, coff = stored_dataset(f, "cont_tokens", self.path, "tokens")[:], \
+                        stored_dataset(f, "cont_offsets", self.path)[:]
         except (OSError, KeyError, ValueError) as e:
             raise DataError(f"{self.path}: unreadable prompt shard ({e})") from None
         if len(ids) != self.n_records or not ragged_ok(off, len(ids), len(flat)):

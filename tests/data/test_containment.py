@@ -6,9 +6,11 @@ blobs, still loads. Files hpcllm appends to are never written through a link."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 
+import h5py
 import pytest
 
 from hpcllm.data import load_tokenizer, open_dataset
@@ -103,6 +105,44 @@ def test_prompt_datasets_name_only_their_own_files(prompts, tmp_path):
     write_manifest(d, man, rehash=False)
     with pytest.raises(DataError, match=rf"shard '../x.h5' resolves to {tmp_path}/x.h5, which is not in {d}"):
         PromptDataset(d)
+
+
+def store_tokens_elsewhere(path, how, outside):
+    """Rewrite a token shard so that HDF5 itself reads /tokens from `outside`: an external link to a
+    dataset there, external raw storage, or a virtual dataset mapping it."""
+    with h5py.File(path, "r") as f:
+        attrs, doc_offsets, tokens = dict(f.attrs), f["doc_offsets"][:], f["tokens"][:]
+    path.unlink()
+    if how == "external storage":
+        outside.write_bytes(tokens.tobytes())
+    else:
+        with h5py.File(outside, "w") as f:
+            f.create_dataset("tokens", data=tokens)
+    with h5py.File(path, "w") as f:
+        if how == "external link":
+            f["tokens"] = h5py.ExternalLink(str(outside), "tokens")
+        elif how == "external storage":
+            f.create_dataset("tokens", shape=tokens.shape, dtype=tokens.dtype, external=[(str(outside), 0, tokens.nbytes)])
+        else:
+            layout = h5py.VirtualLayout(shape=tokens.shape, dtype=tokens.dtype)
+            layout[:] = h5py.VirtualSource(str(outside), "tokens", shape=tokens.shape)
+            f.create_virtual_dataset("tokens", layout)
+        f.create_dataset("doc_offsets", data=doc_offsets)
+        f.attrs.update(attrs)
+
+
+@pytest.mark.parametrize("how", ["external link", "external storage", "virtual"])
+def test_a_shard_whose_tokens_hdf5_reads_from_another_file_is_refused(tokens, tmp_path, how):
+    d = copy(tokens, tmp_path / "ds")
+    store_tokens_elsewhere(d / "train-00000.h5", how, tmp_path / "elsewhere.bin")
+    write_manifest(d, manifest(d))
+    msg = {"external link": "/tokens is a link to another file or object (ExternalLink): refused",
+           "external storage": "/tokens is stored in other files (external storage): refused",
+           "virtual": "/tokens is stored in other files (virtual storage): refused"}[how]
+    with pytest.raises(DataError, match=re.escape(f"train-00000.h5: {msg}")):
+        open_dataset(d)
+    p = cli("data", "verify", d)
+    assert p.returncode == 5 and msg in p.stderr, p.stderr
 
 
 def test_inference_outputs_export_reads_only_its_own_shards(tmp_path):

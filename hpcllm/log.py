@@ -36,12 +36,22 @@ def setup_logging(rank: int = 0, run_dir: str | os.PathLike | None = None) -> No
     if run_dir is not None:
         logs = Path(run_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(logs / f"rank{rank}.log")
+        fh = NoFollowFileHandler(logs / f"rank{rank}.log")
         fh.setFormatter(fmt)
         fh.setLevel(forced if forced is not None else logging.INFO)
         root.addHandler(fh)
     root.setLevel(forced if forced is not None else logging.INFO)
     root.propagate = False
+
+
+class NoFollowFileHandler(logging.FileHandler):
+    """A log file appended to only if it is a regular file, never through a link (hpcllm.paths.open_append):
+    a link planted in the run dir cannot make every rank write into another file."""
+
+    def _open(self):
+        from hpcllm.paths import open_append
+
+        return open_append(self.baseFilename)
 
 
 def to_rank_log(message: str, exc_info=None) -> None:

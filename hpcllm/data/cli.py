@@ -13,7 +13,8 @@ def register(sub, bench) -> None:
     p.add_argument("dataset")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_info)
-    p = data.add_parser("verify", help="recompute every shard's checksum; non-zero exit naming bad shards")
+    p = data.add_parser("verify", help="recompute every shard's checksum and check every token id against the "
+                                       "vocabulary; non-zero exit naming bad shards")
     p.add_argument("dataset")
     p.set_defaults(func=_verify)
 
@@ -52,16 +53,14 @@ def _info(args) -> int:
 
 
 def _verify(args) -> int:
-    from pathlib import Path
-
     from hpcllm.data.prompts import PromptDataset
-    from hpcllm.data.shards import check_shard, read_manifest
+    from hpcllm.data.shards import read_manifest, token_dataset_problems
 
     man = read_manifest(args.dataset)
     if man.get("kind") == "prompts":  # the very checks an inference job makes before using a shard
         problems = PromptDataset(args.dataset).verify()
-    else:
-        problems = [p for e in man["shards"] for p in check_shard(Path(args.dataset), e, man, checksum=True)]
+    else:  # what a training job checks at open, plus every checksum and every token id
+        problems = token_dataset_problems(args.dataset, man, checksum=True, scan=True)
     if problems:
         raise DataError(f"{len(problems)} problem(s) in {args.dataset}:\n  " + "\n  ".join(problems))
     print(f"{args.dataset}: {len(man['shards'])} shard(s) OK")

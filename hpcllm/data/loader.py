@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcllm.data.shards import check_shard, read_manifest
+from hpcllm.data.shards import first_out_of_vocab, member, out_of_vocab, read_manifest, token_dataset_problems
 from hpcllm.errors import DataError
 
 log = logging.getLogger("hpcllm.data")
@@ -45,22 +45,28 @@ class _Shard:
 
 
 class Dataset:
-    """A prepared token dataset, checked when opened: manifest, every shard's presence, size, dtype,
-    vocab and token count — so a bad dataset fails here, naming the file, not mid-training."""
+    """A prepared token dataset, checked when opened — the manifest's numbers (each split's size is
+    what its shards hold, shards tile it), every shard inside the dataset directory and present with
+    its size, dtype, vocab, token count and attributes, its tokens stored in the file as declared —
+    so a bad dataset fails here, naming the file, not mid-training. These checks read metadata only;
+    the token ids themselves are checked as they are read (one max over each read, or over each of
+    the loader's batches), and all of them at once by `hpcllm data verify`."""
 
     def __init__(self, path: str | Path, *, checksum: bool = False):
         self.path = Path(path)
         self.manifest = man = read_manifest(self.path)
         if man.get("kind") != "tokens":
             raise DataError(f"{self.path}: a '{man.get('kind')}' dataset, expected token shards (for training)")
-        problems = [p for e in man["shards"] for p in check_shard(self.path, e, man, checksum=checksum)]
+        problems = token_dataset_problems(self.path, man, checksum=checksum)
         if problems:
             raise DataError("bad dataset:\n  " + "\n  ".join(problems))
         self.vocab_size, self.eos_id, self.pad_id = man["vocab_size"], man["eos_id"], man["pad_id"]
         self.tokenizer_id, self.dtype = man["tokenizer"], np.dtype(man["dtype"])
+        # the largest id the vocabulary has; None when the token type cannot hold a larger one
+        self._max_id = self.dtype.type(self.vocab_size - 1) if self.vocab_size - 1 < np.iinfo(self.dtype).max else None
         self._shards: dict[str, list[_Shard]] = {}
-        for e in man["shards"]:
-            sh = _Shard(self.path / e["path"], e["token_offset"], e["n_tokens"])
+        for e in sorted(man["shards"], key=lambda e: e["token_offset"]):
+            sh = _Shard(member(self.path, e["path"], "shard"), e["token_offset"], e["n_tokens"])
             sh.offset = _contiguous_offset(sh.path)
             self._shards.setdefault(e["split"], []).append(sh)
         # HDF5 is touched here, on the opening thread, and then only through np.memmap — unless a
@@ -74,20 +80,37 @@ class Dataset:
     def num_tokens(self, split: str) -> int:
         return self.manifest["splits"].get(split, {}).get("n_tokens", 0)
 
-    def read(self, split: str, start: int, length: int) -> np.ndarray:
-        """tokens[start:start+length] of a split's stream (may span shards)."""
+    def read(self, split: str, start: int, length: int, *, check: bool = True) -> np.ndarray:
+        """tokens[start:start+length] of a split's stream (may span shards): only what the shards
+        hold, and only ids inside the vocabulary — anything else is a DataError naming the shard.
+        check=False leaves the ids to the caller (`ids_ok`: one max over a whole batch)."""
+        n = self.num_tokens(split)
+        if start < 0 or length < 0 or start + length > n:
+            raise DataError(f"{self.path}: tokens [{start}, {start + length}) of split '{split}', which holds {n}")
         out = np.empty(length, dtype=self.dtype)
         pos, end, filled = start, start + length, 0
-        for sh in self._shards[split]:
+        for sh in self._shards.get(split, []):
             if sh.start + sh.n_tokens <= pos or sh.start >= end:
                 continue
             lo, hi = pos - sh.start, min(end, sh.start + sh.n_tokens) - sh.start
-            out[filled : filled + hi - lo] = self._array(sh)[lo:hi]
+            piece = out[filled : filled + hi - lo]
+            piece[:] = self._array(sh)[lo:hi]
+            # the model indexes its embedding with these: an id past it is named here, not an
+            # IndexError (or a device-side assert) inside the forward pass. One max per window.
+            if check and self._max_id is not None and piece.size and piece.max() > self._max_id:
+                raise DataError(out_of_vocab(sh.path, *first_out_of_vocab(piece, self.vocab_size, start=lo),
+                                             self.vocab_size))
             filled += hi - lo
             pos = sh.start + hi
             if pos >= end:
                 break
+        if filled != length:  # the manifest's shards tile the split (checked at open): never reached
+            raise DataError(f"{self.path}: split '{split}' has no shard for tokens [{pos}, {end})")
         return out
+
+    def ids_ok(self, tokens: np.ndarray) -> bool:
+        """Every id in tokens is inside the vocabulary (one max)."""
+        return self._max_id is None or not tokens.size or not tokens.max() > self._max_id
 
     def _array(self, sh: _Shard) -> np.ndarray:
         # mapped lazily, in the process that reads: no mapping or HDF5 handle crosses a fork
@@ -127,9 +150,10 @@ def load_tokenizer(dataset: str | Path):
 
     d = Path(dataset.path if isinstance(dataset, Dataset) else dataset)
     man = read_manifest(d)
-    tok = load_tokenizer_file(d / man["tokenizer_file"])
+    path = member(d, man.get("tokenizer_file"), "tokenizer_file")
+    tok = load_tokenizer_file(path)
     if tok.identity != man["tokenizer"]:
-        raise DataError(f"{d / man['tokenizer_file']}: tokenizer is {tok.identity}, manifest says {man['tokenizer']}")
+        raise DataError(f"{path}: tokenizer is {tok.identity}, manifest says {man['tokenizer']}")
     return tok
 
 
@@ -206,10 +230,16 @@ class TokenLoader:
         perm, shift = self._epoch_order(epoch)
         first = step * self.per_step + self.rank * self.B
         if perm is None:  # consecutive slots: one contiguous read
-            buf = self.ds.read(self.split, first * self.window, self.B * self.window).reshape(self.B, self.window)
+            starts = [first * self.window]
+            buf = self.ds.read(self.split, starts[0], self.B * self.window, check=False).reshape(self.B, self.window)
         else:
-            buf = np.stack([self.ds.read(self.split, shift + int(s) * self.window, self.window)
-                            for s in perm[first : first + self.B]])
+            starts = [shift + int(s) * self.window for s in perm[first : first + self.B]]
+            buf = np.stack([self.ds.read(self.split, s, self.window, check=False) for s in starts])
+        if not self.ds.ids_ok(buf):  # one max per batch; the checked reads name the shard and position
+            for s in starts:
+                self.ds.read(self.split, s, buf.size if perm is None else self.window)
+            raise DataError(f"{self.ds.path}: a token id outside the vocabulary of {self.ds.vocab_size} in split "
+                            f"'{self.split}'")  # the checked reads above name it first
         t = torch.from_numpy(buf.astype(np.int64))
         x, y = t[:, :-1], t[:, 1:]
         if self.device.type == "cuda":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcllm.data.shards import MANIFEST, ragged_ok, read_manifest, read_texts
+from hpcllm.data.shards import MANIFEST, member, ragged_ok, read_manifest, read_texts, stored_dataset
 from hpcllm.errors import DataError
 
 
@@ -58,11 +58,14 @@ class PromptShard:
         data = read_verified(self.path, self.n_bytes, self.sha256)
         try:
             with h5py.File(io.BytesIO(data), "r") as f:
-                flat, off, ids = f["tokens"][:], f["offsets"][:], f["ids"][:]
+                # each dataset stores what it declares before it is read: sizes come from the file
+                flat, off, ids = (stored_dataset(f, k, self.path, "tokens" if k == "tokens" else "values")[:]
+                                  for k in ("tokens", "offsets", "ids"))
                 texts = read_texts(f, len(ids), self.path)
                 cflat = coff = None
                 if "cont_tokens" in f:
-                    cflat, coff = f["cont_tokens"][:], f["cont_offsets"][:]
+                    cflat, coff = stored_dataset(f, "cont_tokens", self.path, "tokens")[:], \
+                        stored_dataset(f, "cont_offsets", self.path)[:]
         except (OSError, KeyError, ValueError) as e:
             raise DataError(f"{self.path}: unreadable prompt shard ({e})") from None
         if len(ids) != self.n_records or not ragged_ok(off, len(ids), len(flat)):
@@ -89,10 +92,11 @@ class PromptDataset:
         try:
             self.tokenizer_id, self.vocab_size, self.eos_id = man["tokenizer"], int(man["vocab_size"]), man["eos_id"]
             self.tokenizer_file, self.tokenizer_sha256 = man["tokenizer_file"], man["tokenizer_sha256"]
-            self.shards = [PromptShard(self.path / e["path"], int(e["index"]), int(e["n_records"]), int(e["bytes"]),
-                                       str(e["sha256"]), self.vocab_size) for e in man["shards"]]
+            entries = [(e["path"], int(e["index"]), int(e["n_records"]), int(e["bytes"]), str(e["sha256"]))
+                       for e in man["shards"]]
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{self.path / MANIFEST}: corrupt manifest (missing or bad {e})") from None
+        self.shards = [PromptShard(member(self.path, name, "shard"), *rest, self.vocab_size) for name, *rest in entries]
 
     def check_files(self) -> None:
         """Every shard is present with its recorded size (cheap: fails a job before any work)."""
@@ -107,7 +111,7 @@ class PromptDataset:
         """The tokenizer beside the shards, checked against the manifest's checksum and identity."""
         from hpcllm.data.tokenizer import load_tokenizer_file
 
-        path = self.path / self.tokenizer_file
+        path = member(self.path, self.tokenizer_file, "tokenizer_file")
         read_verified(path, None, self.tokenizer_sha256)
         tok = load_tokenizer_file(path)
         if tok.identity != self.tokenizer_id or tok.vocab_size != self.vocab_size:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hpcllm.atomic import atomic_path, write_bytes, write_text
 from hpcllm.errors import DataError
+from hpcllm.paths import model_file
 
 
 class ByteTokenizer:
@@ -75,9 +76,10 @@ class HFTokenizer:
             raise DataError(f"{self.path}: not a valid tokenizer.json ({e})") from None
         self.identity = "bpe:" + hashlib.sha256(raw).hexdigest()
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # the files beside it, inside its directory (or its Hugging Face cache repo: hpcllm.paths)
         beside = self.path.parent if self.path.name == TOKENIZER_JSON else None
-        config = _read_json(beside / TOKENIZER_CONFIG) if beside else {}
-        generation = _read_json(beside / "generation_config.json") if beside else {}
+        config = _read_json(model_file(beside, TOKENIZER_CONFIG)) if beside else {}
+        generation = _read_json(model_file(beside, "generation_config.json")) if beside else {}
         self.chat_template = _chat_template(beside, config)
         self.special_tokens = {k: _token_text(config.get(k)) for k in SPECIAL_TOKEN_KEYS}
         self.eos_id = self._eos_id(config, generation)
@@ -190,8 +192,9 @@ def _token_text(value) -> str | None:
 def _chat_template(beside: Path | None, config: dict) -> str | None:
     """chat_template.jinja (as transformers >= 4.43 saves it), else tokenizer_config.json's
     chat_template: a string, or a list of named templates (the 'default' one)."""
-    if beside is not None and (beside / "chat_template.jinja").is_file():
-        return (beside / "chat_template.jinja").read_text(encoding="utf-8")
+    jinja = model_file(beside, "chat_template.jinja") if beside is not None else None
+    if jinja is not None and jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
     t = config.get("chat_template")
     if isinstance(t, list):
         t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
@@ -237,7 +240,7 @@ def load_tokenizer_file(name: str | Path) -> Tokenizer:
         return ByteTokenizer()
     p = Path(name)
     if p.is_dir():
-        if not (p / TOKENIZER_JSON).is_file():
+        if not model_file(p, TOKENIZER_JSON).is_file():
             raise DataError(f"tokenizer '{p}': a directory without {TOKENIZER_JSON} (give a model directory that "
                             "has one, a tokenizer.json path, or 'byte')")
         p = p / TOKENIZER_JSON
@@ -253,7 +256,7 @@ def tokenizer_identity_of(model_dir: str | Path) -> tuple[str, Path] | None:
     """(identity, file) of the tokenizer.json in a model directory, or None when it has none."""
     p = Path(model_dir)
     p = p if p.is_dir() else p.parent
-    f = p / TOKENIZER_JSON
+    f = model_file(p, TOKENIZER_JSON)
     if not f.is_file():
         return None
     raw = f.read_bytes()

@@ -268,14 +268,17 @@ def export_jsonl(run_dir: str | Path, out: str | Path) -> int:
     import json
 
     from hpcllm.atomic import atomic_open
-    from hpcllm.infer.outputs import read_outputs_manifest, read_rows
+    from hpcllm.infer.outputs import MANIFEST, read_outputs_manifest, read_rows
+    from hpcllm.paths import inside
 
     out_dir = Path(run_dir) / "outputs"
     man = read_outputs_manifest(out_dir)
+    # every shard the manifest names is in the outputs dir, a link out of it included, before any is read
+    paths = [inside(out_dir, e["path"], what=f"{out_dir / MANIFEST}: shard") for e in man["shards"]]
     n = 0
     with atomic_open(out, "w") as fo:
-        for e in man["shards"]:
-            for row in read_rows(out_dir / e["path"], e, man["mode"]):
+        for path, e in zip(paths, man["shards"]):
+            for row in read_rows(path, e, man["mode"]):
                 fo.write(json.dumps(row) + "\n")
                 n += 1
     return n

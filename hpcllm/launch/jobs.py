@@ -48,7 +48,9 @@ def cluster_name(env: dict | None = None) -> str | None:
 
 def record_submission(run_dir: str | Path, job_id: str, kind: str, name: str, tasks: int,
                       cluster: str | None = None) -> None:
-    with open(Path(run_dir) / RECORD, "a") as f:
+    from hpcllm.paths import open_append
+
+    with open_append(Path(run_dir) / RECORD) as f:  # never through a link planted in the run dir
         f.write(json.dumps({"job_id": job_id, "kind": kind, "name": name, "array_tasks": tasks, "cluster": cluster,
                             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 

@@ -9,7 +9,10 @@ read from its file and copied into place one at a time — no second full copy, 
 model sharded for training (FSDP2, tensor parallel) keeps only each rank's part of each tensor
 (`stream_hf_weights` with hpcllm.parallel.materialize).
 Whatever does not fit (a missing shard, an unknown tensor, a wrong shape, a field the family does
-not implement) is a one-line WeightsError naming the file and the field or tensor.
+not implement) is a one-line WeightsError naming the file and the field or tensor. Every file is
+read only once it is known to lie inside the directory (hpcllm.paths.model_file: an index entry
+`../x` or `/abs/x`, or a link out of the directory, is refused; a Hugging Face cache snapshot's
+links into its repo's blobs are not "out").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from hpcllm.atomic import atomic_path, write_json
 from hpcllm.errors import DataError
 from hpcllm.model.base import CausalLM
 from hpcllm.model.config import ModelConfig
+from hpcllm.paths import model_file
 
 INDEX = "model.safetensors.index.json"
 
@@ -35,7 +39,7 @@ def model_dir(path: str | Path) -> Path:
     """The HF directory of `path` (a directory, or a .safetensors file inside one)."""
     p = Path(path)
     d = p if p.is_dir() else p.parent
-    if not (d / "config.json").is_file():
+    if not model_file(d, "config.json").is_file():
         raise WeightsError(f"{d}: no config.json — not an HF model directory (hpcllm needs the config to know the "
                            "model's shape and family)")
     return d
@@ -46,7 +50,7 @@ def read_config(path: str | Path) -> tuple[dict, ModelConfig]:
     from hpcllm.model.registry import arch_for_model_type, get_family
 
     d = model_dir(path)
-    f = d / "config.json"
+    f = model_file(d, "config.json")
     try:
         raw = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -69,18 +73,21 @@ def read_config(path: str | Path) -> tuple[dict, ModelConfig]:
 
 def weight_files(d: Path) -> list[Path]:
     """The safetensors files of a directory: the index's shards (all must be there) or the one file."""
-    index = d / INDEX
+    index = model_file(d, INDEX)
     if index.is_file():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as e:
             raise WeightsError(f"{index}: not a safetensors index ({e})") from None
-        missing = [n for n in names if not (d / n).is_file()]
+        # every entry checked before any is opened: an index names files, and only files in here
+        files = [model_file(d, n, what=f"{index}: weight_map entry") for n in names]
+        missing = [n for n, f in zip(names, files) if not f.is_file()]
         if missing:
             raise WeightsError(f"{index}: names {missing[0]}, which is missing from {d}")
-        return [d / n for n in names]
-    if (d / "model.safetensors").is_file():
-        return [d / "model.safetensors"]
+        return files
+    single = model_file(d, "model.safetensors")
+    if single.is_file():
+        return [single]
     if any(d.glob("*.bin")) or any(d.glob("*.pt")):
         raise WeightsError(f"{d}: only pickled weights (*.bin/*.pt), which hpcllm never loads: convert them to "
                            "safetensors (transformers: save_pretrained(..., safe_serialization=True))")
@@ -171,7 +178,7 @@ def generation_eos(path: str | Path) -> list[int]:
     """End-of-sequence ids from generation_config.json (or config.json): one id or a list."""
     d = Path(path)
     for name in ("generation_config.json", "config.json"):
-        f = d / name
+        f = model_file(d, name)
         if f.is_file():
             try:
                 eos = json.loads(f.read_text()).get("eos_token_id")

@@ -33,10 +33,13 @@ def current_start() -> str | None:
 def append(run_dir: str | Path, record: dict) -> None:
     """One JSON line appended, flushed and fsynced. Not hpcllm.atomic's write-and-rename: the log
     only grows, each start adds a line, and a rewrite would race a dying start's last append. A crash
-    can at worst leave a torn last line, which read_records names and skips."""
+    can at worst leave a torn last line, which read_records names and skips. Never through a link
+    (hpcllm.paths.open_append)."""
+    from hpcllm.paths import open_append
+
     path = Path(run_dir) / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with open_append(path) as f:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -64,6 +67,18 @@ def sha256_file(path: str | Path) -> str | None:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
+        return None
+
+
+def manifest_sha256(dataset: str | Path) -> str | None:
+    """sha256 of a dataset's manifest.json — the very file the job reads (hpcllm.data.shards.manifest_path):
+    one that links out of the dataset is not hashed (the job then refuses it, naming it)."""
+    from hpcllm.data.shards import manifest_path
+    from hpcllm.errors import DataError
+
+    try:
+        return sha256_file(manifest_path(dataset))
+    except DataError:
         return None
 
 
@@ -172,7 +187,6 @@ def training_start_fields(spec) -> dict:
     step metrics.jsonl holds from before — read before the trainer truncates it to the checkpoint,
     it is the last step the previous start logged, so the report can count the steps redone."""
     from hpcllm.checkpoint import latest_checkpoint
-    from hpcllm.data.shards import MANIFEST
     from hpcllm.train.metrics import read_metrics
 
     ckpt = latest_checkpoint(spec.run_dir, warn=False) if spec.train.resume else None
@@ -184,14 +198,12 @@ def training_start_fields(spec) -> dict:
     except ValueError:
         recs = []
     last = recs[-1] if recs else None
-    return dict(dataset_manifest_sha256=sha256_file(Path(spec.data.dataset) / MANIFEST), resume_from=resume,
+    return dict(dataset_manifest_sha256=manifest_sha256(spec.data.dataset), resume_from=resume,
                 previous_last_logged={k: last.get(k) for k in ("step", "time", "start")} if last else None)
 
 
 def inference_start_fields(spec) -> dict:
-    from hpcllm.data.shards import MANIFEST
-
-    return dict(dataset_manifest_sha256=sha256_file(Path(spec.infer.prompts) / MANIFEST), model=str(spec.infer.model),
+    return dict(dataset_manifest_sha256=manifest_sha256(spec.infer.prompts), model=str(spec.infer.model),
                 array=[spec.infer.array_task, spec.infer.array_tasks])
 
 

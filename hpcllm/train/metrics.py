@@ -52,8 +52,10 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        from hpcllm.paths import open_append
+
         record = dict(record, **utilisation())
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:  # never through a link planted in the run dir
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
             self.tensorboard.write(record)

@@ -199,7 +199,7 @@ def training_start_fields(spec) -> dict:
         recs = []
     last = recs[-1] if recs else None
     return dict(dataset_manifest_sha256=manifest_sha256(spec.data.dataset), resume_from=resume,
-                previous_last_logged={k: last.get(k) for k in ("step", "time", "start")} if last else None)
+                previous_last_logged={k: last.get(k) for k in ("step", "time", "start", "cpu_s_ranks")} if last else None)
 
 
 def inference_start_fields(spec) -> dict:

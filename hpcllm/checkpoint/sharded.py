@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from hpcllm.atomic import shared_atomic_dir
-from hpcllm.errors import CheckpointError
+from hpcllm.atomic import TMP_SUFFIX, shared_atomic_dir
+from hpcllm.errors import CheckpointError, HpcllmError
 
 log = logging.getLogger("hpcllm.checkpoint")
 
@@ -158,11 +158,12 @@ def save_sharded(final: Path, comm, state: dict, global_state: dict, meta: dict)
     import torch.distributed.checkpoint as dcp
 
     _process_group(comm)
-    with shared_atomic_dir(final, comm.rank == 0, comm.barrier) as tmp:
+    barrier = _save_barrier(comm, final)
+    with shared_atomic_dir(final, comm.rank == 0, barrier) as tmp:
         if comm.rank == 0:
             (tmp / DCP_DIR).mkdir()
             (tmp / "rng").mkdir()
-        comm.barrier()
+        barrier()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process": it is
             try:
@@ -177,6 +178,24 @@ def save_sharded(final: Path, comm, state: dict, global_state: dict, meta: dict)
             torch.save(global_state, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({"step": global_state["step"], "time": time.time(), **meta},
                                                       indent=2, default=str))
+
+
+def _save_barrier(comm, final: Path):
+    """comm.barrier for the steps of a save: a peer that died there (gloo and NCCL raise at once) ends
+    this rank with one line, exit 6, as a failure inside dcp.save does — not a backend traceback."""
+
+    def barrier() -> None:
+        try:
+            comm.barrier()
+        except (KeyboardInterrupt, SystemExit, HpcllmError):
+            raise
+        except Exception as e:
+            if final.is_dir() and not final.with_name(final.name + TMP_SUFFIX).exists():  # renamed: the last barrier
+                raise CheckpointError(f"{final}: written, but a peer rank failed at its end ({_why(e)})") from None
+            raise CheckpointError(f"{final}: cannot be written: a peer rank failed ({_why(e)}); the previous "
+                                  "checkpoint is kept") from None
+
+    return barrier
 
 
 def load_sharded(ckpt: Path, comm, state: dict) -> None:

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 from tests.mpi_util import REPO
-from tests.train.corpus import prepare_small_corpus
 
 
-def test_a_rank_dying_before_the_closing_barrier_is_one_line_exit_6(tmp_path):
-    ds = prepare_small_corpus(tmp_path)
+def test_a_rank_dying_before_the_closing_barrier_is_one_line_exit_6(tmp_path, small_dataset):
+    ds = small_dataset
     spec = tmp_path / "t.yaml"
     spec.write_text(json.dumps({
         "kind": "train", "name": "d", "run_dir": str(tmp_path / "run"), "data": {"dataset": str(ds)},

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tests.infer.helpers import infer_spec, prepare_prompts, run_cli
-from tests.train.corpus import prepare_small_corpus
 
 
 class Payload:
@@ -45,9 +44,9 @@ def poison(ckpt: Path, entry: str, marker: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, small_dataset):
     root = tmp_path_factory.mktemp("untrusted")
-    ds = prepare_small_corpus(root)
+    ds = small_dataset
     spec = root / "train.yaml"
     spec.write_text(json.dumps({
         "kind": "train", "name": "u", "run_dir": str(root / "run"), "data": {"dataset": str(ds)},

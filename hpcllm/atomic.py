@@ -118,7 +118,9 @@ def shared_atomic_dir(final: str | os.PathLike, leader: bool, barrier: Callable[
     sharded checkpoint): the leader empties `final.tmp`; all write into it; once every one is done
     (a barrier), the leader fsyncs it and renames it onto `final`; a last barrier, and every rank
     sees the complete directory. A rank that fails leaves the others in a barrier, which the job's
-    stall watchdog ends."""
+    stall watchdog ends — or which raises at once where the backend sees the peer go (gloo, NCCL):
+    `barrier` is the caller's, so that it can make that its own one-line error (a sharded checkpoint's
+    is hpcllm.checkpoint.sharded's). An error before the rename leaves only `final.tmp`."""
     final = Path(final)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     if leader:

@@ -10,7 +10,8 @@ A checkpoint is written into `step_N.tmp/` and renamed as a whole: a directory w
 suffix is complete by construction; one that is not (damaged, or copied in part) is skipped for
 the previous complete step with a warning. Only the last `keep` are kept. Nothing in a checkpoint
 is unpickled beyond tensors and plain values (torch.load(weights_only=True), and DCP's index through
-an allow-list).
+an allow-list; an index entry that is a pickled object rather than a tensor is refused, by every
+reader, before anything is loaded).
 """
 
 from __future__ import annotations

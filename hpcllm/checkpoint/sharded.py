@@ -14,7 +14,10 @@ a warning for the previous complete step; a missing rank file or a tensor of ano
 error naming the file — never a partial load.
 
 DCP's .metadata is a pickle: it is read through an unpickler that admits only DCP's own metadata
-classes, torch sizes and dtypes; tensors are read by DCP with torch.load(weights_only=True).
+classes, torch sizes and dtypes; tensors are read by DCP with torch.load(weights_only=True). An index
+may name only tensors: DCP stores any other value as a pickle ("bytes" entry) and loads it with
+torch.load(weights_only=False) — code, on resume — so a checkpoint with such an entry is refused
+(hpcllm writes none: its state dicts hold tensors only, plain values go to state.pt and meta.json).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from pathlib import Path
 
 import torch
 
-from hpcllm.atomic import shared_atomic_dir
+from hpcllm.atomic import TMP_SUFFIX, shared_atomic_dir
 from hpcllm.checkpoint.layout import DCP_DIR, METADATA
-from hpcllm.errors import CheckpointError
+from hpcllm.errors import CheckpointError, HpcllmError
 
 log = logging.getLogger("hpcllm.checkpoint")
 
+# BytesStorageMetadata is admitted only so that read_dcp_metadata can name the entry that holds one
+# when it refuses it, rather than say "not part of a checkpoint index"
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {"BytesStorageMetadata", "ChunkStorageMetadata", "Metadata",
                                               "MetadataIndex", "StorageMeta", "TensorProperties",
@@ -51,17 +56,28 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_dcp_metadata(dcp_dir: Path):
-    """The DCP index of a checkpoint, or a one-line CheckpointError naming the file."""
+    """The DCP index of a checkpoint, or a one-line CheckpointError naming the file. Every path that
+    reads a checkpoint's dcp/ (resume, inference, export) comes through here first."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
     f = dcp_dir / METADATA
     if not f.is_file():
         raise CheckpointError(f"{f}: missing")
     try:
         with open(f, "rb") as fh:
-            return _MetadataUnpickler(fh).load()
+            md = _MetadataUnpickler(fh).load()
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{f}: not a trusted checkpoint index ({e}); hpcllm never unpickles anything else") from None
     except (OSError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{f}: unreadable checkpoint index ({type(e).__name__}: {e})") from None
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise CheckpointError(f"{f}: not a checkpoint index")
+    for key, entry in md.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):  # a bytes entry: a pickle DCP would load unsafely
+            raise CheckpointError(f"{f}: entry '{key}' is a pickled object, not a tensor; hpcllm never unpickles "
+                                  "one (it would run code) and never writes one: was this checkpoint written by "
+                                  "hpcllm?")
+    return md
 
 
 def _reader(dcp_dir: Path):
@@ -77,6 +93,20 @@ def _reader(dcp_dir: Path):
             return md
 
     return SafeReader(str(dcp_dir))
+
+
+def _planner():
+    """DCP's default load planner without its one unsafe step: a bytes entry is torch.load-ed with
+    weights_only=False. read_dcp_metadata refuses an index with one already; this keeps it so should
+    a DCP version find another way to plan a bytes read."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class TensorsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            raise CheckpointError(f"entry '{read_item.dest_index.fqn}' is a pickled object, not a tensor; hpcllm "
+                                  "never unpickles one")
+
+    return TensorsOnlyPlanner()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -122,11 +152,12 @@ def save_sharded(final: Path, comm, state: dict, global_state: dict, meta: dict)
     import torch.distributed.checkpoint as dcp
 
     _process_group(comm)
-    with shared_atomic_dir(final, comm.rank == 0, comm.barrier) as tmp:
+    barrier = _save_barrier(comm, final)
+    with shared_atomic_dir(final, comm.rank == 0, barrier) as tmp:
         if comm.rank == 0:
             (tmp / DCP_DIR).mkdir()
             (tmp / "rng").mkdir()
-        comm.barrier()
+        barrier()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process": it is
             try:
@@ -143,6 +174,24 @@ def save_sharded(final: Path, comm, state: dict, global_state: dict, meta: dict)
                                                       indent=2, default=str))
 
 
+def _save_barrier(comm, final: Path):
+    """comm.barrier for the steps of a save: a peer that died there (gloo and NCCL raise at once) ends
+    this rank with one line, exit 6, as a failure inside dcp.save does — not a backend traceback."""
+
+    def barrier() -> None:
+        try:
+            comm.barrier()
+        except (KeyboardInterrupt, SystemExit, HpcllmError):
+            raise
+        except Exception as e:
+            if final.is_dir() and not final.with_name(final.name + TMP_SUFFIX).exists():  # renamed: the last barrier
+                raise CheckpointError(f"{final}: written, but a peer rank failed at its end ({_why(e)})") from None
+            raise CheckpointError(f"{final}: cannot be written: a peer rank failed ({_why(e)}); the previous "
+                                  "checkpoint is kept") from None
+
+    return barrier
+
+
 def load_sharded(ckpt: Path, comm, state: dict) -> None:
     """Load a checkpoint's model and optimizer into `state` (a plan's state_dict(), any layout), in place."""
     import torch.distributed.checkpoint as dcp
@@ -150,7 +199,7 @@ def load_sharded(ckpt: Path, comm, state: dict) -> None:
     check_fits(ckpt, state)
     _process_group(comm)
     try:
-        dcp.load(state, storage_reader=_reader(ckpt / DCP_DIR), no_dist=comm.size == 1)
+        dcp.load(state, storage_reader=_reader(ckpt / DCP_DIR), planner=_planner(), no_dist=comm.size == 1)
     except (KeyboardInterrupt, SystemExit, CheckpointError):
         raise
     except BaseException as e:  # DCP's CheckpointException (a BaseException) wraps every rank's failure
@@ -219,7 +268,7 @@ def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
         try:
-            dcp.load(tree, storage_reader=_reader(dcp_dir), no_dist=True)
+            dcp.load(tree, storage_reader=_reader(dcp_dir), planner=_planner(), no_dist=True)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:

@@ -54,6 +54,9 @@ class JobKind:
     check: Callable[["JobSpec"], None] = lambda spec: None
     # the error (and so the exit code) of a run_dir that cannot be written
     run_dir_error: type = ConfigError
+    # the share of its run_dir the job holds for its lifetime (hpcllm.jobs.lock: one job per
+    # run_dir), as (task, tasks) — (0, 1) is the whole of it; None: it takes no lock
+    holds_run_dir: Callable[["JobSpec"], tuple[int, int]] | None = None
 
     @property
     def template(self) -> str:

@@ -11,6 +11,7 @@ from hpcllm.jobs import JobKind
 
 def run(spec, force: bool = False) -> int:
     from hpcllm.infer.job import run_infer
+    from hpcllm.jobs.lock import release_run_dirs
     from hpcllm.jobs.runtime import start
 
     from hpcllm.report.provenance import begin, inference_end_fields, inference_start_fields
@@ -26,6 +27,7 @@ def run(spec, force: bool = False) -> int:
         raise
     record.end("finished", summary=summary, **(inference_end_fields(spec) if comm.rank == 0 else {}))
     comm.close()
+    release_run_dirs()
     return 0
 
 
@@ -43,6 +45,14 @@ def array_tasks(spec) -> int:
 def array_task_overrides(task: int, tasks: int) -> list[str]:
     # task i does the shards s with s % tasks == i (hpcllm.infer.config.array_slot)
     return [f"infer.array_task={task}", f"infer.array_tasks={tasks}"]
+
+
+def run_dir_share(spec) -> tuple[int, int]:
+    """The tasks of a job array share the run_dir's outputs, each its own shards: each holds its task's
+    lock (hpcllm.jobs.lock); a plain job holds the whole run_dir."""
+    from hpcllm.infer.job import array_slot
+
+    return array_slot(spec.infer)
 
 
 def incomplete(spec) -> str | None:
@@ -72,4 +82,5 @@ def incomplete(spec) -> str | None:
 KIND = JobKind(name="infer", help="batched generation/scoring over prompt shards; or `infer export RUN_DIR --jsonl F`",
                inputs=lambda spec: [("infer.prompts", spec.infer.prompts), ("infer.model", spec.infer.model)],
                run=run, incomplete=incomplete, outputs=lambda spec: [("run_dir", str(Path(spec.run_dir) / "outputs"))],
-               array_tasks=array_tasks, array_task_overrides=array_task_overrides, run_dir_error=InferError)
+               array_tasks=array_tasks, array_task_overrides=array_task_overrides, run_dir_error=InferError,
+               holds_run_dir=run_dir_share)

@@ -8,6 +8,7 @@ from hpcllm.jobs import JobKind
 
 
 def run(spec) -> int:
+    from hpcllm.jobs.lock import release_run_dirs
     from hpcllm.jobs.runtime import start
     from hpcllm.train.signals import catch_early_signals
     from hpcllm.train.trainer import train
@@ -28,6 +29,7 @@ def run(spec) -> int:
     record.end("stopped" if result.stopped else "finished", reason=result.stopped, step=result.step,
                checkpoint=result.checkpoint)
     comm.close()
+    release_run_dirs()
     if result.stopped:
         return EXIT_REQUEUE
     if result.step < spec.train.max_steps:  # a bug, never a success: say so rather than exit 0
@@ -52,4 +54,4 @@ def incomplete(spec) -> str | None:
 
 KIND = JobKind(name="train", help="train a model (1 process, mpirun or srun); resumes from the latest checkpoint",
                inputs=lambda spec: [("data.dataset", spec.data.dataset)], run=run, incomplete=incomplete,
-               outputs=lambda spec: [("run_dir", spec.run_dir)], requeue=True)
+               outputs=lambda spec: [("run_dir", spec.run_dir)], requeue=True, holds_run_dir=lambda spec: (0, 1))

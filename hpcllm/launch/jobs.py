@@ -90,6 +90,10 @@ def list_jobs(run_dirs: list[str], watch: float = 0.0) -> int:
                 state, reason = held.get(jid, (st["state"], st["reason"]))
                 print(f"{jid:<14} {r['kind']:<8} {r['name'][:24]:<24} {state:<12} {st['elapsed']:<10} {st['exit']:<6} "
                       f"{r['run_dir']:<32} {why(state, st['exit'], reason)}".rstrip())
+                if watch and state == "RUNNING":  # its live rate and ETA, from the files it writes
+                    from hpcllm.monitor.progress import watch_line
+
+                    print(f"{'':<14} {watch_line(r['run_dir'], r['kind']) or 'no progress recorded yet'}")
         if not watch:
             return 0
         time.sleep(max(MIN_POLL_S, watch))  # never hammer slurmctld/slurmdbd

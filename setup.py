@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.15",
     "matplotlib>=3.7",
     "psutil>=5.9",  # a start's process start time (hpcllm.report.provenance)
+    "prometheus_client>=0.17",  # live metrics: metrics.prometheus_dir / metrics.pushgateway (hpcllm.monitor)
 ]
 
 EXTRAS_REQUIRE = {

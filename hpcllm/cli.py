@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "hpcllm.launch.cli",
     "hpcllm.jobs.cli",
     "hpcllm.report.cli",
+    "hpcllm.monitor.cli",
 ]
 
 

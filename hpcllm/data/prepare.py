@@ -27,6 +27,7 @@ from hpcllm.data.chat import check_messages
 from hpcllm.data.config import DataConfig
 from hpcllm.data.inputs import InputFile, find_inputs, iter_documents, iter_jsonl, is_jsonl
 from hpcllm.atomic import remove_stale_tmp, write_json
+from hpcllm import monitor
 from hpcllm.comm import Communicator
 from hpcllm.data.shards import (FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, token_dtype, write_prompt_shard,
                                 write_token_shard)
@@ -84,6 +85,8 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
     lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
     empty = replaced = 0
     bar = _progress(comm, sum(f.size for f in mine), "B")
+    mon = monitor.current()  # live Prometheus metrics (hpcllm.monitor): rank 0's share
+    mon.prepare_started(sum(f.size for f in mine))
     for f in mine:
         for i, doc in enumerate(iter_documents(f, cfg)):
             if len(doc) == 0:
@@ -100,7 +103,9 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
             split = split_of(f.key, i, cfg.split_seed, cfg.val_fraction)
             streams[split].append(np.asarray(ids, dtype=dtype))
             lengths[split].append(len(ids))
+            mon.prepared_document(len(ids))
         bar.update(f.size)
+        mon.prepared_file(f.size)
     bar.close()
 
     # 3: place my tokens in each split's global stream

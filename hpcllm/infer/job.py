@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
+from hpcllm import monitor
 from hpcllm.comm import Communicator
 from hpcllm.config import JobSpec
 from hpcllm.data.prompts import PromptDataset, open_prompt_dataset
 from hpcllm.errors import ConfigError, DataError, IncompleteError, InferError
 from hpcllm.infer.config import array_slot
 from hpcllm.infer.engine import Engine
-from hpcllm.infer.outputs import (MANIFEST, done_and_intact, fingerprint, is_marked_done, mark_begun,
+from hpcllm.infer.outputs import (MANIFEST, done_and_intact, fingerprint, is_marked_done, mark_begun, marker_path,
                                   refuse_other_settings, remove_outputs, write_manifest, write_output)
 from hpcllm.infer.sampling import SamplingParams
 from hpcllm.infer.schedule import make_queue
@@ -188,6 +189,12 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
     stops = [s.encode("utf-8") for s in ic.stop_strings]
     skipped = len(mine_idx) - len(todo)
     queue = make_queue(comm, todo, ic.schedule, tp, tp_group)
+    from hpcllm.report.provenance import current_start
+
+    # rank 0 exports live progress from the done markers of this start's shards (hpcllm.monitor)
+    monitor.current().infer_started(out_dir, {marker_path(out_dir, prompts.shards[i]).name: prompts.shards[i].n_records
+                                              for i in todo}, [prompts.shards[i].n_records for i in mine_idx],
+                                    current_start(), getattr(queue, "pending", None))
     if comm.rank == 0:
         if skipped:
             log.info("resuming: %d of %d shards already done", skipped, len(mine_idx))

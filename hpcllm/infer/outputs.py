@@ -236,7 +236,8 @@ def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: lis
         # who did it and when, for `hpcllm report` (per-shard latency, rank load balance, shards redone)
         from hpcllm.report.provenance import current_start
 
-        info.update(rank=rank, finished_at=time.time(), start=current_start())
+        info.update(rank=rank, finished_at=time.time(), start=current_start(),
+                    new_tokens=sum(len(r.tokens) for r in results) if mode == "generate" else 0)
         write_json(marker_path(out_dir, shard), info)
     except OSError as e:
         raise InferError(f"cannot write {path}: {e.strerror or e}") from None

@@ -118,6 +118,10 @@ class MPIQueue:
             self._thread = threading.Thread(target=self._serve, name="hpcllm-shard-queue", daemon=True)
             self._thread.start()
 
+    def pending(self) -> int | None:
+        """Shards not handed out yet (the queue's depth), known on rank 0 (hpcllm.monitor samples it)."""
+        return len(self._pending) if self.rank == 0 else None
+
     def _take(self) -> int:
         with self._lock:
             return self._pending.popleft() if self._pending else -1
@@ -214,6 +218,9 @@ class GroupQueue:
         box = [self.inner.next() if self.asks else None]
         tdist.broadcast_object_list(box, src=self.first, group=self.group)
         return box[0]
+
+    def pending(self) -> int | None:
+        return getattr(self.inner, "pending", lambda: None)()
 
     def close(self) -> None:
         self.inner.close()

@@ -18,14 +18,19 @@ def run(spec, force: bool = False) -> int:
 
     comm = start(spec)
     record = begin(spec, comm, **(inference_start_fields(spec) if comm.rank == 0 else {}))
+    from hpcllm import monitor
+
+    mon = monitor.start(spec, comm)  # live Prometheus metrics, when the spec's metrics section asks
     # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
     # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
     try:
         summary = run_infer(spec, comm, force=force)
     except BaseException as e:  # the error still goes up to the CLI; the record says how the start ended
         record.end("crashed", gather=False, reason=f"{type(e).__name__}: {e}"[:500])
+        mon.close("crashed")
         raise
     record.end("finished", summary=summary, **(inference_end_fields(spec) if comm.rank == 0 else {}))
+    mon.close("finished")
     comm.close()
     release_run_dirs()
     return 0

@@ -9,11 +9,19 @@ from hpcllm.jobs import JobKind
 
 
 def run(spec) -> int:
+    from hpcllm import monitor
     from hpcllm.data.prepare import prepare
     from hpcllm.jobs.runtime import start
 
     comm = start(spec)
-    summary = prepare(spec.data, comm)  # on an error, no comm.close(): it would wait for the peers
+    mon = monitor.start(spec, comm)  # live Prometheus metrics, when the spec's metrics section asks
+    try:
+        summary = prepare(spec.data, comm)  # on an error, no comm.close(): it would wait for the peers
+    except BaseException:
+        mon.close("crashed")
+        raise
+    mon.prepare_done(summary)
+    mon.close("finished")
     comm.close()
     if comm.rank == 0:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}), flush=True)

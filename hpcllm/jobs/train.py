@@ -19,15 +19,20 @@ def run(spec) -> int:
     comm = start(spec)
     # rank 0 reads what it resumes from before the trainer truncates metrics.jsonl to the checkpoint
     record = begin(spec, comm, **(training_start_fields(spec) if comm.rank == 0 else {}))
+    from hpcllm import monitor
+
+    mon = monitor.start(spec, comm)  # live Prometheus metrics, when the spec's metrics section asks
     # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
     # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
     try:
         result = train(spec, comm)
     except BaseException as e:  # the error still goes up to the CLI; the record says how the start ended
         record.end("crashed", gather=False, reason=f"{type(e).__name__}: {e}"[:500])
+        mon.close("crashed")
         raise
     record.end("stopped" if result.stopped else "finished", reason=result.stopped, step=result.step,
                checkpoint=result.checkpoint)
+    mon.close("stopped" if result.stopped else "finished")
     comm.close()
     release_run_dirs()
     if result.stopped:

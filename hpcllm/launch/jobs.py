@@ -206,6 +206,10 @@ def list_jobs(args: list[str], watch: float = 0.0) -> int:
                     restarts = "" if s.restarts is None else s.restarts
                     print(f"{s.label:<14} {r['kind']:<8} {r['name'][:24]:<24} {s.state:<12} {_hms(s.elapsed_s):<10} "
                           f"{restarts:<8} {s.exit:<6} {r['run_dir']:<32} {why(s.state, s.exit, s.reason)}".rstrip())
+                    if watch and s.state == "RUNNING":  # its live rate and ETA, from the files it writes
+                        from hpcllm.monitor.progress import watch_line
+
+                        print(f"{'':<14} {watch_line(r['run_dir'], r['kind']) or 'no progress recorded yet'}")
         notes = [f"{n} job{'s' * (n > 1)} of cluster {c} not shown" for c, n in sorted(elsewhere.items())]
         if notes:
             notes = [f"{', '.join(notes)} (this is cluster {here}: SLURM_CONF picks the cluster)"]

@@ -27,6 +27,7 @@ from hpcllm.comm import Communicator
 from hpcllm.errors import EXIT_REQUEUE, CheckpointError, ConfigError, TrainingError
 from hpcllm.model import build_model as new_model
 from hpcllm.model.base import CausalLM
+from hpcllm import monitor
 from hpcllm.model.fit import check_fits
 from hpcllm.checkpoint import is_legacy, latest_checkpoint, read_meta, read_state, save_checkpoint
 from hpcllm.parallel.config import check_model
@@ -263,6 +264,8 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     else:
         plan.same_start()
     run_step = TrainStep(model, plan, comm, tc, accum)
+    mon = monitor.current()  # live Prometheus metrics (hpcllm.monitor): no-ops unless configured
+    mon.train_started(tc.max_steps, step)
 
     stop = StopRequest(tc.end_time_margin_s).install()
     tokens_per_step = global_batch * tc.seq_len
@@ -293,6 +296,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
             step_loss, stop_agreed = run_step(loader.next_batch, step + 1, stop.code())
             step += 1
             steps_timed += 1
+            mon.train_step(step)
             window.add(step_loss)
             if bar is not None:
                 bar.update(1)
@@ -308,6 +312,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
                 if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm, plan)
                 metrics.write(rec)
+                mon.train_logged(comm, rec, run_step.t_data, run_step.t_compute, plan.comm_wait_s, steps_timed)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.3f}", **({"val": f"{val_loss:.3f}"} if "val_loss" in rec else {}))
                 else:
@@ -420,6 +425,7 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
 
 
 def _save(spec, comm, step, plan: Plan, loader, window: LossWindow):
+    t0 = time.perf_counter()
     log_window = window.state(comm)  # a collective: every rank
     global_state = dict(loader=loader.state_dict(), log_window=log_window, world_size=comm.size,
                         global_batch=loader.global_batch)
@@ -428,4 +434,5 @@ def _save(spec, comm, step, plan: Plan, loader, window: LossWindow):
     path = save_checkpoint(spec.run_dir, step, comm, plan.state_dict(), global_state, meta, spec.train.keep_checkpoints)
     if comm.rank == 0:
         log.info("checkpoint %s", path)
+    monitor.current().checkpointed(step, time.perf_counter() - t0)
     return path

@@ -106,6 +106,31 @@ def test_the_tasks_of_an_inference_array_share_the_run_dir_and_nothing_else_does
         whole.close()
 
 
+def test_a_requeued_job_waits_for_its_own_previous_start_to_let_go(tmp_path, monkeypatch):
+    # Slurm starts a requeued job again while its previous start's ranks may still be exiting: the
+    # lock of the same Slurm job is waited for, not refused
+    import threading
+    import time
+
+    previous = Holder(tmp_path)  # Slurm job 4242
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    threading.Timer(1.0, previous.close).start()
+    t0 = time.monotonic()
+    lock = RunDirLock(tmp_path, "train")
+    assert lock.acquire() == [] and time.monotonic() - t0 >= 0.9
+    lock.release()
+    # another job's lock is refused at once, however long the wait for one's own would be
+    other = Holder(tmp_path)
+    try:
+        monkeypatch.setenv("SLURM_JOB_ID", "4343")
+        t0 = time.monotonic()
+        with pytest.raises(RunDirBusy, match="Slurm job 4242"):
+            RunDirLock(tmp_path, "train").acquire()
+        assert time.monotonic() - t0 < 5
+    finally:
+        other.close()
+
+
 @pytest.mark.mpi
 def test_the_refusal_reaches_every_rank(tmp_path):
     run = tmp_path / "run"

@@ -64,6 +64,14 @@ def describe(rec: dict | None) -> str:
     return f"an hpcllm {rec.get('kind', '?')} job on host {rec.get('host')}, pid {rec.get('pid')}, {job}, since {since}"
 
 
+def _busy(message: str, holder: dict | None) -> RunDirBusy:
+    """RunDirBusy, marked `same_job` when the holder is this Slurm job's own previous start."""
+    e = RunDirBusy(message)
+    mine = holder_record("")["slurm_job"]
+    e.same_job = bool(mine) and bool(holder) and holder.get("slurm_job") == mine
+    return e
+
+
 class _LockFile:
     """One lock file, opened once (see the module's note on POSIX locks)."""
 
@@ -119,9 +127,23 @@ class RunDirLock:
         self.error = error  # for a lock file that cannot be opened at all
         self._files: list[_LockFile] = []
 
-    def acquire(self) -> list[str]:
+    def acquire(self, wait_same_job_s: float = 60.0) -> list[str]:
         """Take the lock, or raise RunDirBusy naming the holder. Returns the lines to log: a previous
-        holder that is gone, or a filesystem without locks."""
+        holder that is gone, or a filesystem without locks. A holder of this very Slurm job (its
+        previous start, requeued: Slurm starts the new one while the old ranks may still be exiting,
+        a few seconds after sacct's End) is waited for, up to `wait_same_job_s`."""
+        deadline, tries = time.monotonic() + wait_same_job_s, 0
+        while True:
+            try:
+                return self._acquire_or_raise()
+            except RunDirBusy as e:
+                tries += 1
+                # one more try at once: the holder may have let go between our try and our look at it
+                if tries > 1 and (not getattr(e, "same_job", False) or time.monotonic() > deadline):
+                    raise
+                time.sleep(0.5 if tries > 1 else 0.05)
+
+    def _acquire_or_raise(self) -> list[str]:
         try:
             return self._acquire()
         except OSError as e:
@@ -138,18 +160,20 @@ class RunDirLock:
     def _acquire(self) -> list[str]:
         whole = self._open(LOCK_FILE)
         if self.tasks == 1:
+            holder = whole.read()  # before trying: a holder that lets go meanwhile empties its record
             if not whole.try_lock(shared=False):
-                raise RunDirBusy(f"run_dir {self.run_dir} is in use by {self._holder_of_whole(whole)}: one job "
-                                 "per run_dir (wait for it to end, or choose another run_dir)")
+                raise _busy(f"run_dir {self.run_dir} is in use by {self._holder_of_whole(whole)}: one job "
+                            "per run_dir (wait for it to end, or choose another run_dir)", holder)
             mine = whole
         else:
             if not whole.try_lock(shared=True):
                 raise RunDirBusy(f"run_dir {self.run_dir} is in use by {describe(whole.read())}, so array task "
                                  f"{self.task} of {self.tasks} cannot use it: one job per run_dir")
             mine = self._open(task_lock_file(self.task, self.tasks))
+            holder = mine.read()
             if not mine.try_lock(shared=False):
-                raise RunDirBusy(f"run_dir {self.run_dir}: array task {self.task} of {self.tasks} is already "
-                                 f"running there, as {describe(mine.read())}")
+                raise _busy(f"run_dir {self.run_dir}: array task {self.task} of {self.tasks} is already "
+                            f"running there, as {describe(mine.read() or holder)}", holder)
         notes = []
         gone = mine.read()
         if gone:

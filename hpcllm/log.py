@@ -22,6 +22,38 @@ def env_level() -> int | None:
     return level if isinstance(level, int) else None
 
 
+class RankLogFile(logging.FileHandler):
+    """A rank's log file. When it cannot be written (a full disk, a quota) it says so once on the
+    console and takes no more lines — rather than logging's traceback at every line after."""
+
+    failed = False
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def flush(self):
+        if not self.failed:
+            try:
+                super().flush()
+            except OSError:
+                self.handleError(None)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:  # what was still buffered cannot be written either; said once already, or now
+            self.handleError(None)
+
+    def handleError(self, record):
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        print(f"hpcllm: warning: {self.baseFilename} cannot be written ({getattr(err, 'strerror', None) or err}): "
+              "this rank's log goes on only on the console", file=sys.stderr, flush=True)
+
+
 def setup_logging(rank: int = 0, run_dir: str | os.PathLike | None = None) -> None:
     root = logging.getLogger("hpcllm")
     for h in list(root.handlers):
@@ -36,7 +68,7 @@ def setup_logging(rank: int = 0, run_dir: str | os.PathLike | None = None) -> No
     if run_dir is not None:
         logs = Path(run_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(logs / f"rank{rank}.log")
+        fh = RankLogFile(logs / f"rank{rank}.log")
         fh.setFormatter(fmt)
         fh.setLevel(forced if forced is not None else logging.INFO)
         root.addHandler(fh)

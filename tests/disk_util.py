@@ -39,8 +39,13 @@ class SmallDisk:
         self.how = "tmpfs" if _mount(path, f"size={size_kb}k") else "rlimit"
         path.mkdir(parents=True, exist_ok=True)
 
-    def fill(self) -> None:
-        """Take the rest of the space (on a tmpfs): the next write that needs a block fails."""
+    def fill(self, *files: Path) -> None:
+        """Make the next write fail: on a tmpfs, take the rest of its space; under the file-size limit,
+        grow each of `files` to the limit (writing more to one of them then fails)."""
+        for f in files if self.how == "rlimit" else ():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            with open(f, "ab") as fh:
+                fh.truncate(self.size_kb * 1024)
         if self.how == "tmpfs":
             with contextlib.suppress(OSError), open(self.path / "filler", "wb", buffering=0) as f:
                 while True:

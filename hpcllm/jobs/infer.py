@@ -16,7 +16,7 @@ def run(spec, force: bool = False) -> int:
     from hpcllm.report.provenance import begin, inference_end_fields, inference_start_fields
 
     comm = start(spec)
-    record = begin(spec, comm, **(inference_start_fields(spec) if comm.rank == 0 else {}))
+    record = begin(spec, comm, error=InferError, **(inference_start_fields(spec) if comm.rank == 0 else {}))
     # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
     # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
     try:

@@ -115,6 +115,19 @@ def _slurm() -> dict:
     return {k: env.get(v) for k, v in keys.items()}
 
 
+def user() -> dict:
+    """Who runs this start: the uid, and its name from the passwd database — or, where the uid has
+    no entry (a container started with --user), from $USER / $LOGNAME, else null."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = os.environ.get("USER") or os.environ.get("LOGNAME") or None
+    return {"name": name, "uid": uid}
+
+
 def process_start_time() -> float:
     import psutil
 
@@ -172,8 +185,8 @@ def begin(spec, comm, error: type = ConfigError, **fields) -> Start:
     leader = comm.rank == 0
     if leader:
         rec = dict(event="start", start=start_id, time=time.time(), process_start=process_start_time(),
-                   kind=spec.kind, name=spec.name, host=socket.gethostname(), slurm=_slurm(), world_size=comm.size,
-                   backend=comm.name, device=str(comm.device), plan=to_dict(spec.parallel),
+                   kind=spec.kind, name=spec.name, user=user(), host=socket.gethostname(), slurm=_slurm(),
+                   world_size=comm.size, backend=comm.name, device=str(comm.device), plan=to_dict(spec.parallel),
                    versions=versions(), spec_sha256=hashlib.sha256(dump_spec(spec).encode()).hexdigest(), **fields)
         try:
             append(spec.run_dir, rec)

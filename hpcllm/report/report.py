@@ -92,7 +92,8 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
         last_time = end["time"] if end else (seen_by_next.get("time") or (last_logged or {}).get("time") or s["time"])
         loop_start = (mine[0]["time"] - mine[0]["dt_s"]) if mine else None
         dt = sum(m["dt_s"] for m in mine)
-        row = dict(start=s["start"], slurm_job=_job(entry), restart_count=(s.get("slurm") or {}).get("restart_count"),
+        row = dict(start=s["start"], user=s.get("user"), slurm_job=_job(entry),
+                   restart_count=(s.get("slurm") or {}).get("restart_count"),
                    ranks=s["world_size"], ending=_ending(entry), began=s["process_start"], stopped=last_time,
                    allocated_s=last_time - s["process_start"], resumed_from_step=resumed, last_step=last_step,
                    startup_s=(loop_start - s["process_start"]) if loop_start is not None else None,
@@ -153,7 +154,8 @@ def inference_report(run_dir: Path, starts: list[dict]) -> dict:
                 busy[m["rank"]] = busy.get(m["rank"], 0.0) + m["seconds"]
         seconds = summ.get("seconds")
         records = summ.get("records", sum(m.get("n_records", 0) for m in mine))
-        rows.append(dict(start=sid, slurm_job=_job(entry), array_task=(s.get("slurm") or {}).get("array_task_id"),
+        rows.append(dict(start=sid, user=s.get("user"), slurm_job=_job(entry),
+                         array_task=(s.get("slurm") or {}).get("array_task_id"),
                          ranks=s["world_size"], ending=_ending(entry), began=s["process_start"],
                          allocated_s=t1 - s["process_start"], shards_done=len(mine),
                          shards_skipped=summ.get("skipped_shards"), records=records, new_tokens=summ.get("new_tokens"),
@@ -243,13 +245,20 @@ def _infer_lines(r: dict) -> list[str]:
     return lines
 
 
+def _by(user: dict | None) -> str:
+    """' by NAME (uid N)': who ran a start (records before hpcllm recorded it have no user)."""
+    if not isinstance(user, dict):
+        return ""
+    return f" by {user.get('name') or '?'} (uid {user.get('uid')})"
+
+
 def format_report(rep: dict) -> str:
     lines = [f"run {rep['run_dir']} ({rep['kind']}): {len(rep['starts'])} start(s)"]
     for i, r in enumerate(rep["starts"]):
         job = f"job {r['slurm_job']}" if r.get("slurm_job") else "not under Slurm"
         if r.get("array_task") is not None:
             job += f" (array task {r['array_task']})"
-        lines.append(f"  start {i} [{r['start']}] {job}, {r['ranks']} rank(s): {r['ending']}")
+        lines.append(f"  start {i} [{r['start']}]{_by(r.get('user'))} {job}, {r['ranks']} rank(s): {r['ending']}")
         lines += _train_lines(i, r) if rep["kind"] == "train" else _infer_lines(r)
     if rep["kind"] == "train":
         lines.append(f"total: allocated {rep['allocated_s']:.1f} s, productive step time {rep['productive_step_s']:.1f} s, "

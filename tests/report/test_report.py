@@ -144,6 +144,7 @@ def test_provenance_records_ids_versions_and_hashes(restarted_run):
         assert s["world_size"] == 2 and s["plan"]["shard"] == "none" and s["kind"] == "train"
         assert s["versions"]["torch"] and "Open MPI" in s["versions"]["mpi"] and s["versions"]["hpcllm"]
         assert len(s["spec_sha256"]) == 64 and len(s["dataset_manifest_sha256"]) == 64
+        assert s["user"]["uid"] == os.getuid() and s["user"]["name"]  # who ran it
     assert starts[0]["resume_from"] is None and starts[2]["resume_from"]["path"].endswith("step_%08d" % starts[2]
                                                                                            ["resume_from"]["step"])
 
@@ -224,11 +225,12 @@ def test_report_of_an_inference_run_on_two_ranks(tmp_path):
     assert "7 shard(s) done" in text and "shards redone: none" in text
 
 
-def test_a_full_run_dir_is_one_line(tmp_path, small_disk, capsys, caplog):
-    """A run_dir on a full disk is one line in the job kind's error — the start record, the end
-    record, the rank's log file — where the append raised ENOSPC through a traceback and the log
-    handler printed one per line."""
+def test_a_start_records_its_user_and_a_full_run_dir_is_one_line(tmp_path, small_disk, capsys, caplog):
+    """The start record names who ran it (the audit trail), and a run_dir on a full disk is one
+    line in the job kind's error — the start record, the end record, the rank's log file — where the
+    append raised ENOSPC through a traceback and the log handler printed one per line."""
     import logging
+    import pwd
 
     from hpcllm.comm import init_comm
     from hpcllm.comm.config import DistConfig
@@ -236,9 +238,25 @@ def test_a_full_run_dir_is_one_line(tmp_path, small_disk, capsys, caplog):
     from hpcllm.errors import InferError
     from hpcllm.jobs.preflight import check_run_dir
     from hpcllm.log import setup_logging
-    from hpcllm.report.provenance import Start, begin
+    from hpcllm.report.provenance import Start, begin, read_records, user
+    from hpcllm.report.report import build_report, format_report
 
     comm = init_comm(DistConfig(backend="single"))
+    spec = load_spec(None, [f"run_dir={tmp_path / 'run'}"], base={"kind": "infer"})
+    begin(spec, comm, error=InferError).end("finished")
+    start = read_records(spec.run_dir)[0][0]
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert start["user"] == {"name": me, "uid": os.getuid()}
+    assert f"  start 0 [{start['start']}] by {me} (uid {os.getuid()}) not under Slurm, 1 rank(s): finished" \
+        in format_report(build_report(spec.run_dir, use_sacct=False))
+    with pytest.MonkeyPatch.context() as mp:  # a uid without a passwd entry, as in a container run with --user
+        mp.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(f"getpwuid(): uid not found: {uid}")))
+        mp.setenv("USER", "ghost")
+        assert user() == {"name": "ghost", "uid": os.getuid()}
+        mp.delenv("USER")
+        mp.delenv("LOGNAME", raising=False)
+        assert user() == {"name": None, "uid": os.getuid()}
+
     full = load_spec(None, [f"run_dir={small_disk.path / 'run'}"], base={"kind": "infer"})
     record, log_file = small_disk.path / "run" / "provenance.jsonl", small_disk.path / "run" / "logs" / "rank0.log"
     small_disk.fill(record, log_file)

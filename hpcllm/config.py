@@ -21,6 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 
 from hpcllm.data.config import DataConfig
 from hpcllm.comm.config import DistConfig
@@ -236,8 +242,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any, str]]:
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{ov}': bad key '{key}'")
+        if key.count(".") >= MAX_SPEC_DEPTH:
+            raise ConfigError(f"override '{_clip(ov)}': more than {MAX_SPEC_DEPTH} keys deep")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
+        except SpecTooLarge as e:
+            raise ConfigError(f"override '{_clip(ov)}': {e}") from None
         except yaml.YAMLError:
             value = raw
         out.append((key.split("."), value, raw))
@@ -277,14 +287,115 @@ def _is_str_type(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
 
 
+# A job spec is a few kilobytes of settings. These bounds keep a hostile or broken one from exhausting
+# the loader, or what walks the loaded data (overrides, checks, `hpcllm config`'s dump, the spec file
+# `render` and `submit` write): aliases are allowed (anchors that share settings are ordinary YAML)
+# but not a document that expands to more than MAX_SPEC_VALUES values through them ("billion
+# laughs": 0.5 KB of aliases naming aliases is 10^9 values); nesting is at most MAX_SPEC_DEPTH
+# deep (the sections are 2 levels; free-form fields such as model.rope_scaling a few more); a file
+# is at most MAX_SPEC_BYTES. Overrides are read with the same loader. (A 1 MB spec of 45,000 input
+# paths loads in about 2 s: a real spec of a few hundred values in milliseconds.)
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_DEPTH = 64
+MAX_SPEC_VALUES = 100_000
+
+
+class SpecTooLarge(yaml.YAMLError):
+    """A YAML document past the bounds above."""
+
+
+class _BoundedComposer(Composer):
+    """PyYAML's composer, counting as it goes: the nesting depth of each node, and the values each
+    node stands for with its aliases expanded (an alias counts everything its anchor holds)."""
+
+    def __init__(self):
+        Composer.__init__(self)
+        self._depth = 0
+        self._values: dict[int, int] = {}  # id(node) -> values it holds, aliases expanded
+
+    def compose_node(self, parent, index):
+        line = self.peek_event().start_mark.line + 1
+        if self._depth >= MAX_SPEC_DEPTH:
+            raise SpecTooLarge(f"nested deeper than {MAX_SPEC_DEPTH} levels (line {line})")
+        self._depth += 1
+        try:
+            node = Composer.compose_node(self, parent, index)
+        finally:
+            self._depth -= 1
+        children = [] if isinstance(node, yaml.ScalarNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+        self._values[id(node)] = n = 1 + sum(self._values.get(id(c), 1) for c in children)
+        if n > MAX_SPEC_VALUES:
+            raise SpecTooLarge(f"holds more than {MAX_SPEC_VALUES:,} values with its aliases expanded (line {line})")
+        return node
+
+
+try:
+    from yaml.cyaml import CParser
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    CParser = None
+
+if CParser is not None:  # libyaml parses (the C loader's speed); the composer (bounded) and constructor are PyYAML's
+
+    class _BoundedLoader(_BoundedComposer, CParser, SafeConstructor, Resolver):
+        def __init__(self, stream):
+            CParser.__init__(self, stream)
+            _BoundedComposer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+else:  # pragma: no cover - PyYAML built without libyaml
+
+    class _BoundedLoader(Reader, Scanner, Parser, _BoundedComposer, SafeConstructor, Resolver):
+        def __init__(self, stream):
+            Reader.__init__(self, stream)
+            Scanner.__init__(self)
+            Parser.__init__(self)
+            _BoundedComposer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load within the bounds above (SpecTooLarge past one; other yaml.YAMLErrors as usual):
+    no Python tags, no alias bombs, no nesting that recursion cannot follow."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: PyYAML's spread the problem and its context over several."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    return " ".join(f"{context + ': ' if context else ''}{problem}{where}".split())
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"job spec '{p}' not found" if not p.exists() else f"job spec '{p}' is not a file")
     try:
-        data = yaml.safe_load(p.read_text())
+        with open(p, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            raise ConfigError(f"{p}: is {p.stat().st_size:,} bytes; a job spec may have at most {MAX_SPEC_BYTES:,} "
+                              "(they are a few kilobytes)")
+        data = load_yaml(raw.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"job spec '{p}' cannot be read: {e.strerror}") from None
+    except SpecTooLarge as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a text file") from None
     if data is None:

@@ -22,6 +22,45 @@ def env_level() -> int | None:
     return level if isinstance(level, int) else None
 
 
+class RankLogFile(logging.FileHandler):
+    """A rank's log file, appended to only if it is a regular file, never through a link
+    (hpcllm.paths.open_append: a link planted in the run dir cannot make every rank write into another
+    file). When it cannot be written (a full disk, a quota) it says so once on the console and takes no
+    more lines — rather than logging's traceback at every line after."""
+
+    failed = False
+
+    def _open(self):
+        from hpcllm.paths import open_append
+
+        return open_append(self.baseFilename)
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def flush(self):
+        if not self.failed:
+            try:
+                super().flush()
+            except OSError:
+                self.handleError(None)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:  # what was still buffered cannot be written either; said once already, or now
+            self.handleError(None)
+
+    def handleError(self, record):
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        print(f"hpcllm: warning: {self.baseFilename} cannot be written ({getattr(err, 'strerror', None) or err}): "
+              "this rank's log goes on only on the console", file=sys.stderr, flush=True)
+
+
 def setup_logging(rank: int = 0, run_dir: str | os.PathLike | None = None) -> None:
     root = logging.getLogger("hpcllm")
     for h in list(root.handlers):
@@ -36,22 +75,12 @@ def setup_logging(rank: int = 0, run_dir: str | os.PathLike | None = None) -> No
     if run_dir is not None:
         logs = Path(run_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        fh = NoFollowFileHandler(logs / f"rank{rank}.log")
+        fh = RankLogFile(logs / f"rank{rank}.log")
         fh.setFormatter(fmt)
         fh.setLevel(forced if forced is not None else logging.INFO)
         root.addHandler(fh)
     root.setLevel(forced if forced is not None else logging.INFO)
     root.propagate = False
-
-
-class NoFollowFileHandler(logging.FileHandler):
-    """A log file appended to only if it is a regular file, never through a link (hpcllm.paths.open_append):
-    a link planted in the run dir cannot make every rank write into another file."""
-
-    def _open(self):
-        from hpcllm.paths import open_append
-
-        return open_append(self.baseFilename)
 
 
 def to_rank_log(message: str, exc_info=None) -> None:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,3 +101,49 @@ def test_floats_as_people_write_them_in_yaml_and_overrides(tmp_path, written):
     assert spec.train.min_lr == 1e-5 and spec.dist.timeout_s == 1000.0
     spec = load_spec(write(tmp_path, "kind: train\n"), [f"train.lr={written}", "train.betas=[0.9, 9.5e-1]"])
     assert spec.train.lr == pytest.approx(3e-4) and spec.train.betas == [0.9, 0.95]
+
+
+# 0.5 KB that expands to 10^9 values: a9 is ten a8s, each ten a7s, ...
+BILLION_LAUGHS = ("kind: train\nmodel:\n  rope_scaling:\n    a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                  + "".join(f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10)))
+
+
+@pytest.mark.parametrize("text, message", [
+    (BILLION_LAUGHS, "holds more than 100,000 values with its aliases expanded (line 8)"),
+    ("kind: train\nmodel: {rope_scaling: " + "[" * 600 + "]" * 600 + "}\n", "nested deeper than 64 levels"),
+    ("kind: train\nmodel:\n  rope_scaling:\n" + "".join("  " * (i + 2) + f"k{i}:\n" for i in range(100)),
+     "nested deeper than 64 levels"),
+    ("kind: train\nname: big\n# " + "x" * (1 << 20) + "\n",
+     "is 1,048,601 bytes; a job spec may have at most 1,048,576"),
+    ("kind: !!python/object/apply:os.system ['true']\n", "not valid YAML: could not determine a constructor"),
+])
+def test_specs_that_would_exhaust_the_loader_are_refused_in_one_line(tmp_path, text, message):
+    p = write(tmp_path, text)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        load_spec(p)
+    assert time.monotonic() - t0 < 1.0
+    assert str(e.value).startswith(f"{p}: ") and message in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_aliases_within_bounds_still_load(tmp_path):
+    spec = load_spec(write(tmp_path, "kind: prepare\ndata: {include: &pats ['*.py', '*.txt'], exclude: *pats}\n"))
+    assert spec.data.include == spec.data.exclude == ["*.py", "*.txt"]
+
+
+def test_overrides_are_read_with_the_same_bounds(tmp_path):
+    p = write(tmp_path, "kind: train\n")
+    with pytest.raises(ConfigError, match=r"^override 'model\.rope_scaling=\[\[.*nested deeper than 64 levels"):
+        load_spec(p, ["model.rope_scaling=" + "[" * 600 + "]" * 600])
+    with pytest.raises(ConfigError, match="override 'model.rope_scaling.a.a.a.*: more than 64 keys"):
+        load_spec(p, ["model.rope_scaling" + ".a" * 600 + "=1"])
+    assert load_spec(p, ["data.include=['*.py', '*.md']"]).data.include == ["*.py", "*.md"]
+
+
+def test_cli_refuses_a_billion_laughs_in_one_line(tmp_path):
+    p = write(tmp_path, BILLION_LAUGHS)
+    r = subprocess.run([sys.executable, "-m", "hpcllm.cli", "config", str(p)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "holds more than 100,000 values with its aliases expanded" in r.stderr

@@ -5,7 +5,8 @@ Jinja2's immutable sandbox, set up as transformers' `apply_chat_template` sets i
 lstrip_blocks, loop controls, the `{% generation %}` tag, `tojson` without HTML escaping,
 `raise_exception`, `strftime_now`, a namespace that refuses underscore names), with the special
 tokens as variables and `add_generation_prompt=True` — so the same template gives the same text,
-and the same token ids, as transformers does.
+and the same token ids, as transformers does. The sandbox refuses escapes but not work without end:
+each record renders within the time and size limits of hpcllm.data.chat_limits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from hpcllm.errors import DataError
 def _compile(template: str):
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from hpcllm.data.chat_limits import BoundedSandbox
 
     class GenerationTag(jinja2.ext.Extension):
         # `{% generation %}...{% endgeneration %}` marks assistant text for training masks; it renders its body
@@ -65,9 +67,9 @@ def _compile(template: str):
         def fromkeys(self, *args, **kwargs):
             return dict.fromkeys(*args, **kwargs)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.check_filters()
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
                        dict=TemplateDict(), namespace=Namespace)
     return env.from_string(template)
@@ -83,14 +85,30 @@ def check_messages(messages, where: str) -> list[dict]:
 
 
 def render_chat(template: str, messages: list, special_tokens: dict[str, str], where: str) -> str:
-    """The prompt text of a conversation, ending where the assistant's answer starts."""
+    """The prompt text of a conversation, ending where the assistant's answer starts. Whatever the
+    template does wrong — an error, a limit of chat_limits passed, a recursion without end, memory
+    exhausted — is a DataError naming the record (`where`)."""
     import jinja2
 
+    from hpcllm.data.chat_limits import MAX_TEMPLATE_CHARS, RenderLimit, render_bounded
+
     check_messages(messages, where)
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise DataError(f"{where}: the chat template is {len(template):,} characters, more than the "
+                        f"{MAX_TEMPLATE_CHARS:,} a chat template may have")
     try:
-        return _compile(template).render(messages=messages, tools=None, documents=None, add_generation_prompt=True,
-                                         **special_tokens)
+        return render_bounded(_compile(template), dict(messages=messages, tools=None, documents=None,
+                                                       add_generation_prompt=True, **special_tokens))
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise DataError(f"chat_template line {e.lineno}: {e.message} (while rendering {where})") from None
-    except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError) as e:
-        raise DataError(f"{where}: the chat template refused this conversation: {e}") from None
+    except RenderLimit as e:
+        raise DataError(f"{where}: the chat template went past its limits: {e}") from None
+    except RecursionError:
+        raise DataError(f"{where}: the chat template recursed too deeply (a macro that calls itself without "
+                        "end?)") from None
+    except MemoryError:
+        raise DataError(f"{where}: the chat template ran out of memory") from None
+    except Exception as e:  # noqa: BLE001 - untrusted code: anything it raises is its failure on this record
+        what = "" if isinstance(e, jinja2.exceptions.TemplateError) else f"{type(e).__name__}: "
+        raise DataError(f"{where}: the chat template refused this conversation: {what}"
+                        + " ".join(str(e).split())) from None  # one line, whatever the template's message

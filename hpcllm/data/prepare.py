@@ -16,8 +16,12 @@ How N ranks produce the dataset one process would:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -62,6 +66,65 @@ def _progress(comm: Communicator, total: int, unit: str):
     return tqdm(total=total, unit=unit, unit_scale=True, disable=comm.rank != 0, desc="prepare", mininterval=1.0)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, remove: tuple[Path, ...] = ()):
+    """An OSError while writing the dataset — a full disk, a quota, a read-only directory — as one
+    DataError naming the file (h5py's own message spans several lines). `remove`: the staging files,
+    which would otherwise keep the disk full until the next run clears them."""
+    try:
+        yield
+    except (OSError, RuntimeError) as raised:
+        # h5py closing a file whose write failed raises a RuntimeError over the write's OSError
+        e = raised if isinstance(raised, OSError) else raised.__context__
+        if not isinstance(e, OSError):
+            raise
+        for p in remove:
+            p.unlink(missing_ok=True)
+        reason = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+        hint = ": free some space, or choose another data.dataset" if e.errno in DISK_FULL else ""
+        raise DataError(f"cannot write {path}: {reason}{hint}") from None
+
+
+def _short_of_space(out: Path, totals: dict, dtype: np.dtype, shard_tokens: int) -> str | None:
+    """Why the dataset will not fit on out's filesystem, or None. It needs the staging files (the
+    tokens and document starts) and, beside them, the shards (the same again, plus HDF5's headers),
+    less the shards of an earlier run that the new ones replace."""
+    staged = sum(t * dtype.itemsize + d * 8 for t, d in totals.values())
+    names = [f"{s}-{i:05d}.h5" for s, (t, _) in totals.items() for i in range(-(-t // shard_tokens))]
+    replaced = sum((out / n).stat().st_size for n in names if (out / n).is_file())
+    needed = 2 * staged + SHARD_OVERHEAD * len(names) - replaced
+    free = shutil.disk_usage(out).free
+    if needed <= free:
+        return None
+    return (f"{out}: the dataset needs about {needed / 2**20:,.1f} MiB free while it is written (staged tokens, then "
+            f"shards), and its filesystem has {free / 2**20:,.1f} MiB: free some space, or choose another data.dataset")
+
+
+SHARD_OVERHEAD = 16384  # an HDF5 shard's headers and attributes: ~7 KB measured
+
+
+def _reserve(fh, nbytes: int) -> None:
+    """Size a staging file, taking its blocks now where the filesystem can (so a full disk fails here);
+    elsewhere it stays sparse until written."""
+    try:
+        if nbytes:
+            os.posix_fallocate(fh.fileno(), 0, nbytes)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise
+        fh.truncate(nbytes)  # no fallocate on this filesystem (EOPNOTSUPP, EINVAL)
+
+
+def _write_at(path: Path, offset: int, data: np.ndarray) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        fh.flush()
+
+
 def prepare(cfg: DataConfig, comm: Communicator) -> dict:
     """Build the dataset at cfg.dataset; returns the summary (same on every rank)."""
     if not cfg.dataset:
@@ -73,10 +136,12 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
     tok = load_tokenizer_file(cfg.tokenizer)
     dtype = token_dtype(tok.vocab_size)
     files = comm.broadcast_object(find_inputs(cfg) if comm.rank == 0 else None)
+    staging = tuple(out / f".{s}.{what}.tmp" for s in SPLITS for what in ("tokens", "docs"))
     if comm.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is "unfinished"
-        remove_stale_tmp(out)
+        with _writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / MANIFEST).unlink(missing_ok=True)  # from here on the directory is "unfinished"
+            remove_stale_tmp(out)
     comm.barrier()
 
     # 1-2: tokenize my documents
@@ -110,29 +175,32 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
 
     # 3: place my tokens in each split's global stream
     shard_entries = []
-    totals = {}
+    offsets, totals = {}, {}
     for split in SPLITS:
-        n_tok = sum(lengths[split])
-        tok_off, tok_total = comm.exscan(n_tok)
+        tok_off, tok_total = comm.exscan(sum(lengths[split]))
         doc_off, doc_total = comm.exscan(len(lengths[split]))
-        totals[split] = (tok_total, doc_total)
+        offsets[split], totals[split] = (tok_off, doc_off), (tok_total, doc_total)
+    short = comm.broadcast_object(_short_of_space(out, totals, dtype, cfg.shard_tokens) if comm.rank == 0 else None)
+    if short:  # every rank says it, before a byte is written: a full disk mid-way fails less clearly
+        raise DataError(short)
+    for split in SPLITS:
+        (tok_off, doc_off), (tok_total, doc_total) = offsets[split], totals[split]
         if tok_total == 0:
             continue
-        raw, docs = out / f".{split}.tokens.tmp", out / f".{split}.docs.tmp"
+        raw, docs = out / f".{split}.tokens.tmp", out / f".{split}.docs.tmp"  # in `staging`
         if comm.rank == 0:
             for path, nbytes in ((raw, tok_total * dtype.itemsize), (docs, doc_total * 8)):
-                with open(path, "wb") as fh:
-                    fh.truncate(nbytes)
+                with _writing(path, staging), open(path, "wb") as fh:
+                    _reserve(fh, nbytes)
         comm.barrier()
-        if n_tok:
-            mm = np.memmap(raw, dtype=dtype, mode="r+", offset=tok_off * dtype.itemsize, shape=(n_tok,))
-            mm[:] = np.concatenate(streams[split])
-            mm.flush()
+        if lengths[split]:
+            # written, not memory-mapped: a write to a full disk fails (ENOSPC), a store into a mapping
+            # of it kills the process (SIGBUS) with no word of why
             starts = tok_off + np.concatenate([[0], np.cumsum(lengths[split][:-1])]).astype(np.int64)
-            dm = np.memmap(docs, dtype=np.int64, mode="r+", offset=doc_off * 8, shape=(len(starts),))
-            dm[:] = starts
-            dm.flush()
-            del mm, dm
+            with _writing(raw, staging):
+                _write_at(raw, tok_off * dtype.itemsize, np.concatenate(streams[split]))
+            with _writing(docs, staging):
+                _write_at(docs, doc_off * 8, starts)
         comm.barrier()
         # 4: shards at fixed global offsets, round-robin over ranks
         tokens = np.memmap(raw, dtype=dtype, mode="r", shape=(tok_total,))
@@ -144,7 +212,8 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
             name = f"{split}-{i:05d}.h5"
             attrs = dict(split=split, shard_index=i, token_offset=lo, n_tokens=hi - lo, n_docs=int(d_hi - d_lo),
                          dtype=dtype.name, vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer=tok.identity)
-            write_token_shard(out / name, np.asarray(tokens[lo:hi]), np.asarray(doc_starts[d_lo:d_hi]) - lo, attrs)
+            with _writing(out / name, staging):  # atomic: a shard that failed to be written is not left behind
+                write_token_shard(out / name, np.asarray(tokens[lo:hi]), np.asarray(doc_starts[d_lo:d_hi]) - lo, attrs)
             shard_entries.append(dict(path=name, split=split, index=i, token_offset=lo, n_tokens=hi - lo,
                                       n_docs=int(d_hi - d_lo), bytes=(out / name).stat().st_size,
                                       sha256=sha256_file(out / name)))
@@ -167,7 +236,8 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
         for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9].h5"):
             if old.name not in listed:
                 old.unlink()  # left by an earlier run with another shard layout
-        tok.save(out / TOKENIZER_FILE)
+        with _writing(out / TOKENIZER_FILE):
+            tok.save(out / TOKENIZER_FILE)
         manifest = dict(
             format=FORMAT, format_version=FORMAT_VERSION, kind="tokens", tokenizer=tok.identity,
             tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
@@ -176,7 +246,8 @@ def prepare(cfg: DataConfig, comm: Communicator) -> dict:
             splits={s: dict(n_tokens=totals[s][0], n_docs=totals[s][1]) for s in SPLITS},
             shards=all_entries,
         )
-        write_json(out / MANIFEST, manifest)
+        with _writing(out / MANIFEST):
+            write_json(out / MANIFEST, manifest)
         rate = summary["tokens"] / max(summary["seconds"], 1e-9)
         log.info("prepared %s: %d documents (%d empty skipped%s), %d tokens, %d shards, %.0f tokens/s on %d rank(s)",
                  out, summary["documents"], summary["empty_documents"],
@@ -261,8 +332,9 @@ def prepare_prompts(cfg: DataConfig, comm: Communicator) -> dict:
     summary = None
     if comm.rank == 0:
         out = Path(cfg.dataset)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)
+        with _writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            (out / MANIFEST).unlink(missing_ok=True)
         tok = load_tokenizer_file(cfg.tokenizer)
         dtype = token_dtype(tok.vocab_size)
         records = read_records(cfg)
@@ -280,24 +352,27 @@ def prepare_prompts(cfg: DataConfig, comm: Communicator) -> dict:
         for i in range(0, len(records), per):
             chunk = records[i : i + per]
             name = f"prompts-{i // per:05d}.h5"
-            write_prompt_shard(out / name, prompts[i : i + per], [r["id"] for r in chunk], dtype,
-                               dict(shard_index=i // per, n_records=len(chunk), dtype=dtype.name,
-                                    vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer=tok.identity),
-                               texts=[r["text"] for r in chunk] if cfg.keep_text else None,
-                               continuations=conts[i : i + per] if conts is not None else None)
+            with _writing(out / name):
+                write_prompt_shard(out / name, prompts[i : i + per], [r["id"] for r in chunk], dtype,
+                                   dict(shard_index=i // per, n_records=len(chunk), dtype=dtype.name,
+                                        vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer=tok.identity),
+                                   texts=[r["text"] for r in chunk] if cfg.keep_text else None,
+                                   continuations=conts[i : i + per] if conts is not None else None)
             entries.append(dict(path=name, split="prompts", index=i // per, n_records=len(chunk),
                                 bytes=(out / name).stat().st_size, sha256=sha256_file(out / name)))
         listed = {e["path"] for e in entries}
         for old in out.glob("prompts-*.h5"):
             if old.name not in listed:
                 old.unlink()
-        tok.save(out / TOKENIZER_FILE)
-        write_json(out / MANIFEST, dict(
-            format=FORMAT, format_version=FORMAT_VERSION, kind="prompts", tokenizer=tok.identity,
-            tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
-            vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,
-            n_records=len(records), has_text=cfg.keep_text, has_continuations=bool(cfg.continuation_field),
-            shards=entries))
+        with _writing(out / TOKENIZER_FILE):
+            tok.save(out / TOKENIZER_FILE)
+        with _writing(out / MANIFEST):
+            write_json(out / MANIFEST, dict(
+                format=FORMAT, format_version=FORMAT_VERSION, kind="prompts", tokenizer=tok.identity,
+                tokenizer_file=TOKENIZER_FILE, tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
+                vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id, dtype=dtype.name,
+                n_records=len(records), has_text=cfg.keep_text, has_continuations=bool(cfg.continuation_field),
+                shards=entries))
         summary = dict(records=len(records), shards=len(entries), seconds=time.perf_counter() - t0)
         log.info("prepared %s: %d prompt records in %d shards", out, summary["records"], summary["shards"])
     return comm.broadcast_object(summary)

@@ -17,7 +17,7 @@ def run(spec, force: bool = False) -> int:
     from hpcllm.report.provenance import begin, inference_end_fields, inference_start_fields
 
     comm = start(spec)
-    record = begin(spec, comm, **(inference_start_fields(spec) if comm.rank == 0 else {}))
+    record = begin(spec, comm, error=InferError, **(inference_start_fields(spec) if comm.rank == 0 else {}))
     from hpcllm import monitor
 
     mon = monitor.start(spec, comm)  # live Prometheus metrics, when the spec's metrics section asks

@@ -5,6 +5,7 @@ Rank/size agreement between MPI and the launcher is checked when the communicato
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -31,10 +32,17 @@ def check_run_dir(run_dir: str, error: type = ConfigError) -> None:
         (path / "logs").mkdir(parents=True, exist_ok=True)  # every rank's log goes there
         # every rank probes (runtime.start): host and pid keep ranks on other nodes off each other's file
         probe = path / f".write-test-{socket.gethostname()}-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        try:
+            with open(probe, "wb") as f:  # a byte, synced: an empty file fits on a full disk, a byte does not
+                f.write(b"\0")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
-        raise error(f"run_dir {run_dir!r} cannot be written ({e.strerror or e}): choose another run_dir") from None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise error(f"run_dir {run_dir!r} cannot be written ({e.strerror or e}): "
+                    f"{'free some space, or ' if full else ''}choose another run_dir") from None
 
 
 def preflight(spec: JobSpec, kind) -> None:

@@ -95,12 +95,16 @@ def _submit(args) -> int:
 def _render(args) -> int:
     from hpcllm.atomic import write_text
     from hpcllm.config import load_spec
+    from hpcllm.errors import ConfigError
     from hpcllm.launch.render import render
 
     spec = load_spec(args.spec, args.overrides)
     text, spec_file = render(spec, args.spec)
     if args.output:
-        write_text(args.output, text, mode=0o755)
+        try:
+            write_text(args.output, text, mode=0o755)
+        except OSError as e:
+            raise ConfigError(f"-o {args.output}: cannot write the script: {e.strerror or e}") from None
         print(f"wrote {args.output} (runs {spec_file}); submit with: sbatch {args.output}")
     else:
         print(text, end="")

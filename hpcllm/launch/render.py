@@ -45,6 +45,10 @@ def render(spec: JobSpec, spec_source: str = "<spec>", python: str | None = None
         spec_source=str(spec_source), python=spec.slurm.python or python or sys.executable,
         srun_args=" ".join(shlex.quote(a) for a in spec.slurm.srun_args), srun_passing_signals=SRUN_PASSING_SIGNALS,
     )
-    log_dir.mkdir(parents=True, exist_ok=True)
-    write_text(spec_file, dump_spec(spec))
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        write_text(spec_file, dump_spec(spec))
+    except OSError as e:
+        raise ConfigError(f"{spec_source}: cannot write the resolved spec {spec_file} (run_dir): "
+                          f"{e.strerror or e}") from None
     return text, spec_file

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -22,7 +23,10 @@ import time
 import uuid
 from pathlib import Path
 
+from hpcllm.errors import ConfigError
+
 FILE = "provenance.jsonl"
+log = logging.getLogger("hpcllm")
 _current: str | None = None  # this process's start id, which metrics records carry
 
 
@@ -126,6 +130,19 @@ def _slurm() -> dict:
     return {k: env.get(v) for k, v in keys.items()}
 
 
+def user() -> dict:
+    """Who runs this start: the uid, and its name from the passwd database — or, where the uid has
+    no entry (a container started with --user), from $USER / $LOGNAME, else null."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = os.environ.get("USER") or os.environ.get("LOGNAME") or None
+    return {"name": name, "uid": uid}
+
+
 def process_start_time() -> float:
     import psutil
 
@@ -147,8 +164,8 @@ def usage() -> dict:
 
 
 class Start:
-    def __init__(self, run_dir: str, start_id: str, comm, leader: bool):
-        self.run_dir, self.id, self.comm, self.leader = run_dir, start_id, comm, leader
+    def __init__(self, run_dir: str, start_id: str, comm, leader: bool, error: type = ConfigError):
+        self.run_dir, self.id, self.comm, self.leader, self.error = run_dir, start_id, comm, leader, error
         self.ended = False
 
     def end(self, ending: str, gather: bool = True, **fields) -> None:
@@ -160,12 +177,21 @@ class Start:
         mine = dict(rank=self.comm.rank, host=socket.gethostname(), **usage())
         ranks = self.comm.allgather_object(mine) if gather else [mine]
         if self.leader:
-            append(self.run_dir, dict(event="end", start=self.id, time=time.time(), ending=ending, ranks=ranks,
-                                      **fields))
+            try:
+                append(self.run_dir, dict(event="end", start=self.id, time=time.time(), ending=ending, ranks=ranks,
+                                          **fields))
+            except OSError as e:
+                if ending == "crashed":  # the error that ended the start is on its way up: this must not hide it
+                    log.warning("%s: the end record of this start was not written (%s)", Path(self.run_dir) / FILE,
+                                e.strerror or e)
+                    return
+                raise self.error(f"{Path(self.run_dir) / FILE}: cannot record the end of this start "
+                                 f"({e.strerror or e})") from None
 
 
-def begin(spec, comm, **fields) -> Start:
-    """Rank 0 appends the start record; every rank learns the start id (a broadcast)."""
+def begin(spec, comm, error: type = ConfigError, **fields) -> Start:
+    """Rank 0 appends the start record; every rank learns the start id (a broadcast). A run_dir that
+    cannot take the record (a full disk) is `error` (the job kind's run_dir error), in one line."""
     global _current
     from hpcllm.config import dump_spec, to_dict
 
@@ -174,11 +200,14 @@ def begin(spec, comm, **fields) -> Start:
     leader = comm.rank == 0
     if leader:
         rec = dict(event="start", start=start_id, time=time.time(), process_start=process_start_time(),
-                   kind=spec.kind, name=spec.name, host=socket.gethostname(), slurm=_slurm(), world_size=comm.size,
-                   backend=comm.name, device=str(comm.device), plan=to_dict(spec.parallel),
+                   kind=spec.kind, name=spec.name, user=user(), host=socket.gethostname(), slurm=_slurm(),
+                   world_size=comm.size, backend=comm.name, device=str(comm.device), plan=to_dict(spec.parallel),
                    versions=versions(), spec_sha256=hashlib.sha256(dump_spec(spec).encode()).hexdigest(), **fields)
-        append(spec.run_dir, rec)
-    return Start(spec.run_dir, start_id, comm, leader)
+        try:
+            append(spec.run_dir, rec)
+        except OSError as e:
+            raise error(f"{Path(spec.run_dir) / FILE}: cannot record this start ({e.strerror or e})") from None
+    return Start(spec.run_dir, start_id, comm, leader, error)
 
 
 def training_start_fields(spec) -> dict:

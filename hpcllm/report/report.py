@@ -104,7 +104,7 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
         # a killed start's CPU times: of the last record that has them (the next start drops the records
         # past its checkpoint, so the last one kept in metrics.jsonl may be older than the last logged)
         cpu_at = seen_by_next if seen_by_next.get("cpu_s_ranks") else last_logged
-        row = dict(start=s["start"], slurm_job=_job(entry), slurm_name=_job_name(entry),
+        row = dict(start=s["start"], user=s.get("user"), slurm_job=_job(entry), slurm_name=_job_name(entry),
                    restart_count=(s.get("slurm") or {}).get("restart_count"), ranks=s["world_size"],
                    ending=_ending(entry), began=s["process_start"], stopped=last_time,
                    allocated_s=last_time - s["process_start"], resumed_from_step=resumed, last_step=last_step,
@@ -166,7 +166,7 @@ def inference_report(run_dir: Path, starts: list[dict]) -> dict:
                 busy[m["rank"]] = busy.get(m["rank"], 0.0) + m["seconds"]
         seconds = summ.get("seconds")
         records = summ.get("records", sum(m.get("n_records", 0) for m in mine))
-        rows.append(dict(start=sid, slurm_job=_job(entry), slurm_name=_job_name(entry),
+        rows.append(dict(start=sid, user=s.get("user"), slurm_job=_job(entry), slurm_name=_job_name(entry),
                          array_task=(s.get("slurm") or {}).get("array_task_id"), ranks=s["world_size"],
                          ending=_ending(entry), began=s["process_start"],
                          allocated_s=t1 - s["process_start"], shards_done=len(mine),
@@ -260,11 +260,18 @@ def _infer_lines(r: dict) -> list[str]:
     return lines
 
 
+def _by(user: dict | None) -> str:
+    """' by NAME (uid N)': who ran a start (records before hpcllm recorded it have no user)."""
+    if not isinstance(user, dict):
+        return ""
+    return f" by {user.get('name') or '?'} (uid {user.get('uid')})"
+
+
 def format_report(rep: dict) -> str:
     lines = [f"run {rep['run_dir']} ({rep['kind']}): {len(rep['starts'])} start(s)"]
     for i, r in enumerate(rep["starts"]):
         job = f"job {r.get('slurm_name') or r['slurm_job']}" if r.get("slurm_job") else "not under Slurm"
-        lines.append(f"  start {i} [{r['start']}] {job}, {r['ranks']} rank(s): {r['ending']}")
+        lines.append(f"  start {i} [{r['start']}]{_by(r.get('user'))} {job}, {r['ranks']} rank(s): {r['ending']}")
         lines += _train_lines(i, r) if rep["kind"] == "train" else _infer_lines(r)
     if rep["kind"] == "train":
         lines.append(f"total: allocated {rep['allocated_s']:.1f} s, productive step time {rep['productive_step_s']:.1f} s, "

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from hpcllm.data.tokenizer import ByteTokenizer, load_tokenizer_file, train_bpe
+from tests.disk_util import small_disk  # noqa: F401 - a fixture
 from tests.mpi_util import run_mpi
 
 CORPUS = {
@@ -183,3 +185,45 @@ def test_crash_leaves_no_complete_looking_dataset_and_rerun_is_identical(tmp_pat
         open_dataset(out)
     assert prepare_cli(str(s)).returncode == 0
     assert digest(out) == good
+
+
+def test_a_full_disk_is_one_line_not_a_crash(tmp_path, small_disk):
+    """The tokens were staged through a memory map: on a full disk the store killed prepare with
+    SIGBUS and no word. Now the space is checked first, and a write that fails still says which file."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document {i} " * 30 + "\n" for i in range(2000)))  # 0.8 M byte tokens
+    out = small_disk.path / "ds"
+    s = spec(tmp_path, corpus, out, doc_split="line", shard_tokens=10**5)
+    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(s)], capture_output=True, text=True,
+                       timeout=120, preexec_fn=small_disk.preexec())
+    assert p.returncode == 5 and "Traceback" not in p.stderr, p.stderr
+    line = [ln for ln in p.stderr.splitlines() if "error" in ln]
+    assert len(line) == 1 and line[0].endswith("free some space, or choose another data.dataset"), p.stderr
+    if small_disk.how == "tmpfs":  # refused before writing: what it needs is known once tokenized
+        # 0.8 M tokens of 2 bytes and 2,000 document starts of 8, staged and then sharded
+        assert re.match(f"hpcllm prepare: error: {re.escape(str(out))}: the dataset needs about 3.[0-9] MiB free "
+                        r"while it is written \(staged tokens, then shards\), and its filesystem has 1.0 MiB",
+                        line[0]), p.stderr
+    else:  # the file-size limit: the first staging file is too large
+        assert line[0].startswith(f"hpcllm prepare: error: cannot write {out}/.train.tokens.tmp: File too large")
+    assert sorted(q.name for q in out.iterdir()) == []  # no manifest, no shard, no staging file
+
+
+def test_a_write_that_fails_names_the_file_and_leaves_no_shard(tmp_path, small_disk):
+    from hpcllm.data.prepare import _reserve, _writing
+    from hpcllm.data.shards import write_token_shard
+    from hpcllm.errors import DataError
+
+    small_disk.fill()
+    staged = small_disk.path / ".train.tokens.tmp"
+    with small_disk.limit(), pytest.raises(DataError, match=f"^cannot write {staged}: (No space left on device|"
+                                                            "File too large): free some space"):
+        with _writing(staged, (staged,)), open(staged, "wb") as fh:
+            _reserve(fh, 2 << 20)
+    assert not staged.exists()  # the staging file goes, or it would keep the disk full
+    shard = small_disk.path / "train-00000.h5"
+    with small_disk.limit(), pytest.raises(DataError, match=f"^cannot write {shard}: (No space left on device|File "
+                                                            "too large): free some space, or choose another data.dataset$"):
+        with _writing(shard):
+            write_token_shard(shard, np.arange(600_000, dtype=np.uint16), np.zeros(1, dtype=np.int64), {})
+    assert sorted(q.name for q in small_disk.path.iterdir()) == ["filler"] * (small_disk.how == "tmpfs")

@@ -14,6 +14,7 @@ import pytest
 from hpcllm.config import load_spec
 from hpcllm.errors import ConfigError
 from hpcllm.launch.render import render
+from tests.disk_util import read_only_dir  # noqa: F401 - a fixture
 from tests.slurm_util import BASE, slurm_env, job_state, require_slurm, run, sacct_rows, sbatch, wait_job
 from tests.train.corpus import prepare_small_corpus
 
@@ -84,6 +85,21 @@ def test_values_cannot_inject_commands(tmp_path):
         render(s)
     with pytest.raises(ConfigError, match="time must look like"):
         make_spec(tmp_path, "train", slurm={"time": "1h; rm"})
+
+
+def test_render_into_a_read_only_directory_is_one_line(tmp_path, read_only_dir, capsys):
+    from hpcllm.cli import main
+
+    _, p = make_spec(tmp_path, "train")
+    script = read_only_dir / "job.sbatch"
+    assert main(["render", str(p), "-o", str(script)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hpcllm render: error: -o {script}: cannot write the script: ") and err.count("\n") == 1, err
+    assert not script.exists()
+    assert main(["render", str(p), f"run_dir={read_only_dir / 'run'}"]) == 2  # the spec file goes into the run_dir
+    err = capsys.readouterr().err
+    assert err.startswith(f"hpcllm render: error: {p}: cannot write the resolved spec {read_only_dir}/run/train-spec"
+                          ".yaml (run_dir): ") and err.count("\n") == 1, err
 
 
 def _train_spec(tmp_path, ds, name, steps):

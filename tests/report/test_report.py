@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.disk_util import small_disk  # noqa: F401 - a fixture
 from tests.mpi_util import mpi_env, mpirun_cmd
 from tests.train.corpus import prepare_small_corpus
 
@@ -150,6 +151,7 @@ def test_provenance_records_ids_versions_and_hashes(restarted_run):
         assert s["world_size"] == 2 and s["plan"]["shard"] == "none" and s["kind"] == "train"
         assert s["versions"]["torch"] and "Open MPI" in s["versions"]["mpi"] and s["versions"]["hpcllm"]
         assert len(s["spec_sha256"]) == 64 and len(s["dataset_manifest_sha256"]) == 64
+        assert s["user"]["uid"] == os.getuid() and s["user"]["name"]  # who ran it
     assert starts[0]["resume_from"] is None and starts[2]["resume_from"]["path"].endswith("step_%08d" % starts[2]
                                                                                            ["resume_from"]["step"])
 
@@ -228,3 +230,81 @@ def test_report_of_an_inference_run_on_two_ranks(tmp_path):
     assert len(ends[0]["model_sha256"]) == 64 and ends[0]["model_sha256"] == done[0]["fingerprint"]["model_sha256"]
     text = _report(tmp_path / "inf").stdout
     assert "7 shard(s) done" in text and "shards redone: none" in text
+
+
+def test_a_start_records_its_user_and_a_full_run_dir_is_one_line(tmp_path, small_disk, capsys, caplog):
+    """The start record names who ran it (the audit trail), and a run_dir on a full disk is one
+    line in the job kind's error — the start record, the end record, the rank's log file — where the
+    append raised ENOSPC through a traceback and the log handler printed one per line."""
+    import logging
+    import pwd
+
+    from hpcllm.comm import init_comm
+    from hpcllm.comm.config import DistConfig
+    from hpcllm.config import load_spec
+    from hpcllm.errors import InferError
+    from hpcllm.jobs.preflight import check_run_dir
+    from hpcllm.log import setup_logging
+    from hpcllm.report.provenance import Start, begin, read_records, user
+    from hpcllm.report.report import build_report, format_report
+
+    comm = init_comm(DistConfig(backend="single"))
+    spec = load_spec(None, [f"run_dir={tmp_path / 'run'}"], base={"kind": "infer"})
+    begin(spec, comm, error=InferError).end("finished")
+    start = read_records(spec.run_dir)[0][0]
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert start["user"] == {"name": me, "uid": os.getuid()}
+    assert f"  start 0 [{start['start']}] by {me} (uid {os.getuid()}) not under Slurm, 1 rank(s): finished" \
+        in format_report(build_report(spec.run_dir, use_sacct=False))
+    with pytest.MonkeyPatch.context() as mp:  # a uid without a passwd entry, as in a container run with --user
+        mp.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(f"getpwuid(): uid not found: {uid}")))
+        mp.setenv("USER", "ghost")
+        assert user() == {"name": "ghost", "uid": os.getuid()}
+        mp.delenv("USER")
+        mp.delenv("LOGNAME", raising=False)
+        assert user() == {"name": None, "uid": os.getuid()}
+
+    full = load_spec(None, [f"run_dir={small_disk.path / 'run'}"], base={"kind": "infer"})
+    record, log_file = small_disk.path / "run" / "provenance.jsonl", small_disk.path / "run" / "logs" / "rank0.log"
+    small_disk.fill(record, log_file)
+    no_space = r"\((No space left on device|File too large)\)"
+    logger = logging.getLogger("hpcllm")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.propagate = True  # to caplog (until setup_logging below), whatever an earlier test set up
+    try:
+        with small_disk.limit():
+            if small_disk.how == "tmpfs":  # a byte, not an empty file: under the file-size limit it fits
+                with pytest.raises(InferError, match=f"run_dir '{full.run_dir}' cannot be written {no_space}: free "
+                                                     "some space, or choose another run_dir"):
+                    check_run_dir(full.run_dir, InferError)
+            with pytest.raises(InferError, match=f"^{record}: cannot record this start {no_space}$"):
+                begin(full, comm, error=InferError)
+            Start(full.run_dir, "s1", comm, True, InferError).end("crashed", gather=False)  # its own error goes up
+            assert f"{record}: the end record of this start was not written" in caplog.text
+            with pytest.raises(InferError, match=f"^{record}: cannot record the end of this start {no_space}$"):
+                Start(full.run_dir, "s2", comm, True, InferError).end("finished")
+            setup_logging(0, full.run_dir)
+            for i in range(3):
+                logging.getLogger("hpcllm.test").info("line %d", i)
+            setup_logging(0, None)
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err
+    assert err.count(f"warning: {log_file} cannot be written") == 1, err
+
+
+def test_infer_on_a_full_disk_is_one_line(tmp_path, small_disk):
+    if small_disk.how != "tmpfs":
+        pytest.skip("needs a real full disk (a mounted tmpfs): the file-size limit lets an empty run_dir through")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "prompts").mkdir()  # present: the preflight checks they exist; the run_dir is refused first
+    spec = tmp_path / "inf.yaml"
+    spec.write_text(json.dumps({"kind": "infer", "run_dir": str(small_disk.path / "run"),
+                                "infer": {"model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts")}}))
+    small_disk.fill()
+    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "infer", str(spec)], capture_output=True, text=True,
+                       cwd=REPO, timeout=120)
+    assert p.returncode == 8 and p.stderr == (f"hpcllm infer: error: run_dir '{small_disk.path / 'run'}' cannot be "
+                                              "written (No space left on device): free some space, or choose another "
+                                              "run_dir\n"), p.stderr

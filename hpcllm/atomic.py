@@ -84,6 +84,16 @@ def write_json(final: str | os.PathLike, obj: Any) -> None:
     write_text(final, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A JSON object written by write_json (a marker, a manifest), or None when it is missing,
+    unreadable or not an object: what a reader that rewrites or skips such a file needs."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory; on success every file in it is fsynced and it replaces

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from hpcllm.atomic import atomic_path, write_json
+from hpcllm.atomic import atomic_path, read_json_object, write_json
 from hpcllm.data.prompts import PromptDataset, PromptShard, read_verified
 from hpcllm.data.shards import ragged, ragged_ok, read_texts, sha256_file, write_texts
 from hpcllm.errors import DataError, InferError
@@ -100,20 +100,13 @@ def _show(v) -> str:
     return json.dumps(v)
 
 
-def _read_json(path: Path) -> dict | None:
-    """A marker or manifest, or None when it is missing or unreadable (it is rewritten then)."""
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def refuse_other_settings(out_dir: Path, fp: dict) -> None:
     """Outputs already in out_dir that another configuration made stop the run: it never mixes them
     with its own or presents them as current."""
     for path in [out_dir / MANIFEST, *sorted(out_dir.glob("out-*.h5.done"))]:
-        info = _read_json(path)
+        info = read_json_object(path)
         if info is None:
             continue
         diff = difference(info.get("fingerprint"), fp)
@@ -137,7 +130,7 @@ def remove_outputs(out_dir: Path) -> int:
 
 def _marker(out_dir: Path, shard: PromptShard, fp: dict) -> dict | None:
     """The shard's marker when it is well-formed and made by this configuration from this input."""
-    info = _read_json(marker_path(out_dir, shard))
+    info = read_json_object(marker_path(out_dir, shard))
     if info is None or info.get("fingerprint") != fp or info.get("input_sha256") != shard.sha256:
         return None
     if not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
@@ -163,7 +156,7 @@ def marked_done(out_dir: Path, shard: PromptShard) -> dict | None:
     """The shard's marker if it is for this input and its output has the recorded size and
     checksum, whatever configuration made it (the batch script's completeness check: no model to
     fingerprint there). The file is hashed, never parsed, so a damaged one cannot hang the check."""
-    info = _read_json(marker_path(out_dir, shard))
+    info = read_json_object(marker_path(out_dir, shard))
     path = out_dir / out_name(shard)
     if info is None or info.get("input_sha256") != shard.sha256 or "fingerprint" not in info:
         return None
@@ -191,7 +184,7 @@ def mark_begun(out_dir: Path, shard: PromptShard, rank: int) -> None:
     from hpcllm.report.provenance import current_start
 
     path = begun_path(out_dir, shard)
-    attempts = (_read_json(path) or {}).get("attempts")
+    attempts = (read_json_object(path) or {}).get("attempts")
     attempts = attempts if isinstance(attempts, list) else []
     attempts.append(dict(start=current_start(), rank=rank, time=time.time()))
     try:
@@ -248,7 +241,7 @@ def write_manifest(out_dir: Path, prompts: PromptDataset, fp: dict, model: str) 
     """manifest.json, last: every shard's marker content (this run's, checked by the caller)."""
     entries = []
     for s in prompts.shards:
-        info = _read_json(marker_path(out_dir, s))
+        info = read_json_object(marker_path(out_dir, s))
         entries.append({k: v for k, v in info.items() if k != "fingerprint"})
     man = dict(format=FORMAT, format_version=FORMAT_VERSION, mode=fp["mode"], fingerprint=fp,
                prompts=str(prompts.path), model=model, n_records=sum(e["n_records"] for e in entries),
@@ -264,7 +257,7 @@ def read_outputs_manifest(out_dir: Path) -> dict:
     path = out_dir / MANIFEST
     if not path.is_file():
         raise InferError(f"{path}: missing — the inference run is not complete (rerun it to finish)")
-    man = _read_json(path)
+    man = read_json_object(path)
     if man is None or man.get("format") != FORMAT:
         raise DataError(f"{path}: not a readable hpcllm outputs manifest (corrupt?)")
     if man.get("format_version") != FORMAT_VERSION:

@@ -9,17 +9,13 @@ import os
 import time
 from pathlib import Path
 
+from hpcllm.atomic import read_json_object
+
 # `hpcllm jobs --watch`: the rate is taken over the markers of this recent a window
 RATE_WINDOW_S = 600.0
 TAIL_BYTES = 64 * 1024  # of metrics.jsonl: a few records whatever their size
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 class MarkerScan:
@@ -38,7 +34,7 @@ class MarkerScan:
             return []
         out = []
         for name in sorted(names):
-            info = _read_json(self.out_dir / name)
+            info = read_json_object(self.out_dir / name)
             if info is None or info.get("start") != self.start_id:  # an earlier start's: not (yet) redone
                 continue
             self.seen.add(name)
@@ -94,7 +90,7 @@ def infer_progress(out_dir: str | Path, records_total: int | None, now: float | 
     records finished in the last RATE_WINDOW_S (from the first marker of that window to now)."""
     out_dir = Path(out_dir)
     try:
-        markers = [m for m in (_read_json(p) for p in out_dir.glob("out-*.h5.done")) if m is not None]
+        markers = [m for m in (read_json_object(p) for p in out_dir.glob("out-*.h5.done")) if m is not None]
     except OSError:
         return None
     if not markers and records_total is None:

@@ -204,4 +204,4 @@ def test_report_of_an_inference_array_with_a_task_retried(tmp_path):
         assert set(s["rank_busy_s"]) == {"0", "1"} and 1.0 <= s["load_balance"] <= 2.0
     text = _report(run_dir)
     assert "shards redone: " + lost[0] in text and "begun and not finished" in text
-    assert f"] job {job}_0, 2 rank(s): killed" in text and f"] job {job2}_1, 2 rank(s): finished" in text, text
+    assert f" job {job}_0, 2 rank(s): killed" in text and f" job {job2}_1, 2 rank(s): finished" in text, text

@@ -5,6 +5,7 @@ anything (the model is built on the meta device)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -181,17 +182,19 @@ def fit_lines(model, spec, world: int, dp: int, accum: int, memory: int) -> list
                        "allocator slack and the CUDA context"]
     lines = [head + f": DOES NOT FIT, short by {_gib(need - memory)}"]
     options = []
+    now = {"parallel.shard": pc.shard, "parallel.tp": pc.tp, "parallel.pp": pc.pp,
+           "train.activation_checkpointing": tc.activation_checkpointing}
     for shard, tp, pp, ckpt in _alternatives(pc, cfg, world, tc.activation_checkpointing):
         dp2 = world // (tp * pp)
-        pc2 = _replace(pc, shard=shard, tp=tp, pp=pp)
-        tc2 = _replace(tc, activation_checkpointing=ckpt)
+        pc2 = dataclasses.replace(pc, shard=shard, tp=tp, pp=pp)
+        tc2 = dataclasses.replace(tc, activation_checkpointing=ckpt)
         state = max(sum(estimate_memory(model, shard if dp2 > 1 else "none", tp, dp2, pp, p).values()) for p in range(pp))
         total = state + activation_bytes(cfg, tc2, pc2, dp2, max(accum, pp), on_gpu)
         if total <= memory:
-            what = ", ".join(f"{k}={v}" for k, v in (("parallel.shard", shard), ("parallel.tp", tp), ("parallel.pp", pp),
-                                                      ("train.activation_checkpointing", str(ckpt).lower()))
-                             if v != {"parallel.shard": pc.shard, "parallel.tp": pc.tp, "parallel.pp": pc.pp,
-                                      "train.activation_checkpointing": str(tc.activation_checkpointing).lower()}[k])
+            option = {"parallel.shard": shard, "parallel.tp": tp, "parallel.pp": pp,
+                      "train.activation_checkpointing": ckpt}
+            what = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in option.items()
+                             if v != now[k])
             options.append(f"    {what}: {_gib(total)} per rank")
     if options:
         lines.append(f"  plans on {world} ranks that fit (same estimates; the fewest changes first):")
@@ -220,11 +223,6 @@ def _alternatives(pc, cfg, world: int, checkpointing: bool):
                     out.append((changes, tp * pp, shard, tp, pp, ckpt))
     return [o[2:] for o in sorted(out)]
 
-
-def _replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def pipeline_lines(model, pc, dp: int, accum: int, checkpointing: bool = False) -> list[str]:

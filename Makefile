@@ -13,6 +13,9 @@ export OMP_NUM_THREADS ?= 1
 SLURM_BASE ?= /tmp/hpcllm-slurm
 SLURM_BASE_2NODE ?= /tmp/hpcllm-slurm-2node
 PYTEST_ARGS ?=
+# two pytest-xdist workers on this 2-core machine: one runs the Slurm tests (whose jobs wait on Slurm a
+# quarter of the time), the other the rest; tests/conftest.py groups them (--dist loadgroup)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test system-deps venv horovod slurm-up slurm-up-2node slurm-down bench clean
 
@@ -46,7 +49,7 @@ slurm-down:
 # tests pick a cluster through SLURM_CONF (tests/slurm_util.py: slurm_env(two_node=True))
 test: venv horovod slurm-up slurm-up-2node
 	. $(SLURM_BASE)/env.sh && HPCLLM_SLURM_BASE=$(SLURM_BASE) HPCLLM_SLURM_BASE_2NODE=$(SLURM_BASE_2NODE) \
-	  $(PY) -m pytest $(PYTEST_ARGS)
+	  $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/hpcllm demo

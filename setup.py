@@ -25,7 +25,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # transformers is the numerical oracle of the tests and the peer of `hpcllm bench infer`
-    "dev": ["pytest>=7", "pytest-timeout>=2.1", "transformers>=4.40", "tensorboard>=2.14"],
+    "dev": ["pytest>=7,<9", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "transformers>=4.40", "tensorboard>=2.14"],
     # metrics.tensorboard: true writes TensorBoard event files through it
     "tensorboard": ["tensorboard>=2.14"],
     "bench": ["transformers>=4.40"],

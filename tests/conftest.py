@@ -15,10 +15,27 @@ def _has_gpu() -> bool:
         return False
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    _group_for_workers(items)
     if _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (runs on the lent GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _group_for_workers(items) -> None:
+    """How `make test` splits the suite over its workers (pytest-xdist, --dist loadgroup): the tests of
+    one file stay together, in order, on one worker (module fixtures are built once); every Slurm test
+    joins one group, so that the jobs of one cluster never compete for its few CPUs and a test's timing
+    is only that of its own jobs — unless it names another group (the 2-node cluster's). Slurm groups
+    go first: they are the longest, and the other worker works through the files meanwhile. Without
+    xdist the marks change nothing."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            name = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(name))
+    group = lambda item: next(item.iter_markers("xdist_group")).args[0]  # noqa: E731
+    items.sort(key=lambda item: not group(item).startswith("slurm"))  # stable: file order is kept

@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,12 +101,12 @@ def wait_job(job_id: int | str, timeout_s: float = 120, env: dict | None = None)
     while time.monotonic() < deadline:
         state = job_state(job_id, env)
         if state in FINAL_STATES:
-            # wait for sacct to have the steps too
-            for _ in range(10 if has_accounting(env) else 0):
+            # wait (up to 10 s) for sacct to have the steps too: slurmdbd is usually a fraction of a second behind
+            for _ in range(40 if has_accounting(env) else 0):
                 if any(r["JobID"] == str(job_id) and r["State"].split()[0] == state
                        for r in sacct_rows(job_id, env=env)):
                     break
-                time.sleep(1)
+                time.sleep(0.25)
             return state
         time.sleep(1)
     run(["scancel", str(job_id)], env=env)
@@ -123,3 +124,25 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.5) -> N
 
 def quote(*argv: str) -> str:
     return " ".join(shlex.quote(a) for a in argv)
+
+
+@contextmanager
+def mpi_in_background(n: int, argv: list[str], log: Path):
+    """Run argv on n ranks (mpirun) while the block runs — an uninterrupted reference run trains while the
+    Slurm job under test starts, is signalled and waits out its requeue. Yields the Popen: wait for it
+    (proc.wait(timeout)) and check its returncode in the block; it is ended if the block leaves first.
+    Its output goes to log (a file, not a pipe that nobody reads meanwhile)."""
+    from tests.mpi_util import REPO, mpi_env, mpirun_cmd
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(mpirun_cmd(n, *argv), stdout=out, stderr=subprocess.STDOUT, env=mpi_env(), cwd=REPO)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # mpirun passes it on to its ranks
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

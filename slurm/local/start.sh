@@ -36,8 +36,10 @@ CTLD_PORT=$P DBD_PORT=$((P + 2)) DB_PORT=${HPCLLM_SLURM_DB_PORT:-$((P - 3600))}
 slurmd_port() { if [ "$1" = 1 ]; then echo $((P + 1)); else echo $((P + $1 + 1)); fi; }
 # Job ids differ between clusters started on other ports (also in logs and in anything keyed by job id)
 FIRST_JOB_ID=$(( (P - 6917) * 10000 + 1 ))
-# cred_expire is also how long a requeued job must wait before it may start again (default 120 s)
-CRED_EXPIRE=10
+# cred_expire is also how long a requeued job must wait before it may start again (cred_expire + 1 s;
+# default 120 s): 5, the least Slurm 22.05 accepts (AuthInfo=cred_expire < 5 is an error). A step's
+# credential is checked by slurmd milliseconds after slurmctld made it, so 5 s is still a wide margin.
+CRED_EXPIRE=5
 HOST=$(hostname -s)
 ETC=$BASE/etc MUNGE=$BASE/munge
 SOCK=$MUNGE/munge.socket.2

@@ -15,7 +15,8 @@ from hpcllm.config import load_spec
 from hpcllm.errors import ConfigError
 from hpcllm.launch.render import render
 from tests.disk_util import read_only_dir  # noqa: F401 - a fixture
-from tests.slurm_util import BASE, slurm_env, job_state, require_slurm, run, sacct_rows, sbatch, wait_job
+from tests.slurm_util import (BASE, job_state, mpi_in_background, require_slurm, run, sacct_rows, sbatch, slurm_env,
+                              wait_job, wait_until)
 from tests.train.corpus import prepare_small_corpus
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -111,43 +112,53 @@ def _train_spec(tmp_path, ds, name, steps):
             "slurm": {"tasks_per_node": 2, "time": "00:05:00", "max_requeues": 2}}
 
 
-# ~40 steps/s here (the model is sized so that a step costs ~25 ms, not tokens): ~15 s of training,
-# so the signal sent after 20 steps (~0.5 s in) lands mid-run with a margin of ~30x the test's own
-# latency. A tiny model ran 700 steps/s and sometimes finished before the signal (a flaky test).
-STEPS = 600
+# ~30 steps/s on 2 ranks here (the model is sized so that a step costs ~30 ms, not tokens; a tiny model
+# ran 700 steps/s and sometimes finished before the signal: a flaky test). The signal is sent once 20
+# steps are logged (polled every 0.1 s) and has landed at step 25-34 (~0.5 s); 240 steps leave ~7 s of
+# training after step 20 at full speed (more when another test loads the machine and steps slow down):
+# a signal up to 3 s late (~90 steps) still lands with ~4 s to spare. A signal that came after the end
+# fails the test loudly ("checkpointed, requeueing job" is asserted), it cannot pass without a restart.
+STEPS = 240
+
+
+@pytest.fixture(scope="module")
+def small_ds(tmp_path_factory):
+    """The small corpus, prepared once for this file's training jobs (they only read it)."""
+    return prepare_small_corpus(tmp_path_factory.mktemp("render_ds"))
+
+
+def _wait_for_logged_steps(metrics: Path, n: int) -> None:
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= n, 120, f"{n} steps in {metrics}",
+               poll_s=0.1)
 
 
 @pytest.mark.slurm
-def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_path):
+def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_path, small_ds):
     require_slurm()
     from hpcllm.checkpoint import read_checkpoint_model as load_file
 
-    ds = prepare_small_corpus(tmp_path)
-    # reference: the same job on 2 ranks, uninterrupted
+    ds = small_ds
+    # reference: the same job on 2 ranks, uninterrupted; it trains here while the Slurm job runs (and waits
+    # out its requeue): CPU arithmetic on 1 thread per rank, so its results do not depend on the load
     (tmp_path / "ref.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "ref", STEPS)))
-    from tests.mpi_util import run_mpi
-
-    ref = run_mpi(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")])
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    (tmp_path / "job.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "job", STEPS)))
-    script = tmp_path / "job.sbatch"
-    r = subprocess.run([sys.executable, "-m", "hpcllm.cli", "render", str(tmp_path / "job.yaml"), "-o", str(script)],
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    job = sbatch(script.read_text(), tmp_path)
-    metrics = tmp_path / "job" / "metrics.jsonl"
-    import time
-
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
-        time.sleep(0.5)
-    assert job_state(job) == "RUNNING"
-    # what Slurm does before the time limit (--signal=USR2@...): signal the job's tasks
-    assert run(["scancel", "--signal=USR2", str(job)]).returncode == 0
-    state = wait_job(job, 240)
+    with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
+                           tmp_path / "ref.log") as ref:
+        (tmp_path / "job.yaml").write_text(json.dumps(_train_spec(tmp_path, ds, "job", STEPS)))
+        script = tmp_path / "job.sbatch"
+        r = subprocess.run([sys.executable, "-m", "hpcllm.cli", "render", str(tmp_path / "job.yaml"), "-o",
+                            str(script)], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        job = sbatch(script.read_text(), tmp_path)
+        _wait_for_logged_steps(tmp_path / "job" / "metrics.jsonl", 20)
+        assert job_state(job) == "RUNNING"
+        # what Slurm does before the time limit (--signal=USR2@...): signal the job's tasks
+        assert run(["scancel", "--signal=USR2", str(job)]).returncode == 0
+        state = wait_job(job, 240)
+        assert ref.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     assert state == "COMPLETED", (tmp_path / "job" / "logs").glob("*")
     log = "".join(p.read_text() for p in (tmp_path / "job" / "logs").glob("*.out"))
-    assert "checkpointed, requeueing job" in log and "resumed from" in log
+    # the signal landed mid-run (a late one, after the last step, has nothing to checkpoint: this fails)
+    assert "checkpointed, requeueing job" in log and "resumed from" in log, log[-3000:]
     restarts = run(["sacct", "-j", str(job), "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
     assert "REQUEUED" in restarts, restarts
     losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
@@ -216,14 +227,14 @@ def test_rendered_job_whose_step_fails_to_launch_fails(tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("path", ["render", "submit"])
-def test_a_step_that_did_not_launch_is_started_once_more(tmp_path, path):
+def test_a_step_that_did_not_launch_is_started_once_more(tmp_path, small_ds, path):
     """What a requeued job meets when an earlier start left Slurm's PMIx socket of step 0 in the slurmd
     spool (Slurm 22.05 leaves it when a step's set-up fails or its slurmstepd dies, and a requeued
     job numbers its steps from 0 again): the step does not launch ("Address already in use") and
     srun exits 0. The batch script starts it once more — as step 1, with new names — and the job
     trains to the end, on both paths."""
     require_slurm()
-    spec = _train_spec(tmp_path, prepare_small_corpus(tmp_path), "relaunch", 6)
+    spec = _train_spec(tmp_path, small_ds, "relaunch", 6)
     spec["slurm"]["setup"] = [f'touch {BASE}/spool/stepd.slurm.pmix."$SLURM_JOB_ID".0  # the leftover']
     if path == "render":
         job = _render_and_sbatch(tmp_path, spec, "relaunch")
@@ -242,18 +253,12 @@ def test_a_step_that_did_not_launch_is_started_once_more(tmp_path, path):
 
 
 @pytest.mark.slurm
-def test_signal_to_the_batch_shell_of_a_rendered_job_requeues_it(tmp_path):
+def test_signal_to_the_batch_shell_of_a_rendered_job_requeues_it(tmp_path, small_ds):
     """`scancel --batch --signal=USR2` signals the batch shell, not the ranks: the script must pass it
     on (the ranks checkpoint, the job is requeued and finishes) instead of dying of it (FAILED 0:12)."""
     require_slurm()
-    ds = prepare_small_corpus(tmp_path)
-    job = _render_and_sbatch(tmp_path, _train_spec(tmp_path, ds, "batchsig", STEPS), "batchsig")
-    metrics = tmp_path / "batchsig" / "metrics.jsonl"
-    import time
-
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
-        time.sleep(0.5)
+    job = _render_and_sbatch(tmp_path, _train_spec(tmp_path, small_ds, "batchsig", STEPS), "batchsig")
+    _wait_for_logged_steps(tmp_path / "batchsig" / "metrics.jsonl", 20)
     assert job_state(job) == "RUNNING"
     assert run(["scancel", "--batch", "--signal=USR2", str(job)]).returncode == 0
     assert wait_job(job, 240) == "COMPLETED"

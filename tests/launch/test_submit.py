@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpcllm.launch.submit import minutes
-from tests.slurm_util import require_slurm, run, sacct_rows, slurm_env, wait_job
+from tests.slurm_util import mpi_in_background, require_slurm, run, sacct_rows, slurm_env, wait_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,6 +43,25 @@ def specs(tmp_path):
 def hpcllm_submit(*args):
     return subprocess.run([sys.executable, "-m", "hpcllm.cli", "submit", *args], capture_output=True, text=True,
                           env=slurm_env(), cwd=REPO, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def prepared_ds(tmp_path_factory):
+    """specs()'s dataset, prepared once for the tests that only train on it (training only reads it)."""
+    root = tmp_path_factory.mktemp("submit_ds")
+    prep, _ = specs(root)
+    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return root / "ds"
+
+
+def train_spec(tmp_path, ds):
+    """specs()'s train spec, reading the prepared dataset ds."""
+    _, train = specs(tmp_path)
+    t = json.loads(train.read_text())
+    t["data"]["dataset"] = str(ds)
+    train.write_text(json.dumps(t))
+    return train
 
 
 def test_an_override_that_gives_two_specs_one_run_dir_is_refused(tmp_path):
@@ -159,11 +178,10 @@ def test_inference_job_array_with_a_failed_task_retried(tmp_path):
 
 
 @pytest.mark.slurm
-def test_debug_prints_and_runs_the_job_interactively(tmp_path):
+def test_debug_prints_and_runs_the_job_interactively(tmp_path, prepared_ds):
     """The printed and the run commands carry the overrides: the job debugged is the job asked for."""
     require_slurm()
-    prep, train = specs(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    train = train_spec(tmp_path, prepared_ds)
     overrides = ["train.max_steps=3", f"run_dir={tmp_path}/dbg"]
     p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "debug", str(train), *overrides], capture_output=True,
                        text=True)
@@ -187,7 +205,7 @@ def test_preflight_fails_fast_on_missing_inputs(tmp_path):
 
 
 @pytest.mark.slurm
-def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path):
+def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path, prepared_ds):
     """scontrol requeue kills the job without warning: it restarts from its last periodic checkpoint
     and still ends with the parameters of an uninterrupted run. scancel ends it as CANCELLED."""
     require_slurm()
@@ -195,23 +213,24 @@ def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path):
 
     from hpcllm.checkpoint import read_checkpoint_model as load_file
 
-    from tests.mpi_util import run_mpi
-
-    prep, train = specs(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
     t["train"].update(max_steps=300, log_interval=1, ckpt_interval=50)
     ref = dict(t, name="ref", run_dir=str(tmp_path / "ref"))
     (tmp_path / "ref.yaml").write_text(json.dumps(ref))
-    assert run_mpi(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")]).returncode == 0
     train.write_text(json.dumps(t))
-    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
-    ckpts = tmp_path / "train" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.exists() and any(ckpts.iterdir())):
-        time.sleep(0.5)
-    assert run(["scontrol", "requeue", job]).returncode == 0
-    assert wait_job(job, 240) == "COMPLETED"
+    # the uninterrupted reference trains here while the job runs and waits out its requeue (1 thread per
+    # rank on the CPU: the load does not change its results)
+    with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
+                           tmp_path / "ref.log") as ref_run:
+        job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+        ckpts = tmp_path / "train" / "checkpoints"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (ckpts.exists() and any(ckpts.iterdir())):
+            time.sleep(0.5)
+        assert run(["scontrol", "requeue", job]).returncode == 0
+        assert wait_job(job, 240) == "COMPLETED"
+        assert ref_run.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     a = load_file(tmp_path / "ref" / "checkpoints" / "step_00000300")
     b = load_file(ckpts / "step_00000300")
     assert all((a[k] == b[k]).all() for k in a)
@@ -227,13 +246,12 @@ def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path):
 
 
 @pytest.mark.slurm
-def test_training_job_stops_before_its_time_limit_requeues_and_resumes(tmp_path):
+def test_training_job_stops_before_its_time_limit_requeues_and_resumes(tmp_path, prepared_ds):
     """A real 1-minute time limit: each start trains until end_time_margin_s before SLURM_JOB_END_TIME,
     checkpoints, and requeues itself; the restart resumes from that checkpoint. With max_requeues=1 the
     second stop is not requeued: the job fails with a message saying where to continue from."""
     require_slurm()
-    prep, train = specs(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
     t["train"].update(max_steps=1_000_000, log_interval=50, ckpt_interval=0, end_time_margin_s=45)
     t["slurm"].update(time="00:01:00", max_requeues=1)
@@ -375,7 +393,7 @@ def test_a_failed_first_stage_cancels_the_rest_of_its_chain(tmp_path):
 
 
 @pytest.mark.slurm
-def test_a_restarted_job_whose_step_fails_to_launch_fails(tmp_path):
+def test_a_restarted_job_whose_step_fails_to_launch_fails(tmp_path, prepared_ds):
     """The issue's run: `scontrol requeue` mid-run, and the restarted job's step fails to launch. srun
     says 0 then; the job must end FAILED with exit 9 and say where it stopped — not COMPLETED 0:0 at
     step 115 of 300. (The step fails here through a PMIx directory that cannot be created, set only
@@ -383,8 +401,7 @@ def test_a_restarted_job_whose_step_fails_to_launch_fails(tmp_path):
     require_slurm()
     import time
 
-    prep, train = specs(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
     t["train"].update(max_steps=100000, log_interval=1, ckpt_interval=20)
     t["slurm"]["setup"] = ['if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then export SLURM_PMIX_TMPDIR=/nonexistent/pmix; fi']
@@ -500,26 +517,23 @@ def test_a_submission_that_fails_half_way_cancels_what_it_submitted(tmp_path):
 
 
 @pytest.mark.slurm
-def test_signal_to_the_batch_shell_of_a_submitted_job_requeues_it(tmp_path):
+def test_signal_to_the_batch_shell_of_a_submitted_job_requeues_it(tmp_path, prepared_ds):
     """`scancel --batch --signal=USR2` reaches the ranks through submitit's batch shell too (it
     killed the shell: FAILED 0:12): the job checkpoints, is requeued once and completes."""
     require_slurm()
-    import time
-
-    prep, train = specs(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
     # sized so that a step costs ~25 ms (as in test_render's requeue test): the tiny model ran 1500 steps
     # in ~4 s and sometimes finished before the signal came (a flaky test seen in CI)
     t["model"].update(n_layer=2, n_embd=128, block_size=128)
-    t["train"].update(max_steps=600, batch_size=4, seq_len=128, log_interval=1, ckpt_interval=0)
+    # 240 steps: ~7 s of training after the signal is sent at step 20 (tests/launch/test_render.py's STEPS
+    # says why that is a wide margin); a signal that came after the end fails the test, it cannot pass
+    t["train"].update(max_steps=240, batch_size=4, seq_len=128, log_interval=1, ckpt_interval=0)
     t["slurm"]["time"] = "00:05:00"
     train.write_text(json.dumps(t))
     job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
     metrics = tmp_path / "train" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
-        time.sleep(0.5)
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20, 120, "20 steps", poll_s=0.1)
     assert run(["scancel", "--batch", "--signal=USR2", job]).returncode == 0
     assert wait_job(job, 240) == "COMPLETED"
     logs = tmp_path / "train" / "submitit" / job
@@ -531,7 +545,7 @@ def test_signal_to_the_batch_shell_of_a_submitted_job_requeues_it(tmp_path):
 
 
 @pytest.mark.slurm
-def test_a_cancelled_job_resubmitted_on_fewer_tasks_continues_the_run(tmp_path):
+def test_a_cancelled_job_resubmitted_on_fewer_tasks_continues_the_run(tmp_path, prepared_ds):
     """Preempted on 2 tasks, resubmitted to a 1-task allocation with the same run_dir: train.global_batch_size
     keeps the optimisation the same (1 task x 2 micro-steps), the checkpoint's parts load on 1 rank, and
     the run ends where an uninterrupted 2-rank run does."""
@@ -542,34 +556,35 @@ def test_a_cancelled_job_resubmitted_on_fewer_tasks_continues_the_run(tmp_path):
 
     from hpcllm.checkpoint import read_checkpoint_model
 
-    from tests.mpi_util import run_mpi
-
-    prep, train = specs(tmp_path)
-    assert subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", str(prep)], capture_output=True).returncode == 0
+    train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
     t["model"].update(n_layer=2, n_embd=128, block_size=128)  # ~25 ms a step: the cancel lands mid-run
-    t["train"].update(max_steps=400, batch_size=2, global_batch_size=4, seq_len=128, log_interval=1,
+    # the cancel is sent once the step-20 checkpoint is there and lands within ~1 s (~30 steps): 240 steps
+    # leave several seconds of margin; a cancel after the end would leave nothing to resume (asserted)
+    t["train"].update(max_steps=240, batch_size=2, global_batch_size=4, seq_len=128, log_interval=1,
                       ckpt_interval=20, keep_checkpoints=2)
     t["slurm"]["time"] = "00:05:00"
     (tmp_path / "ref.yaml").write_text(json.dumps(dict(t, name="ref", run_dir=str(tmp_path / "ref"))))
-    assert run_mpi(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
-                   timeout=240).returncode == 0
     train.write_text(json.dumps(t))
-    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
-    ckpts = tmp_path / "train" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step_") and not p.name.endswith(".tmp")
-                                                                   for p in ckpts.iterdir())):
-        time.sleep(0.2)
-    assert run(["scancel", job]).returncode == 0
-    assert wait_job(job, 60) == "CANCELLED"
-    job = re.findall(r"as (\d+)", hpcllm_submit(str(train), "slurm.tasks_per_node=1").stdout)[0]
-    assert wait_job(job, 240) == "COMPLETED"
+    # the uninterrupted 2-rank reference trains here meanwhile (1 thread per rank: exact under any load)
+    with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
+                           tmp_path / "ref.log") as ref_run:
+        job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+        ckpts = tmp_path / "train" / "checkpoints"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step_") and
+                                                                     not p.name.endswith(".tmp") for p in ckpts.iterdir())):
+            time.sleep(0.2)
+        assert run(["scancel", job]).returncode == 0
+        assert wait_job(job, 60) == "CANCELLED"
+        job = re.findall(r"as (\d+)", hpcllm_submit(str(train), "slurm.tasks_per_node=1").stdout)[0]
+        assert wait_job(job, 240) == "COMPLETED"
+        assert ref_run.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     logs = tmp_path / "train" / "submitit" / job
     out = (logs / f"{job}_0_log.out").read_text() + (logs / f"{job}_0_log.err").read_text()
     resumed = re.findall(r"resumed step (\d+) from 2 rank\(s\) on 1 rank\(s\)", out)
-    assert resumed and 0 < int(resumed[0]) < 400, out[-3000:]
-    a = read_checkpoint_model(tmp_path / "ref" / "checkpoints" / "step_00000400")
-    b = read_checkpoint_model(ckpts / "step_00000400")
+    assert resumed and 0 < int(resumed[0]) < 240, out[-3000:]
+    a = read_checkpoint_model(tmp_path / "ref" / "checkpoints" / "step_00000240")
+    b = read_checkpoint_model(ckpts / "step_00000240")
     for k in a:  # two ranks' allreduce vs two micro-steps on one: the same sums in another order
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max().item())

@@ -18,9 +18,11 @@ from tests.mpi_util import mpi_env, mpirun_cmd
 from tests.train.corpus import prepare_small_corpus
 
 REPO = Path(__file__).resolve().parents[2]
-# sized so that a step costs ~25 ms here (tests/launch/test_render.py's STEPS): a signal sent after
-# 80 steps lands mid-run; a tiny model would finish first
-STEPS = 300
+# sized so that a step costs ~30 ms here (tests/launch/test_render.py's STEPS); a tiny model would finish
+# first. mpirun passes SIGUSR2 on at once: sent at step 160 (polled every 0.05 s), it has landed at step
+# ~163; 240 steps leave 80 (~2.5 s, ~25x that latency, more on a loaded machine). A late signal fails
+# the fixture (the stopped start must exit 85, not 0).
+STEPS = 240
 CKPT = 50
 
 

@@ -23,8 +23,19 @@ from tests.train.corpus import prepare_small_corpus
 
 pytestmark = pytest.mark.slurm
 
-# sized so that a step costs ~25 ms (tests/launch/test_render.py's STEPS): signals land mid-run
-STEPS = 600
+# sized so that a step costs ~30 ms on 2 ranks (tests/launch/test_render.py's STEPS). The job requeued twice
+# gets USR2 once its second start logged step 200 (polled every 0.1 s; a signal lands within ~0.5 s, ~15
+# steps): 400 steps leave ~6 s of training after step 200 at full speed, more on a loaded machine, so even a
+# signal 3 s late (~90 steps) lands mid-run; a late one fails the test (s1 would not end "stopped (signal
+# SIGUSR2), requeued"). The killed rank dies at step >= 80 within milliseconds: 240 steps are plenty there.
+STEPS = 400
+KILL_STEPS = 240
+
+
+@pytest.fixture(scope="module")
+def small_ds(tmp_path_factory):
+    """The small corpus, prepared once for this file's training jobs (they only read it)."""
+    return prepare_small_corpus(tmp_path_factory.mktemp("report_ds"))
 
 
 def _steps(run_dir):
@@ -39,12 +50,12 @@ def _starts(run_dir) -> int:
     return prov.read_text().count('"event": "start"') if prov.exists() else 0
 
 
-def _render_train(tmp_path, name: str, max_requeues: int):
+def _render_train(tmp_path, ds, name: str, max_requeues: int, steps: int = STEPS):
     run_dir = tmp_path / name
-    spec = {"kind": "train", "name": name, "run_dir": str(run_dir), "data": {"dataset": str(prepare_small_corpus(tmp_path))},
+    spec = {"kind": "train", "name": name, "run_dir": str(run_dir), "data": {"dataset": str(ds)},
             "dist": {"timeout_s": 60},
             "model": {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128},
-            "train": {"max_steps": STEPS, "batch_size": 4, "seq_len": 128, "log_interval": 10, "eval_interval": 0,
+            "train": {"max_steps": steps, "batch_size": 4, "seq_len": 128, "log_interval": 10, "eval_interval": 0,
                       "ckpt_interval": 50, "progress": False},
             "slurm": {"tasks_per_node": 2, "time": "00:05:00", "max_requeues": max_requeues}}
     (tmp_path / f"{name}.yaml").write_text(json.dumps(spec))
@@ -62,15 +73,16 @@ def _report(run_dir, *args):
     return json.loads(p.stdout) if "--json" in args else p.stdout
 
 
-def test_report_of_a_job_requeued_twice(tmp_path):
+def test_report_of_a_job_requeued_twice(tmp_path, small_ds):
     require_slurm()
-    run_dir, script = _render_train(tmp_path, "job", max_requeues=2)
+    run_dir, script = _render_train(tmp_path, small_ds, "job", max_requeues=2)
     job = str(sbatch(script, tmp_path))
     record_submission(run_dir, job, "train", "job", 1, cluster="hpcllm")  # as `hpcllm submit` would: for `hpcllm jobs`
-    wait_until(lambda: _starts(run_dir) == 1 and any(s >= 80 for s in _steps(run_dir)), 120, "first start at step 80")
+    wait_until(lambda: _starts(run_dir) == 1 and any(s >= 80 for s in _steps(run_dir)), 120, "first start at step 80",
+               poll_s=0.1)
     assert run(["scontrol", "requeue", job]).returncode == 0
     wait_until(lambda: _starts(run_dir) == 2 and len(_steps(run_dir)) > 0 and _steps(run_dir)[-1] >= 200, 180,
-               "second start past step 200")
+               "second start past step 200", poll_s=0.1)
     assert run(["scancel", "--signal=USR2", job]).returncode == 0
     assert wait_job(job, 240) == "COMPLETED"
 
@@ -123,11 +135,11 @@ def _rank_pids(pattern: str) -> list[int]:
     return sorted(pids)
 
 
-def test_report_of_a_rank_killed_and_the_job_resubmitted(tmp_path):
+def test_report_of_a_rank_killed_and_the_job_resubmitted(tmp_path, small_ds):
     require_slurm()
-    run_dir, script = _render_train(tmp_path, "kill9", max_requeues=0)
+    run_dir, script = _render_train(tmp_path, small_ds, "kill9", max_requeues=0, steps=KILL_STEPS)
     job1 = str(sbatch(script, tmp_path))
-    wait_until(lambda: any(s >= 80 for s in _steps(run_dir)), 120, "step 80")
+    wait_until(lambda: any(s >= 80 for s in _steps(run_dir)), 120, "step 80", poll_s=0.1)
     killed_at = _steps(run_dir)[-1]
     ranks = _rank_pids(f"hpcllm.cli train {run_dir / 'train-spec.yaml'}")  # the spec the script runs
     assert len(ranks) == 2, ranks
@@ -143,7 +155,7 @@ def test_report_of_a_rank_killed_and_the_job_resubmitted(tmp_path):
     assert s0["last_step"] >= killed_at
     assert s1["resumed_from_step"] == (s0["last_step"] // 50) * 50
     assert s1["steps_redone"] == s0["last_step"] - s1["resumed_from_step"]
-    assert s1["ending"] == "finished" and rep["final_step"] == STEPS
+    assert s1["ending"] == "finished" and rep["final_step"] == KILL_STEPS
     assert 0 < s1["recovery_s"] < 200 and s1["recovery_s"] > s1["startup_s"]  # the resubmission is in it
     assert [r["rank"] for r in s0["per_rank"]][:1] == [0] and all(r["cpu_s"] > 0 for r in s0["per_rank"])
     assert [a["job"] for a in rep["slurm"]["allocations"]] == [job1, job2]
@@ -178,7 +190,9 @@ def test_report_of_an_inference_array_with_a_task_retried(tmp_path):
     assert p.returncode == 0, p.stderr
     job = re.findall(r"as (\d+) \(2 array tasks\)", p.stdout)[0]
     out = run_dir / "outputs"
-    wait_until(lambda: (out / "out-00004.h5.begun").exists(), 120, "task 0 begins its last shard")
+    # a shard has taken ~1.4 s here (also with the machine loaded): poll often, so that the kill is sent at
+    # once and lands inside it (with 0.5 s polls it once came after the shard was done)
+    wait_until(lambda: (out / "out-00004.h5.begun").exists(), 120, "task 0 begins its last shard", poll_s=0.02)
     assert run(["scancel", "--signal=KILL", f"{job}_0"]).returncode == 0  # its ranks die at once
     wait_job(f"{job}_0", 60)
     lost = sorted(p.name[: -len(".begun")] for p in out.glob("*.begun") if not (out / (p.name[: -6] + ".done")).exists())

@@ -130,6 +130,7 @@ print(c.rank, e["SLURM_NODEID"], e["SLURM_LOCALID"], e["SLURMD_NODENAME"], socke
 """
 
 
+@pytest.mark.xdist_group("slurm-2node")  # all 4 CPUs of the 2-node cluster: never beside test_two_node.py
 def test_two_node_cluster_places_tasks_per_node_and_mpi_spans_both(tmp_path):
     """2 nodes x 2 tasks: tasks 0,1 on n1 and 2,3 on n2 with node-local ids 0,1; each node's processes
     see their node's hostname; Open MPI's shared-memory domain is the node; a large allreduce is right."""

@@ -5,6 +5,7 @@ and one whose step fails to launch (it must fail, not end COMPLETED)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,7 +218,9 @@ def test_rendered_job_whose_step_fails_to_launch_fails(tmp_path):
     rows = {r["JobID"]: r for r in sacct_rows(job)}
     assert rows[str(job)]["ExitCode"] == "9:0", rows
     out = (tmp_path / "nolaunch" / "logs" / f"nolaunch-{job}.out").read_text()
-    assert "launch failed" in out and f"StepId={job}.0 aborted before step completely launched" in out, out
+    # srun's "launch failed" line is what the script keys on; its "StepId=... aborted before step
+    # completely launched" line comes from another of srun's threads and is sometimes not printed
+    assert re.search(r"^srun: error: .*launch failed", out, re.M), out
     line = [x for x in out.splitlines() if x.startswith("hpcllm:")]
     assert line == ["hpcllm: srun did not start the job step; starting it once more, as a new step",
                     f"hpcllm: train job {job} did not finish although its step exited 0: no checkpoint of step 6 "

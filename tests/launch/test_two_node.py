@@ -21,7 +21,8 @@ import torch
 
 from tests.slurm_util import require_slurm, run, sbatch, slurm_env, wait_job, wait_until
 
-pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+# the 2-node cluster's own group of make test's workers (tests/conftest.py): beside the 1-node Slurm tests
+pytestmark = [pytest.mark.slurm, pytest.mark.mpi, pytest.mark.xdist_group("slurm-2node")]
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = slurm_env(two_node=True)

@@ -20,3 +20,25 @@ def references(dataset, tmp_path_factory):
     for name, model in (("llama", LLAMA), ("gpt", GPT)):
         train(spec_file(root, dataset, name, model, backend="single"), 1)
     return root
+
+
+@pytest.fixture(scope="module")
+def shared_run(dataset, tmp_path_factory):
+    """`run(name, model, n, overrides, **spec)`: tests/train/test_sharded.py's `train` of that spec on n
+    ranks, once per module: a test that needs a run another test of its module already made (the same
+    plan, model and batch) reads it, or copies it to resume, instead of launching it again. Returns
+    (run_dir, spec_path, CompletedProcess). A name asked for twice must be the same run."""
+    from tests.train.test_sharded import spec_file, train
+
+    root = tmp_path_factory.mktemp("shared")
+    done = {}
+
+    def run(name, model, n, overrides=(), **spec):
+        key = (repr(model), n, tuple(overrides), repr(sorted(spec.items())))
+        if name not in done:
+            path = spec_file(root, dataset, name, model, **spec)
+            done[name] = (key, path, train(path, n, *overrides))
+        assert done[name][0] == key, (name, "is another run", done[name][0], key)
+        return root / name, done[name][1], done[name][2]
+
+    return run

@@ -121,12 +121,34 @@ def _ddp_rel(ours, arch="gpt2"):
     return float((ours - theirs).norm() / theirs.norm())
 
 
+def _body_grad_sync_archs(backend, archs):
+    """_body_grad_sync for each model shape in turn, in one launch: each opens and closes its own
+    communicator (and DDP's group), and compares with references computed in the body itself."""
+    return {arch: _body_grad_sync(backend, arch=arch) for arch in archs}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs():
+    """`runs(backend)`: every rank's results of _body_grad_sync for GPT-2 and (where a test below
+    asks for it: mpi, torch) Llama shapes, from one 2-rank launch per backend, not one per shape."""
+    done = {}
+
+    def runs(backend):
+        if backend not in done:
+            archs = ["gpt2"] if backend == "horovod" else ["gpt2", "llama"]
+            done[backend] = run_on_ranks(2, "tests.train.test_grad_sync:_body_grad_sync_archs", backend=backend,
+                                         archs=archs, timeout=150)
+        return done[backend]
+
+    return runs
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("backend", ["mpi", "torch", pytest.param("horovod", marks=pytest.mark.horovod)])
-def test_two_ranks_equal_single_process_and_ddp(backend):
+def test_two_ranks_equal_single_process_and_ddp(backend, two_rank_runs):
     if backend == "horovod" and importlib.util.find_spec("horovod") is None:
         pytest.fail("horovod is not installed: run scripts/build_horovod.sh (make test does)")
-    res = run_on_ranks(2, "tests.train.test_grad_sync:_body_grad_sync", backend=backend, timeout=60)
+    res = [r["gpt2"] for r in two_rank_runs(backend)]
     assert res[0]["n_buckets"] > 3  # several buckets, launched during backward
     assert res[0]["first"] == res[1]["first"] and res[0]["checksum"] == res[1]["checksum"]  # identical ranks
     for r in res:
@@ -136,8 +158,8 @@ def test_two_ranks_equal_single_process_and_ddp(backend):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("backend", ["mpi", "torch"])
-def test_two_ranks_train_a_llama_shaped_model_like_one_rank(backend):
-    res = run_on_ranks(2, "tests.train.test_grad_sync:_body_grad_sync", backend=backend, arch="llama", timeout=90)
+def test_two_ranks_train_a_llama_shaped_model_like_one_rank(backend, two_rank_runs):
+    res = [r["llama"] for r in two_rank_runs(backend)]
     assert res[0]["checksum"] == res[1]["checksum"]
     for r in res:
         assert r["rel_vs_single"] <= 1e-5, r

@@ -20,7 +20,7 @@ from hpcllm.config import load_spec
 from hpcllm.errors import ConfigError
 from hpcllm.parallel.cli import model_for_plan
 from hpcllm.parallel.estimate import estimate_memory
-from tests.train.test_sharded import GPT, LLAMA, assert_same_run, metrics, resume_copy, spec_file, train
+from tests.train.test_sharded import GPT, LLAMA, MID, STEPS, assert_same_run, metrics, resume_copy, spec_file, train
 from tests.train.test_tensor_parallel import _fails, assert_estimate
 
 pytestmark = pytest.mark.mpi
@@ -40,28 +40,35 @@ def one_rank_val_loss(run_dir, step: int, spec_path) -> float:
     return evaluate(model, open_dataset(spec.data.dataset), spec, comm, Plan(model, None, comm, 0.0))
 
 
+def pp_run(shared_run, n: int, shard: str, tp: int, family: str, schedule: str):
+    """The plan's pp=2 run with the union batch, once per module (the resume test below continues the
+    2-rank GPT 1F1B one): (run_dir, spec_path, CompletedProcess)."""
+    dp = n // (2 * tp)
+    evaluated = (n, family, schedule) == (2, "gpt", "gpipe")
+    return shared_run(f"pp2-{schedule}-{shard}-tp{tp}-{n}-{family}", LLAMA if family == "llama" else GPT, n,
+                      ("parallel.pp=2", f"parallel.pp_schedule={schedule}",
+                       *([f"train.eval_interval={MID}"] if evaluated else [])),
+                      backend="torch", shard=shard, tp=tp, batch=3 if dp == 1 else 1)
+
+
 # (ranks, parallel.shard, tp, family, schedule): 2 ranks are one pipeline of 2 stages (3 sequences x 2
 # micro-batches); 4 ranks are dp=2 x pp=2 (1 sequence x 3 micro-batches per pipeline), or pp=2 x tp=2
 @pytest.mark.parametrize("n,shard,tp,family,schedule", [
     (2, "none", 1, "gpt", "gpipe"), (2, "none", 1, "gpt", "1f1b"), (2, "none", 1, "llama", "gpipe"),
     (2, "none", 1, "llama", "1f1b"), (4, "none", 1, "gpt", "1f1b"), (4, "full", 1, "llama", "1f1b"),
     (4, "none", 2, "gpt", "1f1b"), (4, "optimizer", 1, "gpt", "1f1b")])
-def test_pipeline_equals_one_rank_with_the_union_batch(tmp_path, dataset, references, n, shard, tp, family, schedule):
-    name = f"pp2-{schedule}-{shard}-tp{tp}-{n}-{family}"
-    model = LLAMA if family == "llama" else GPT
+def test_pipeline_equals_one_rank_with_the_union_batch(shared_run, references, n, shard, tp, family, schedule):
     dp = n // (2 * tp)
-    spec = spec_file(tmp_path, dataset, name, model, backend="torch", shard=shard, tp=tp, batch=3 if dp == 1 else 1)
     evaluated = (n, family, schedule) == (2, "gpt", "gpipe")
-    p = train(spec, n, "parallel.pp=2", f"parallel.pp_schedule={schedule}",
-              *(["train.eval_interval=10"] if evaluated else []))
+    run, spec, p = pp_run(shared_run, n, shard, tp, family, schedule)
     assert f"{dp} data-parallel rank(s)" in p.stderr and f"parallel.shard={shard} tp={tp} pp=2 ({schedule})" in p.stderr
-    assert_same_run(tmp_path / name, references / family)
+    assert_same_run(run, references / family)
     if evaluated:  # through the pipeline's evaluation schedule: what one rank's evaluate gives
-        got = {m["step"]: m["val_loss"] for m in metrics(tmp_path / name) if "val_loss" in m}
-        assert list(got) == [10, 20]
+        got = {m["step"]: m["val_loss"] for m in metrics(run) if "val_loss" in m}
+        assert list(got) == [MID, STEPS]
         for step, value in got.items():
-            assert abs(value - one_rank_val_loss(tmp_path / name, step, spec)) <= 1e-5 * value, (step, value)
-    got, one = metrics(tmp_path / name)[-1], metrics(references / family)[-1]
+            assert abs(value - one_rank_val_loss(run, step, spec)) <= 1e-5 * value, (step, value)
+    got, one = metrics(run)[-1], metrics(references / family)[-1]
     if family == "llama" and shard == "none":  # untied: stage 0 holds the embedding and one of the two layers
         for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
             assert got[key] <= 0.55 * one[key], (key, got[key], one[key])
@@ -70,37 +77,40 @@ def test_pipeline_equals_one_rank_with_the_union_batch(tmp_path, dataset, refere
     assert_estimate(got, est, shard)
 
 
-def test_checkpoints_resume_across_pipeline_plans(tmp_path, dataset, references):
-    """pp=2's step 10 on one rank; one rank's step 10 at dp=2 x pp=2 with FSDP2 in each stage: both
-    continue the uninterrupted run. A pp=2 checkpoint exports the whole model."""
+def test_checkpoints_resume_across_pipeline_plans(tmp_path, dataset, references, shared_run):
+    """pp=2's step 5 on one rank; one rank's step 5 at dp=2 x pp=2 with FSDP2 in each stage: both
+    continue the uninterrupted run. A pp=2 checkpoint exports the whole model. (The pp=2 run is the
+    2-rank GPT 1F1B one the test above checked, not another.)"""
     from safetensors.torch import load_file
 
     from hpcllm.checkpoint.export import export
     from tests.train.test_sharded import weights
 
-    train(spec_file(tmp_path, dataset, "pp2", GPT, backend="torch", batch=3), 2, "parallel.pp=2")
-    resume_copy(tmp_path / "pp2", tmp_path / "to1")
+    pp2, _, _ = pp_run(shared_run, 2, "none", 1, "gpt", "1f1b")
+    resume_copy(pp2, tmp_path / "to1")
     p = train(spec_file(tmp_path, dataset, "to1", GPT, backend="single"), 1)
-    assert "resumed step 10 from 2 rank(s) on 1 rank(s) (parallel.shard none -> none) (parallel.pp 2 -> 1)" in p.stderr
+    assert f"resumed step {MID} from 2 rank(s) on 1 rank(s) (parallel.shard none -> none) (parallel.pp 2 -> 1)" \
+        in p.stderr
     assert_same_run(tmp_path / "to1", references / "gpt")
 
-    out = export(str(tmp_path / "pp2"), str(tmp_path / "hf"))
+    out = export(str(pp2), str(tmp_path / "hf"))
     exported, want = load_file(str(out / "model.safetensors")), weights(references / "gpt")
     assert sorted(exported) == sorted(want)  # every stage's tensors, the tied one once
 
     resume_copy(references / "llama", tmp_path / "from1")
     p = train(spec_file(tmp_path, dataset, "from1", LLAMA, backend="torch", shard="full", batch=1), 4, "parallel.pp=2")
-    assert "resumed step 10 from 1 rank(s) on 4 rank(s) (parallel.shard none -> full) (parallel.pp 1 -> 2)" in p.stderr
+    assert f"resumed step {MID} from 1 rank(s) on 4 rank(s) (parallel.shard none -> full) (parallel.pp 1 -> 2)" \
+        in p.stderr
     assert_same_run(tmp_path / "from1", references / "llama")
 
 
 def test_zero1_in_stages_resumes_from_one_rank(tmp_path, dataset, references):
-    """One rank's step 10 continues at dp=2 x pp=2 with ZeRO-1 in each stage (each stage's moments
-    over its two dp ranks), and its own step 20 is the uninterrupted run's."""
+    """One rank's step 5 continues at dp=2 x pp=2 with ZeRO-1 in each stage (each stage's moments
+    over its two dp ranks), and its own step 10 is the uninterrupted run's."""
     resume_copy(references / "llama", tmp_path / "from1")
     p = train(spec_file(tmp_path, dataset, "from1", LLAMA, backend="torch", shard="optimizer", batch=1), 4,
               "parallel.pp=2")
-    assert "resumed step 10 from 1 rank(s) on 4 rank(s) (parallel.shard none -> optimizer) (parallel.pp 1 -> 2)" \
+    assert f"resumed step {MID} from 1 rank(s) on 4 rank(s) (parallel.shard none -> optimizer) (parallel.pp 1 -> 2)" \
         in p.stderr
     assert_same_run(tmp_path / "from1", references / "llama")
 

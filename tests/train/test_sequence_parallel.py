@@ -11,21 +11,26 @@ import sys
 
 import pytest
 
-from tests.train.test_sharded import GLOBAL, GPT, LLAMA, assert_same_run, resume_copy, spec_file, train
+from tests.train.test_sharded import GLOBAL, GPT, LLAMA, MID, assert_same_run, resume_copy, spec_file, train
 from tests.train.test_tensor_parallel import _fails
 
 pytestmark = pytest.mark.mpi
 
 
+def sp_run(shared_run, n: int, shard: str, family: str):
+    """The plan's tp=2 sequence-parallel run with the union batch, once per module (the resume test
+    below continues the 2-rank GPT one): (run_dir, spec_path, CompletedProcess)."""
+    return shared_run(f"sp-{shard}-{n}-{family}", LLAMA if family == "llama" else GPT, n,
+                      ("parallel.sequence_parallel=true",), backend="torch", shard=shard, tp=2,
+                      batch=GLOBAL // (n // 2))
+
+
 @pytest.mark.parametrize("n,shard,family", [(2, "none", "llama"), (2, "none", "gpt"), (4, "none", "llama"),
                                             (4, "full", "gpt"), (4, "optimizer", "llama")])
-def test_sequence_parallel_equals_one_rank_with_the_union_batch(tmp_path, dataset, references, n, shard, family):
-    name = f"sp-{shard}-{n}-{family}"
-    model = LLAMA if family == "llama" else GPT
-    spec = spec_file(tmp_path, dataset, name, model, backend="torch", shard=shard, tp=2, batch=GLOBAL // (n // 2))
-    p = train(spec, n, "parallel.sequence_parallel=true")
+def test_sequence_parallel_equals_one_rank_with_the_union_batch(shared_run, references, n, shard, family):
+    run, _, p = sp_run(shared_run, n, shard, family)
     assert f"parallel.shard={shard} tp=2 sequence_parallel" in p.stderr, p.stderr[-2000:]
-    assert_same_run(tmp_path / name, references / family)
+    assert_same_run(run, references / family)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt"])
@@ -39,13 +44,14 @@ def test_sequence_parallel_within_pipeline_stages(tmp_path, dataset, references,
     assert_same_run(tmp_path / name, references / family)
 
 
-def test_sequence_parallel_checkpoint_resumes_on_one_rank(tmp_path, dataset, references):
+def test_sequence_parallel_checkpoint_resumes_on_one_rank(tmp_path, dataset, references, shared_run):
     """The norms are Replicate DTensors under sequence parallelism: the checkpoint holds them once, and
-    its step 10 continues the uninterrupted run on one rank."""
-    train(spec_file(tmp_path, dataset, "sp", GPT, backend="torch", tp=2), 2, "parallel.sequence_parallel=true")
-    resume_copy(tmp_path / "sp", tmp_path / "to1")
+    its step 5 continues the uninterrupted run on one rank. (The run is the 2-rank GPT one the first
+    test checked, not another.)"""
+    sp, _, _ = sp_run(shared_run, 2, "none", "gpt")
+    resume_copy(sp, tmp_path / "to1")
     p = train(spec_file(tmp_path, dataset, "to1", GPT, backend="single"), 1)
-    assert "resumed step 10 from 2 rank(s) on 1 rank(s)" in p.stderr
+    assert f"resumed step {MID} from 2 rank(s) on 1 rank(s)" in p.stderr
     assert_same_run(tmp_path / "to1", references / "gpt")
 
 

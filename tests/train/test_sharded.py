@@ -16,7 +16,14 @@ from tests.mpi_util import run_mpi
 
 pytestmark = pytest.mark.mpi
 
-STEPS = 20
+# 10 steps, checkpoints at 5 and 10 (as the pipeline tests' interleaved runs have always had): warmup
+# is steps 1-2 and steps 3-10 decay, and the gradient norm of both models on this corpus is 1.5-3.9
+# in each of steps 1-10 (measured), above grad_clip 0.5: clipping scales every step. A resumed run
+# loads step 5 and takes 5 steps on the restored AdamW moments, LR step and data position, and its
+# losses and final weights must equal the uninterrupted run's, so a resume that loses or misplaces
+# any of them fails as it did with 20 steps (the parity checks are per step, to RTOL).
+STEPS = 10
+MID = STEPS // 2  # the checkpoint a resumed run starts from
 RTOL = 1e-5
 GLOBAL = 6  # sequences per step: 1 rank x 6, 2 ranks x 3, 3 ranks x 2 (or x 1 with accumulation)
 LLAMA = {"arch": "llama", "size": "custom", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 40, "ffn_dim": 72,
@@ -27,7 +34,7 @@ GPT = {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 
 def spec_file(root: Path, dataset, name: str, model: dict, *, shard="none", backend="mpi", batch=None, tp=1,
               **train) -> Path:
     t = {"max_steps": STEPS, "global_batch_size": GLOBAL, "batch_size": batch or GLOBAL, "seq_len": 32, "lr": 3e-3,
-         "warmup_steps": 2, "eval_interval": 0, "log_interval": 1, "ckpt_interval": 10, "keep_checkpoints": 5,
+         "warmup_steps": 2, "eval_interval": 0, "log_interval": 1, "ckpt_interval": MID, "keep_checkpoints": 5,
          "grad_clip": 0.5, "progress": False, **train}
     spec = {"kind": "train", "name": name, "run_dir": str(root / name), "data": {"dataset": str(dataset)},
             "dist": {"timeout_s": 60, "bucket_mb": 0.02, "backend": backend}, "model": model, "train": t,
@@ -66,7 +73,7 @@ def assert_same_run(run: Path, ref: Path, steps: int = STEPS) -> None:
         assert err <= RTOL, (run.name, k, err, (a[k] - b[k]).abs().max().item())
 
 
-def resume_copy(src: Path, dst: Path, at: int = 10) -> None:
+def resume_copy(src: Path, dst: Path, at: int = MID) -> None:
     """A run interrupted after its checkpoint of step `at`: the later checkpoints gone."""
     shutil.copytree(src, dst)
     for c in (dst / "checkpoints").iterdir():
@@ -96,8 +103,9 @@ def test_every_mode_equals_one_rank_with_the_union_batch(tmp_path, dataset, refe
 
 
 def test_resume_on_another_number_of_ranks_and_in_another_mode(tmp_path, dataset, references):
-    """10 steps on 2 ranks, then on 1 and on 3; a 1-rank checkpoint on 2; none -> full, full -> optimizer:
-    each continues the uninterrupted run."""
+    """5 steps on 2 ranks, then on 1 and on 3; a 1-rank checkpoint on 2; none -> full, full -> optimizer:
+    each continues the uninterrupted run. The full-mode checkpoint is the none -> full run's own step 6
+    (it checkpoints every 3 steps: 6, 9 and the last), not a full-mode run of its own."""
     ref = references / "gpt"
     two = tmp_path / "two"
     train(spec_file(tmp_path, dataset, "two", GPT, batch=1), 2)  # 2 ranks x 1 x 3 micro-steps
@@ -106,16 +114,18 @@ def test_resume_on_another_number_of_ranks_and_in_another_mode(tmp_path, dataset
              ("from1", ref, 2, "mpi", "none", 3), ("tofull", two, 2, "torch", "full", 3)]
     for name, src, n, backend, shard, batch in cases:
         resume_copy(src, tmp_path / name)
-        p = train(spec_file(tmp_path, dataset, name, GPT, shard=shard, backend=backend, batch=batch), n)
+        extra = {"ckpt_interval": 3} if shard == "full" else {}
+        p = train(spec_file(tmp_path, dataset, name, GPT, shard=shard, backend=backend, batch=batch, **extra), n)
         old_n = 1 if src == ref else 2
         if old_n != n or shard != "none":
-            assert f"resumed step 10 from {old_n} rank(s) on {n} rank(s) (parallel.shard none -> {shard})" in p.stderr
+            assert f"resumed step {MID} from {old_n} rank(s) on {n} rank(s) (parallel.shard none -> {shard})" \
+                in p.stderr
         assert_same_run(tmp_path / name, ref)
-    # full -> optimizer: a full-mode run's step-10 checkpoint (its parts DTensor shards) on 3 ranks in ZeRO-1
-    train(spec_file(tmp_path, dataset, "full", GPT, shard="full", backend="torch", batch=3), 2)
-    resume_copy(tmp_path / "full", tmp_path / "tozero")
+    # full -> optimizer: the full-mode step-6 checkpoint (its parts DTensor shards) on 3 ranks in ZeRO-1
+    assert (tmp_path / "tofull" / "checkpoints" / "step_00000006").is_dir()
+    resume_copy(tmp_path / "tofull", tmp_path / "tozero", at=6)
     p = train(spec_file(tmp_path, dataset, "tozero", GPT, shard="optimizer", batch=2), 3)
-    assert "resumed step 10 from 2 rank(s) on 3 rank(s) (parallel.shard full -> optimizer)" in p.stderr
+    assert "resumed step 6 from 2 rank(s) on 3 rank(s) (parallel.shard full -> optimizer)" in p.stderr
     assert_same_run(tmp_path / "tozero", ref)
 
 

@@ -15,26 +15,31 @@ from hpcllm.config import load_spec
 from hpcllm.parallel.cli import model_for_plan
 from hpcllm.parallel.estimate import estimate_memory
 from tests.mpi_util import run_mpi
-from tests.train.test_sharded import GLOBAL, GPT, LLAMA, assert_same_run, metrics, resume_copy, spec_file, train
+from tests.train.test_sharded import GLOBAL, GPT, LLAMA, MID, assert_same_run, metrics, resume_copy, spec_file, train
 
 pytestmark = pytest.mark.mpi
+
+
+def tp_run(shared_run, n: int, tp: int, shard: str, family: str):
+    """The plan's run with the union batch, once per module (the resume test below continues the tp=2
+    GPT one): (run_dir, spec_path, CompletedProcess)."""
+    return shared_run(f"tp{tp}-{shard}-{n}-{family}", LLAMA if family == "llama" else GPT, n, backend="torch",
+                      shard=shard, tp=tp, batch=GLOBAL // (n // tp))
 
 
 @pytest.mark.parametrize("n,tp,shard,family", [(2, 2, "none", "llama"), (2, 2, "none", "gpt"),
                                                (4, 2, "none", "llama"), (4, 2, "full", "gpt"),
                                                (4, 2, "optimizer", "gpt")])
-def test_tensor_parallel_equals_one_rank_with_the_union_batch(tmp_path, dataset, references, n, tp, shard, family):
-    name = f"tp{tp}-{shard}-{n}-{family}"
-    model = LLAMA if family == "llama" else GPT
-    p = train(spec_file(tmp_path, dataset, name, model, backend="torch", shard=shard, tp=tp, batch=GLOBAL // (n // tp)), n)
+def test_tensor_parallel_equals_one_rank_with_the_union_batch(shared_run, references, n, tp, shard, family):
+    run, spec, p = tp_run(shared_run, n, tp, shard, family)
     assert f"{n // tp} data-parallel rank(s)" in p.stderr and f"parallel.shard={shard} tp={tp}" in p.stderr
-    assert_same_run(tmp_path / name, references / family)
-    got, one = metrics(tmp_path / name)[-1], metrics(references / family)[-1]
+    assert_same_run(run, references / family)
+    got, one = metrics(run)[-1], metrics(references / family)[-1]
     if shard == "none":  # every layer split in two (norms are a few hundred bytes)
         for key in ("params_bytes", "grads_bytes", "optimizer_bytes"):
             assert got[key] <= 0.55 * one[key], (key, got[key], one[key])
     # `hpcllm plan`'s estimate is what the ranks measured (rank 0's: the largest part of each tensor)
-    spec = load_spec(tmp_path / f"{name}.yaml")
+    spec = load_spec(spec)
     est = estimate_memory(model_for_plan(spec), shard, tp, n // tp)
     assert_estimate(got, est, shard)
     if shard == "optimizer":  # AdamW's moments of half of each tp part
@@ -56,36 +61,38 @@ def test_gathered_logits_train_the_same(tmp_path, dataset, references):
     assert_same_run(tmp_path / "gathered", references / "llama")
 
 
-def test_checkpoints_resume_across_tensor_parallel_plans(tmp_path, dataset, references):
-    """tp=2 (its step 10) on one rank, and one rank's step 10 at dp=2 x tp=2 with FSDP on 4 ranks: both
-    continue the uninterrupted run."""
-    train(spec_file(tmp_path, dataset, "tp2", GPT, backend="torch", tp=2), 2)
-    resume_copy(tmp_path / "tp2", tmp_path / "to1")
+def test_checkpoints_resume_across_tensor_parallel_plans(tmp_path, dataset, references, shared_run):
+    """tp=2 (its step 5) on one rank, and one rank's step 5 at dp=2 x tp=2 with FSDP on 4 ranks: both
+    continue the uninterrupted run. (The tp=2 run is the one the test above checked, not another.)"""
+    tp2, _, _ = tp_run(shared_run, 2, 2, "none", "gpt")
+    resume_copy(tp2, tmp_path / "to1")
     p = train(spec_file(tmp_path, dataset, "to1", GPT, backend="single"), 1)
-    assert "resumed step 10 from 2 rank(s) on 1 rank(s) (parallel.shard none -> none) (parallel.tp 2 -> 1)" in p.stderr
+    assert f"resumed step {MID} from 2 rank(s) on 1 rank(s) (parallel.shard none -> none) (parallel.tp 2 -> 1)" \
+        in p.stderr
     assert_same_run(tmp_path / "to1", references / "gpt")
 
     resume_copy(references / "gpt", tmp_path / "from1")
     p = train(spec_file(tmp_path, dataset, "from1", GPT, backend="torch", tp=2, shard="full", batch=3), 4)
-    assert "resumed step 10 from 1 rank(s) on 4 rank(s) (parallel.shard none -> full) (parallel.tp 1 -> 2)" in p.stderr
+    assert f"resumed step {MID} from 1 rank(s) on 4 rank(s) (parallel.shard none -> full) (parallel.tp 1 -> 2)" \
+        in p.stderr
     assert_same_run(tmp_path / "from1", references / "gpt")
 
 
 def test_zero1_checkpoints_resume_across_plans(tmp_path, dataset, references):
     """ZeRO-1 over dp x tp keeps the AdamW moments of 1/dp of each tp part, saved as DTensors of the
-    whole parameters (dp's rows strided within tp's where both cut dim 0): dp=2 x tp=2's step 10
-    continues on one rank, and one rank's step 10 continues at dp=2 x tp=2 (GPT-2: the tied embedding
+    whole parameters (dp's rows strided within tp's where both cut dim 0): dp=2 x tp=2's step 5
+    continues on one rank, and one rank's step 5 continues at dp=2 x tp=2 (GPT-2: the tied embedding
     split by vocabulary rows, then by dp)."""
     train(spec_file(tmp_path, dataset, "zero", LLAMA, backend="torch", tp=2, shard="optimizer", batch=3), 4)
     resume_copy(tmp_path / "zero", tmp_path / "to1")
     p = train(spec_file(tmp_path, dataset, "to1", LLAMA, backend="single"), 1)
-    assert "resumed step 10 from 4 rank(s) on 1 rank(s) (parallel.shard optimizer -> none) (parallel.tp 2 -> 1)" \
+    assert f"resumed step {MID} from 4 rank(s) on 1 rank(s) (parallel.shard optimizer -> none) (parallel.tp 2 -> 1)" \
         in p.stderr
     assert_same_run(tmp_path / "to1", references / "llama")
 
     resume_copy(references / "gpt", tmp_path / "from1")
     p = train(spec_file(tmp_path, dataset, "from1", GPT, backend="torch", tp=2, shard="optimizer", batch=3), 4)
-    assert "resumed step 10 from 1 rank(s) on 4 rank(s) (parallel.shard none -> optimizer) (parallel.tp 1 -> 2)" \
+    assert f"resumed step {MID} from 1 rank(s) on 4 rank(s) (parallel.shard none -> optimizer) (parallel.tp 1 -> 2)" \
         in p.stderr
     assert_same_run(tmp_path / "from1", references / "gpt")
 

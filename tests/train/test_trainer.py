@@ -157,9 +157,22 @@ def test_logged_losses_are_identical_after_a_resume_between_log_lines(tmp_path, 
     assert losses(tmp_path / "again") == losses(tmp_path / "whole")  # bitwise
 
 
-def _trained(tmp_path, dataset, name):
+@pytest.fixture(scope="module")
+def trained4(dataset, tmp_path_factory):
+    """One 4-step run (checkpoint at step 4) for the tests that resume from it and fail: one launch,
+    not one per test. A test gets its own copy (the trust test damages its checkpoint)."""
+    root = tmp_path_factory.mktemp("trained4")
+    spec = train_spec(root, dataset, name="t4", max_steps=4, eval_interval=0)
+    p = hpcllm("train", str(spec))
+    assert p.returncode == 0, p.stderr[-2000:]
+    return root / "t4"
+
+
+def _trained(tmp_path, dataset, name, trained4):
+    import shutil
+
+    shutil.copytree(trained4, tmp_path / name)
     spec = train_spec(tmp_path, dataset, name=name, max_steps=4, eval_interval=0)
-    assert hpcllm("train", str(spec)).returncode == 0
     return spec, tmp_path / name / "checkpoints" / "step_00000004"
 
 
@@ -168,8 +181,8 @@ class NotATensor:  # pickled into a state.pt: the weights-only unpickler must re
 
 
 @pytest.mark.mpi
-def test_resume_with_another_model_shape_is_one_line_on_every_rank_count(tmp_path, dataset):
-    spec, _ = _trained(tmp_path, dataset, "shape")
+def test_resume_with_another_model_shape_is_one_line_on_every_rank_count(tmp_path, dataset, trained4):
+    spec, _ = _trained(tmp_path, dataset, "shape", trained4)
     for n in (1, 2):
         p = hpcllm("train", str(spec), "model.n_embd=48", n=n)
         assert p.returncode == 6, p.stderr[-3000:]
@@ -180,11 +193,11 @@ def test_resume_with_another_model_shape_is_one_line_on_every_rank_count(tmp_pat
     assert p.returncode == 6 and "transformer.wpe.weight" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_untrusted_or_unreadable_checkpoints_are_refused_in_one_line(tmp_path, dataset):
+def test_untrusted_or_unreadable_checkpoints_are_refused_in_one_line(tmp_path, dataset, trained4):
     from hpcllm.checkpoint import load_trained_model
     from hpcllm.errors import CheckpointError
 
-    spec, ckpt = _trained(tmp_path, dataset, "trust")
+    spec, ckpt = _trained(tmp_path, dataset, "trust", trained4)
     state = torch.load(ckpt / "state.pt", weights_only=True)
     torch.save({**state, "extra": NotATensor()}, ckpt / "state.pt")  # would run code on a full unpickle
     p = hpcllm("train", str(spec), "train.max_steps=6")

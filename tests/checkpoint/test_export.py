@@ -1,5 +1,9 @@
 """`hpcllm export`: a trained run of each family as an HF directory that transformers loads with the
-same logits — weights, config, generation config and the dataset's tokenizer."""
+same logits — weights, config, generation config and the dataset's tokenizer.
+
+The inputs (a tokenizer, two datasets) and the refused second export run in one Python process
+(`cli`, a CliSession: ~3 s of imports saved per command); the training and the export under test
+are the real command line."""
 
 import json
 import subprocess
@@ -9,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_session import CliSession
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -17,7 +23,14 @@ def hpcllm(*args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
+def cli():
+    session = CliSession()
+    yield session.run
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, cli):
     root = tmp_path_factory.mktemp("export")
     corpus = root / "corpus"
     corpus.mkdir()
@@ -28,13 +41,13 @@ def datasets(tmp_path_factory):
         (corpus / p.name).write_text(p.read_text())
     out = {}
     tok = root / "bpe.json"
-    assert hpcllm("tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--output", str(tok)).returncode == 0
+    assert cli("tokenizer", "train", "--input", str(corpus), "--vocab-size", "400", "--output", str(tok)).returncode == 0
     for name, tokenizer in (("byte", "byte"), ("bpe", str(tok))):
         spec = root / f"prep_{name}.yaml"
         spec.write_text(json.dumps({"kind": "prepare", "run_dir": str(root / f"prep_{name}"),
                                     "data": {"inputs": [str(corpus)], "dataset": str(root / f"ds_{name}"),
                                              "tokenizer": tokenizer, "val_fraction": 0.1}}))
-        p = hpcllm("prepare", str(spec))
+        p = cli("prepare", spec)
         assert p.returncode == 0, p.stderr
         out[name] = root / f"ds_{name}"
     return out
@@ -53,7 +66,7 @@ def train(tmp_path, dataset, arch, size="tiny"):
 
 
 @pytest.mark.parametrize("arch, tok", [("llama", "bpe"), ("gpt2", "byte")])
-def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_path, datasets, arch, tok):
+def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_path, datasets, cli, arch, tok):
     from hpcllm.checkpoint import load_trained_model
     from hpcllm.data import load_tokenizer
 
@@ -76,5 +89,5 @@ def test_export_loads_in_transformers_with_the_same_logits_and_tokenizer(tmp_pat
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == mine.eos_id and generation["pad_token_id"] == mine.pad_id
     assert hf_tok.pad_token_id == mine.pad_id == hf.generation_config.pad_token_id
-    again = hpcllm("export", str(run), str(out))
+    again = cli("export", run, out)
     assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr

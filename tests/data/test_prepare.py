@@ -1,4 +1,8 @@
-"""prepare: same bytes from 1, 2 and 3 ranks; tokenizers round-trip; h5dump reads shards; bad input."""
+"""prepare: same bytes from 1, 2 and 3 ranks; tokenizers round-trip; h5dump reads shards; bad input.
+
+The one-rank prepares run in one Python process (`cli`, a CliSession: each would pay ~2 s of
+imports, torch's included), except those of the 1-2-3-rank comparison and the full disk (its own
+process limits), which are the real command line."""
 
 import hashlib
 import json
@@ -12,6 +16,7 @@ import numpy as np
 import pytest
 
 from hpcllm.data.tokenizer import ByteTokenizer, load_tokenizer_file, train_bpe
+from tests.cli_session import CliSession
 from tests.disk_util import small_disk  # noqa: F401 - a fixture
 from tests.mpi_util import run_mpi
 
@@ -54,7 +59,18 @@ def digest(d: Path) -> str:
     return h.hexdigest()
 
 
-def prepare_cli(*args, n=1, timeout=120):
+@pytest.fixture(scope="module")
+def cli():
+    session = CliSession()
+    yield session.run
+    session.close()
+
+
+def prepare_cli(*args, n=1, timeout=120, cli=None):
+    """`hpcllm prepare ARGS` on n ranks; on one through `cli` (a CliSession's run) when given."""
+    if cli is not None:
+        assert n == 1
+        return cli("prepare", *args, timeout=timeout)
     if n == 1:
         return subprocess.run([sys.executable, "-m", "hpcllm.cli", "prepare", *args], capture_output=True, text=True,
                               timeout=timeout)
@@ -77,9 +93,9 @@ def test_identical_dataset_from_1_2_3_ranks(tmp_path, corpus):
     assert not list((tmp_path / "ds3").glob("*.tmp")) and not list((tmp_path / "ds3").glob(".*.tmp"))
 
 
-def test_token_stream_is_documents_plus_eos(tmp_path, corpus):
+def test_token_stream_is_documents_plus_eos(tmp_path, corpus, cli):
     out = tmp_path / "ds"
-    assert prepare_cli(str(spec(tmp_path, corpus, out, val_fraction=0.0))).returncode == 0
+    assert prepare_cli(str(spec(tmp_path, corpus, out, val_fraction=0.0)), cli=cli).returncode == 0
     man = json.loads((out / "manifest.json").read_text())
     stream, starts = [], []
     for e in man["shards"]:
@@ -97,9 +113,9 @@ def test_token_stream_is_documents_plus_eos(tmp_path, corpus):
     assert len(docs) == man["splits"]["train"]["n_docs"] == len(list(corpus.rglob("*.*"))) - 1  # minus empty b.txt
 
 
-def test_h5dump_and_h5ls_read_a_shard(tmp_path, corpus):
+def test_h5dump_and_h5ls_read_a_shard(tmp_path, corpus, cli):
     out = tmp_path / "ds"
-    assert prepare_cli(str(spec(tmp_path, corpus, out))).returncode == 0
+    assert prepare_cli(str(spec(tmp_path, corpus, out)), cli=cli).returncode == 0
     shard = sorted(out.glob("train-*.h5"))[0]
     ls = subprocess.run(["h5ls", str(shard)], capture_output=True, text=True)
     assert ls.returncode == 0 and "tokens" in ls.stdout and "doc_offsets" in ls.stdout
@@ -120,11 +136,11 @@ def test_byte_and_bpe_round_trip(tmp_path, corpus):
     assert again.identity == bpe.identity and again.encode(text) == ids
 
 
-def test_bpe_dataset_and_prompts(tmp_path, corpus):
+def test_bpe_dataset_and_prompts(tmp_path, corpus, cli):
     files = [str(p) for p in corpus.rglob("doc*.txt")]
     train_bpe(files, 300, tmp_path / "tok.json")
     out = tmp_path / "bpe"
-    assert prepare_cli(str(spec(tmp_path, corpus, out, tokenizer=str(tmp_path / "tok.json")))).returncode == 0
+    assert prepare_cli(str(spec(tmp_path, corpus, out, tokenizer=str(tmp_path / "tok.json"))), cli=cli).returncode == 0
     from hpcllm.data import load_tokenizer, open_dataset
 
     ds = open_dataset(out)
@@ -136,7 +152,7 @@ def test_bpe_dataset_and_prompts(tmp_path, corpus):
     jl.write_text("\n".join(json.dumps({"id": 10 + i, "q": f"prompt {i}", "c": " answer"}) for i in range(5)) + "\n")
     pout = tmp_path / "prompts"
     p = prepare_cli(str(spec(tmp_path, tmp_path / "p.jsonl", pout, output="prompts", text_field="q", id_field="id",
-                             continuation_field="c", prompts_per_shard=2)))
+                             continuation_field="c", prompts_per_shard=2)), cli=cli)
     assert p.returncode == 0, p.stderr
     from hpcllm.data.prompts import open_prompt_dataset
 
@@ -155,25 +171,25 @@ def test_bpe_dataset_and_prompts(tmp_path, corpus):
         ({"tokenizer": "/nope/tokenizer.json"}, "tokenizer '/nope/tokenizer.json' not found"),
     ],
 )
-def test_bad_prepare_inputs(tmp_path, corpus, data, message):
-    p = prepare_cli(str(spec(tmp_path, corpus, tmp_path / "x", **data)))
+def test_bad_prepare_inputs(tmp_path, corpus, cli, data, message):
+    p = prepare_cli(str(spec(tmp_path, corpus, tmp_path / "x", **data)), cli=cli)
     assert p.returncode == 5 and message in p.stderr and "Traceback" not in p.stderr
 
 
-def test_bad_jsonl_names_file_and_line(tmp_path):
+def test_bad_jsonl_names_file_and_line(tmp_path, cli):
     jl = tmp_path / "bad.jsonl"
     jl.write_text('{"text": "ok"}\n{"text": broken}\n')
-    p = prepare_cli(str(spec(tmp_path, jl, tmp_path / "x")))
+    p = prepare_cli(str(spec(tmp_path, jl, tmp_path / "x")), cli=cli)
     assert p.returncode == 5 and f"{jl}:2: not valid JSON" in p.stderr
     jl.write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    p = prepare_cli(str(spec(tmp_path, jl, tmp_path / "x")))
+    p = prepare_cli(str(spec(tmp_path, jl, tmp_path / "x")), cli=cli)
     assert p.returncode == 5 and f"{jl}:2: field 'text' missing" in p.stderr
 
 
-def test_crash_leaves_no_complete_looking_dataset_and_rerun_is_identical(tmp_path, corpus):
+def test_crash_leaves_no_complete_looking_dataset_and_rerun_is_identical(tmp_path, corpus, cli):
     out = tmp_path / "ds"
     s = spec(tmp_path, corpus, out)
-    assert prepare_cli(str(s)).returncode == 0
+    assert prepare_cli(str(s), cli=cli).returncode == 0
     good = digest(out)
     # a crash midway: manifest gone (removed first by prepare), a half-written shard left as .tmp
     (out / "manifest.json").unlink()
@@ -183,7 +199,7 @@ def test_crash_leaves_no_complete_looking_dataset_and_rerun_is_identical(tmp_pat
 
     with pytest.raises(DataError, match="manifest.json: missing .* unfinished prepare"):
         open_dataset(out)
-    assert prepare_cli(str(s)).returncode == 0
+    assert prepare_cli(str(s), cli=cli).returncode == 0
     assert digest(out) == good
 
 

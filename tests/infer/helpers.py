@@ -12,9 +12,9 @@ from pathlib import Path
 import h5py
 import torch
 
+from tests.cli_session import CLI, CliSession  # noqa: F401 (CliSession: for the test modules)
 from tests.mpi_util import mpi_env, run_mpi
 
-CLI = [sys.executable, "-m", "hpcllm.cli"]
 
 
 def tiny_model(out: Path, seed: int = 3, vocab: int = 258) -> Path:
@@ -45,13 +45,17 @@ def constant_model(out: Path, favourites: dict[int, float]) -> Path:
     return out
 
 
-def prepare_prompts(root: Path, records: list[dict], per_shard: int = 3, name: str = "prompts", **data) -> subprocess.CompletedProcess:
-    """`hpcllm prepare` of JSONL records ({"id", "prompt"[, "cont"]}) into root/name."""
+def prepare_prompts(root: Path, records: list[dict], per_shard: int = 3, name: str = "prompts", cli=None,
+                    **data) -> subprocess.CompletedProcess:
+    """`hpcllm prepare` of JSONL records ({"id", "prompt"[, "cont"]}) into root/name; `cli`: what runs
+    the command (a CliSession's run), else a process of its own."""
     (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     d = {"inputs": [str(root / f"{name}.jsonl")], "output": "prompts", "text_field": "prompt", "id_field": "id",
          "prompts_per_shard": per_shard, "dataset": str(root / name), **data}
     spec = root / f"prep-{name}.yaml"
     spec.write_text(json.dumps({"kind": "prepare", "run_dir": str(root / f"prep-{name}"), "data": d}))
+    if cli is not None:
+        return cli("prepare", spec)
     return subprocess.run([*CLI, "prepare", str(spec)], capture_output=True, text=True, timeout=120)
 
 

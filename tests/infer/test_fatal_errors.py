@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.infer.helpers import infer_spec, outputs, prepare_prompts, run_cli, run_torchrun, tiny_model
+from tests.infer.helpers import CliSession, infer_spec, outputs, prepare_prompts, run_cli, run_torchrun, tiny_model
 from tests.mpi_util import run_mpi
 
 pytestmark = pytest.mark.mpi
@@ -27,11 +27,20 @@ def records(bad_shard: int | None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """The model, the four prompt sets, and the one-rank reference outputs `ref_single` that every
+    backend's and launcher's dynamic schedule must reproduce — the inputs in one CLI process (what
+    is tested here is the multi-rank jobs, not prepare), the reference as the real command."""
     root = tmp_path_factory.mktemp("fatal")
     tiny_model(root / "model")
-    for name, bad in (("good", None), ("bad0", 0), ("bad1", 1), ("bad4", 4)):
-        p = prepare_prompts(root, records(bad), per_shard=3, name=name)
-        assert p.returncode == 0, p.stderr
+    session = CliSession()
+    try:
+        for name, bad in (("good", None), ("bad0", 0), ("bad1", 1), ("bad4", 4)):
+            p = prepare_prompts(root, records(bad), per_shard=3, name=name, cli=session.run)
+            assert p.returncode == 0, p.stderr
+    finally:
+        session.close()
+    ref = run_cli("infer", spec(root, "ref_single", "good"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
     return root
 
 
@@ -75,8 +84,6 @@ def test_failure_on_one_rank_ends_every_rank_promptly(setup, backend, bad):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dynamic_schedule_runs_on_every_backend(setup, backend):
-    ref = run_cli("infer", spec(setup, "ref_single", "good"))
-    assert ref.returncode == 0, ref.stderr[-2000:]
     name = f"dyn_ok_{backend}"
     p = run_cli("infer", spec(setup, name, "good"), f"dist.backend={backend}", n=2, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -86,7 +93,6 @@ def test_dynamic_schedule_runs_on_every_backend(setup, backend):
 
 def test_torchrun_dynamic_schedule_and_a_failure(setup):
     """No MPI at all: torchrun workers draw shards from the torch.distributed store."""
-    assert run_cli("infer", spec(setup, "ref_single", "good")).returncode in (0,)
     p = run_torchrun("infer", spec(setup, "torchrun_ok", "good"), "dist.backend=torch", timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "schedule: dynamic (an atomic counter in torch.distributed's store)" in p.stderr

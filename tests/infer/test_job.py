@@ -1,24 +1,44 @@
 """The inference job: same outputs from 1/2 ranks, static/dynamic schedules, batch sizes and an
-interrupted-and-resumed run; bad inputs give clear errors and nothing marked done that isn't."""
+interrupted-and-resumed run; bad inputs give clear errors and nothing marked done that isn't.
+
+The one-process commands run in one Python process (`cli`, a CliSession: ~3 s of start-up each
+saved), except one of each kind — a run, a resume, an export, an error exit — kept as the real
+command line (`run_cli`)."""
 
 import json
 import shutil
 
 import pytest
 
-from tests.infer.helpers import infer_spec, outputs, prepare_prompts, run_cli, tiny_model
+from tests.infer.helpers import CliSession, infer_spec, outputs, prepare_prompts, run_cli, tiny_model
 
 N_PROMPTS = 13
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def cli():
+    """`cli("infer", ...)`: `run_cli` on one rank, in the module's one CLI process."""
+    session = CliSession()
+    yield session.run
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, cli):
     root = tmp_path_factory.mktemp("infer")
     tiny_model(root / "model")
     lines = [{"id": 500 + i, "prompt": "x = " * (1 + i % 5) + str(i), "cont": f" # {i}"} for i in range(N_PROMPTS)]
-    p = prepare_prompts(root, lines, per_shard=3, continuation_field="cont")
+    p = prepare_prompts(root, lines, per_shard=3, cli=cli, continuation_field="cont")
     assert p.returncode == 0, p.stderr
     return root
+
+
+@pytest.fixture(scope="module")
+def want(setup):
+    """The outputs of one rank (batch size 8) that every other layout must reproduce; the real command."""
+    ref = infer(str(spec(setup, "one", batch_size=8)))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    return outputs(setup / "one")
 
 
 def spec(root, name, **infer):
@@ -30,21 +50,18 @@ def infer(*args, n=1, env=None):
 
 
 @pytest.mark.mpi
-def test_same_outputs_whatever_ranks_schedule_and_batch(setup):
-    ref = infer(str(spec(setup, "one", batch_size=8)))
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    want = outputs(setup / "one")
+def test_same_outputs_whatever_ranks_schedule_and_batch(setup, want, cli):
     assert sorted(want) == [500 + i for i in range(N_PROMPTS)]
     assert all(0 < len(v) <= 12 for v in want.values())
     for name, n, kw in (("two_dyn", 2, {}), ("two_static", 2, {"schedule": "static"}), ("bs1", 1, {"batch_size": 1})):
-        p = infer(str(spec(setup, name, **kw)), n=n)
+        p = infer(str(spec(setup, name, **kw)), n=n) if n > 1 else cli("infer", spec(setup, name, **kw))
         assert p.returncode == 0, p.stderr[-2000:]
         assert outputs(setup / name) == want, name
 
 
-def test_resume_skips_done_shards_and_matches(setup):
+def test_resume_skips_done_shards_and_matches(setup, cli):
     s = spec(setup, "resume")
-    assert infer(str(s)).returncode == 0
+    assert cli("infer", s).returncode == 0
     want = outputs(setup / "resume")
     outd = setup / "resume" / "outputs"
     # an interrupted run: one shard never finished (output but no marker), one half-written
@@ -57,9 +74,9 @@ def test_resume_skips_done_shards_and_matches(setup):
     assert outputs(setup / "resume") == want
 
 
-def test_score_and_export(setup, tmp_path):
+def test_score_and_export(setup, tmp_path, cli):
     s = spec(setup, "score", mode="score")
-    assert infer(str(s)).returncode == 0
+    assert cli("infer", s).returncode == 0
     scores = outputs(setup / "score")
     assert len(scores) == N_PROMPTS and all(v < 0 for v in scores.values())
     out = tmp_path / "s.jsonl"
@@ -69,44 +86,40 @@ def test_score_and_export(setup, tmp_path):
     assert {r["id"] for r in rows} == set(scores) and all(len(r["token_logprobs"]) == r["n_tokens"] for r in rows)
 
 
-def test_bad_inputs(setup, tmp_path):
+def test_bad_inputs(setup, tmp_path, cli):
     # corrupt prompt shard: named, nothing marked done for it
     bad = tmp_path / "prompts"
     shutil.copytree(setup / "prompts", bad)
     (bad / "prompts-00001.h5").write_bytes((bad / "prompts-00001.h5").read_bytes()[:200])
-    p = infer(str(spec(setup, "corrupt", prompts=str(bad))))
+    p = cli("infer", spec(setup, "corrupt", prompts=str(bad)))
     assert p.returncode == 5 and "prompts-00001.h5" in p.stderr and "Traceback" not in p.stderr
     # prompt longer than the context
-    p = infer(str(spec(setup, "long", max_new_tokens=60)))
+    p = cli("infer", spec(setup, "long", max_new_tokens=60))
     assert p.returncode == 5 and "exceeds the model's context of 64" in p.stderr and "record 5" in p.stderr
     # tokenizer/vocabulary mismatch
     from hpcllm.model import ModelConfig, build_model, save_hf_model
 
     save_hf_model(build_model(ModelConfig(size="custom", n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=300).resolve()),
                  tmp_path / "m300")
-    p = infer(str(spec(setup, "vocab", model=str(tmp_path / "m300"))))
+    p = cli("infer", spec(setup, "vocab", model=str(tmp_path / "m300")))
     assert p.returncode == 8 and "vocabulary mismatch" in p.stderr
     # output dir not writable
     ro = tmp_path / "ro"
     ro.mkdir()
     (ro / "outputs").write_text("a file where the output dir should be")
     s = spec(setup, "ro")
-    p = infer(str(s), f"run_dir={ro}")
+    p = cli("infer", s, f"run_dir={ro}")
     assert p.returncode == 8 and "is not writable" in p.stderr
-    # missing model
+    # missing model (the real command line: its exit code as a user sees it)
     p = infer(str(spec(setup, "nomodel", model="/nope")))
     assert p.returncode == 10 and "infer.model: '/nope' does not exist" in p.stderr
 
 
 @pytest.mark.mpi
-def test_tensor_parallel_groups_give_the_same_outputs(setup):
+def test_tensor_parallel_groups_give_the_same_outputs(setup, want):
     """parallel.tp=2 on 2 ranks (one group), and dp=2 x tp=2 on 4 — shards to whichever group is free
     (dynamic) or to the groups in turn (static): the outputs of one rank, written once per shard by
     each group's first rank."""
-    want = outputs(setup / "one") if (setup / "one" / "outputs").exists() else None
-    if want is None:
-        assert infer(str(spec(setup, "one", batch_size=8))).returncode == 0
-        want = outputs(setup / "one")
     for name, n, schedule in (("tp2", 2, "dynamic"), ("dp2tp2", 4, "dynamic"), ("dp2tp2-static", 4, "static")):
         p = infer(str(spec(setup, name, schedule=schedule)), "parallel.tp=2", "dist.backend=torch", n=n)
         assert p.returncode == 0, p.stderr[-2000:]

@@ -1,6 +1,9 @@
 """A model directory as users download it (config, sharded safetensors, generation_config, tokenizer
 files) used end to end: prompts and training data tokenized by its own tokenizer, served and
-continued-pretrained by the jobs — and data of another tokenizer refused at train and infer time."""
+continued-pretrained by the jobs — and data of another tokenizer refused at train and infer time.
+
+The inputs and the refusals run in one Python process (`cli`, a CliSession: ~3 s of start-up per
+command saved); the served and the trained runs are the real command line (`run_cli`)."""
 
 import json
 
@@ -8,14 +11,21 @@ import pytest
 import torch
 
 from tests.data.test_hf_tokenizer import CHATS, CORPUS, make_tokenizer_dir
-from tests.infer.helpers import infer_spec, outputs, prepare_prompts, run_cli
+from tests.infer.helpers import CliSession, infer_spec, outputs, prepare_prompts, run_cli
 from tests.model.test_llama import make_hf
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def cli():
+    session = CliSession()
+    yield session.run
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, cli):
     root = tmp_path_factory.mktemp("modeldir")
     model = root / "Llama-tiny"
     make_hf("llama", seed=2).save_pretrained(model, max_shard_size="100KB")
@@ -24,7 +34,7 @@ def setup(tmp_path_factory):
               [{"id": 10 + i, "prompt": t} for i, t in enumerate(CORPUS)]
     for name, tokenizer in (("prompts", str(model)), ("byteprompts", "byte")):
         recs = records if tokenizer != "byte" else records[len(CHATS):]  # no chat template to render with
-        p = prepare_prompts(root, recs, per_shard=4, name=name, tokenizer=tokenizer)
+        p = prepare_prompts(root, recs, per_shard=4, name=name, cli=cli, tokenizer=tokenizer)
         assert p.returncode == 0, p.stderr
     (root / "corpus.txt").write_text("\n\n".join(CORPUS * 10))
     for name, tokenizer in (("data", str(model)), ("bytedata", "byte")):
@@ -32,7 +42,7 @@ def setup(tmp_path_factory):
         spec.write_text(json.dumps({"kind": "prepare", "run_dir": str(root / f"prep-{name}"), "data": {
             "inputs": [str(root / "corpus.txt")], "doc_split": "blank_line", "tokenizer": tokenizer,
             "dataset": str(root / name), "val_fraction": 0.0}}))
-        p = run_cli("prepare", spec)
+        p = cli("prepare", spec)
         assert p.returncode == 0, p.stderr
     return root, model
 
@@ -63,9 +73,9 @@ def test_inference_from_a_model_directory_matches_hf_and_stops_on_its_eos_ids(se
         assert got[10 + i] == ref[0, len(ids):].tolist(), i
 
 
-def test_prompts_of_another_tokenizer_are_refused_naming_both(setup):
+def test_prompts_of_another_tokenizer_are_refused_naming_both(setup, cli):
     root, model = setup
-    p = run_cli("infer", infer_spec(root, "mismatch", model=model, prompts=root / "byteprompts"))
+    p = cli("infer", infer_spec(root, "mismatch", model=model, prompts=root / "byteprompts"))
     assert p.returncode == 5 and "Traceback" not in p.stderr
     assert f"{root / 'byteprompts'} was tokenized with 'byte-v1', the model's {model / 'tokenizer.json'}" in p.stderr
     assert f"data.tokenizer: {model}" in p.stderr
@@ -75,7 +85,7 @@ def test_prompts_of_another_tokenizer_are_refused_naming_both(setup):
     hf = make_hf("qwen2")
     hf.resize_token_embeddings(300)
     hf.save_pretrained(small)
-    p = run_cli("infer", infer_spec(root, "vocab", model=small, prompts=root / "prompts"))
+    p = cli("infer", infer_spec(root, "vocab", model=small, prompts=root / "prompts"))
     assert p.returncode == 8 and "Traceback" not in p.stderr
     assert (f"vocabulary mismatch: {small}/config.json vocab_size=300, but the prompts' tokenizer "
             f"{root / 'prompts' / 'tokenizer.json'} has") in p.stderr
@@ -105,9 +115,9 @@ def test_continued_pretraining_starts_from_the_directory_weights(setup):
         assert (a - b).abs().max().item() < 1e-8, name
 
 
-def test_training_data_of_another_tokenizer_is_refused(setup):
+def test_training_data_of_another_tokenizer_is_refused(setup, cli):
     root, model = setup
-    p = run_cli("train", train_spec(root, "bad", "bytedata", model), timeout=300)
+    p = cli("train", train_spec(root, "bad", "bytedata", model), timeout=300)
     assert p.returncode == 5 and "Traceback" not in p.stderr
     assert f"tokenizer mismatch: {root / 'bytedata'} was tokenized with 'byte-v1'" in p.stderr
     assert not (root / "bad" / "checkpoints").exists() or not any((root / "bad" / "checkpoints").iterdir())

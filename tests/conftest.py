@@ -6,6 +6,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def cli():
+    """`cli("infer", spec, ...)`: the one-process `hpcllm` command, run in one Python process shared by
+    the module's tests (tests/cli_session.py: ~3 s of imports saved per command)."""
+    from tests.cli_session import CliSession
+
+    session = CliSession()
+    yield session.run
+    session.close()
+
+
 def _has_gpu() -> bool:
     try:
         import torch

@@ -13,20 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli_session import CliSession
 
 transformers = pytest.importorskip("transformers")
 
 
 def hpcllm(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "hpcllm.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    session = CliSession()
-    yield session.run
-    session.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 
 from hpcllm.data.tokenizer import HFTokenizer, load_tokenizer_file
 from hpcllm.errors import DataError
-from tests.cli_session import CliSession
 from tests.infer.helpers import prepare_prompts
 
 transformers = pytest.importorskip("transformers")
@@ -126,13 +125,6 @@ def test_special_tokens_come_from_the_model_files(tokdir, tmp_path):
     (other / "tokenizer_config.json").write_text(json.dumps({**cfg, "eos_token": "<|nope|>"}))
     with pytest.raises(DataError, match=r"tokenizer_config.json: eos_token '<\|nope\|>' is not in .*tokenizer.json"):
         load_tokenizer_file(other)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    session = CliSession()
-    yield session.run
-    session.close()
 
 
 def test_chat_prompts_match_transformers_apply_chat_template(tokdir, tmp_path, cli):

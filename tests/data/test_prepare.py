@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from hpcllm.data.tokenizer import ByteTokenizer, load_tokenizer_file, train_bpe
-from tests.cli_session import CliSession
 from tests.disk_util import small_disk  # noqa: F401 - a fixture
 from tests.mpi_util import run_mpi
 
@@ -57,13 +56,6 @@ def digest(d: Path) -> str:
         if p.is_file():
             h.update(p.name.encode() + p.read_bytes())
     return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def cli():
-    session = CliSession()
-    yield session.run
-    session.close()
 
 
 def prepare_cli(*args, n=1, timeout=120, cli=None):

@@ -15,16 +15,8 @@ import pytest
 
 from hpcllm.data.prompts import open_prompt_dataset
 from hpcllm.errors import DataError
-from tests.cli_session import CliSession
 
 CLI = [sys.executable, "-m", "hpcllm.cli"]
-
-
-@pytest.fixture(scope="module")
-def cli():
-    session = CliSession()
-    yield session.run
-    session.close()
 
 
 def prepare(tmp_path, inputs, name="ds", cli=None, **data):

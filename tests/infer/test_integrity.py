@@ -16,18 +16,10 @@ import sys
 import h5py
 import pytest
 
-from tests.infer.helpers import (CliSession, constant_model, flip_byte, infer_spec, output_texts, outputs,
+from tests.infer.helpers import (constant_model, flip_byte, infer_spec, output_texts, outputs,
                                  prepare_prompts, run_cli, tiny_model)
 
 RECORDS = [{"id": 500 + i, "prompt": "x = " * (1 + i % 5) + str(i)} for i in range(13)]
-
-
-@pytest.fixture(scope="module")
-def cli():
-    """`cli("infer", spec, ...)`: `run_cli` in the module's one CLI process (see the docstring)."""
-    session = CliSession()
-    yield session.run
-    session.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,9 @@ import shutil
 
 import pytest
 
-from tests.infer.helpers import CliSession, infer_spec, outputs, prepare_prompts, run_cli, tiny_model
+from tests.infer.helpers import infer_spec, outputs, prepare_prompts, run_cli, tiny_model
 
 N_PROMPTS = 13
-
-
-@pytest.fixture(scope="module")
-def cli():
-    """`cli("infer", ...)`: `run_cli` on one rank, in the module's one CLI process."""
-    session = CliSession()
-    yield session.run
-    session.close()
 
 
 @pytest.fixture(scope="module")

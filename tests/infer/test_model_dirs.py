@@ -11,17 +11,10 @@ import pytest
 import torch
 
 from tests.data.test_hf_tokenizer import CHATS, CORPUS, make_tokenizer_dir
-from tests.infer.helpers import CliSession, infer_spec, outputs, prepare_prompts, run_cli
+from tests.infer.helpers import infer_spec, outputs, prepare_prompts, run_cli
 from tests.model.test_llama import make_hf
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def cli():
-    session = CliSession()
-    yield session.run
-    session.close()
 
 
 @pytest.fixture(scope="module")

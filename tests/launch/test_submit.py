@@ -204,6 +204,13 @@ def test_preflight_fails_fast_on_missing_inputs(tmp_path):
     assert p.returncode == 10 and "data.dataset:" in p.stderr and "does not exist" in p.stderr
 
 
+def requeue_after_its_first_checkpoint(job: str, run_dir: Path) -> None:
+    """`scontrol requeue` (Slurm's SIGTERM, then a restart) once the job has written a checkpoint."""
+    ckpts = run_dir / "checkpoints"
+    wait_until(lambda: ckpts.exists() and any(ckpts.iterdir()), 120, f"job {job}: a first checkpoint")
+    assert run(["scontrol", "requeue", job]).returncode == 0
+
+
 @pytest.mark.slurm
 def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path, prepared_ds):
     """scontrol requeue kills the job without warning: it restarts from its last periodic checkpoint
@@ -224,15 +231,11 @@ def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path, prepared_
     with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
                            tmp_path / "ref.log") as ref_run:
         job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
-        ckpts = tmp_path / "train" / "checkpoints"
-        deadline = time.time() + 120
-        while time.time() < deadline and not (ckpts.exists() and any(ckpts.iterdir())):
-            time.sleep(0.5)
-        assert run(["scontrol", "requeue", job]).returncode == 0
+        requeue_after_its_first_checkpoint(job, tmp_path / "train")
         assert wait_job(job, 240) == "COMPLETED"
         assert ref_run.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     a = load_file(tmp_path / "ref" / "checkpoints" / "step_00000300")
-    b = load_file(ckpts / "step_00000300")
+    b = load_file(tmp_path / "train" / "checkpoints" / "step_00000300")
     assert all((a[k] == b[k]).all() for k in a)
     # cancel
     t["train"]["max_steps"] = 100000
@@ -407,11 +410,7 @@ def test_a_restarted_job_whose_step_fails_to_launch_fails(tmp_path, prepared_ds)
     t["slurm"]["setup"] = ['if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then export SLURM_PMIX_TMPDIR=/nonexistent/pmix; fi']
     train.write_text(json.dumps(t))
     job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
-    ckpts = tmp_path / "train" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts.exists() and any(ckpts.iterdir())):
-        time.sleep(0.5)
-    assert run(["scontrol", "requeue", job]).returncode == 0
+    requeue_after_its_first_checkpoint(job, tmp_path / "train")
     try:
         assert wait_job(job, 240) == "FAILED"
     finally:
@@ -420,7 +419,7 @@ def test_a_restarted_job_whose_step_fails_to_launch_fails(tmp_path, prepared_ds)
     assert rows[0]["ExitCode"] == "9:0", rows
     err = (tmp_path / "train" / "submitit" / job / f"{job}_0_log.err").read_text()
     assert "launch failed" in err
-    latest = sorted(p.name for p in ckpts.iterdir())[-1]
+    latest = sorted(p.name for p in (tmp_path / "train" / "checkpoints").iterdir())[-1]
     assert (f"hpcllm: train job {job} did not finish although its step exited 0: no checkpoint of step 100000 "
             f"(train.max_steps) in {tmp_path / 'train'}/checkpoints (latest {latest})") in err, err[-3000:]
     j = subprocess.run([sys.executable, "-m", "hpcllm.cli", "jobs", str(tmp_path / "train")], capture_output=True,

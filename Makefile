@@ -13,8 +13,8 @@ export OMP_NUM_THREADS ?= 1
 SLURM_BASE ?= /tmp/hpcllm-slurm
 SLURM_BASE_2NODE ?= /tmp/hpcllm-slurm-2node
 PYTEST_ARGS ?=
-# two pytest-xdist workers on this 2-core machine: one runs the Slurm tests (whose jobs wait on Slurm a
-# quarter of the time), the other the rest; tests/conftest.py groups them (--dist loadgroup)
+# two pytest-xdist workers on this 2-core machine (alone, the suite left a third of it idle): the Slurm
+# tests run as one group on one worker, each file's tests together; tests/conftest.py groups them
 TEST_WORKERS ?= 2
 
 .PHONY: demo test system-deps venv horovod slurm-up slurm-up-2node slurm-down bench clean

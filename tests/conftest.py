@@ -17,6 +17,14 @@ def cli():
     session.close()
 
 
+@pytest.fixture(scope="session")
+def small_ds(tmp_path_factory):
+    """tests/train/corpus.py's small corpus, prepared once for the training jobs that only read it."""
+    from tests.train.corpus import prepare_small_corpus
+
+    return prepare_small_corpus(tmp_path_factory.mktemp("small_ds"))
+
+
 def _has_gpu() -> bool:
     try:
         import torch

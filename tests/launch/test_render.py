@@ -17,8 +17,7 @@ from hpcllm.errors import ConfigError
 from hpcllm.launch.render import render
 from tests.disk_util import read_only_dir  # noqa: F401 - a fixture
 from tests.slurm_util import (BASE, job_state, mpi_in_background, require_slurm, run, sacct_rows, sbatch, slurm_env,
-                              wait_job, wait_until)
-from tests.train.corpus import prepare_small_corpus
+                              wait_for_logged_steps, wait_job)
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parents[2]
@@ -122,17 +121,6 @@ def _train_spec(tmp_path, ds, name, steps):
 STEPS = 240
 
 
-@pytest.fixture(scope="module")
-def small_ds(tmp_path_factory):
-    """The small corpus, prepared once for this file's training jobs (they only read it)."""
-    return prepare_small_corpus(tmp_path_factory.mktemp("render_ds"))
-
-
-def _wait_for_logged_steps(metrics: Path, n: int) -> None:
-    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= n, 120, f"{n} steps in {metrics}",
-               poll_s=0.1)
-
-
 @pytest.mark.slurm
 def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_path, small_ds):
     require_slurm()
@@ -150,7 +138,7 @@ def test_rendered_training_script_requeues_on_signal_and_resumes_exactly(tmp_pat
                             str(script)], capture_output=True, text=True, cwd=REPO)
         assert r.returncode == 0, r.stderr
         job = sbatch(script.read_text(), tmp_path)
-        _wait_for_logged_steps(tmp_path / "job" / "metrics.jsonl", 20)
+        wait_for_logged_steps(tmp_path / "job" / "metrics.jsonl", 20)
         assert job_state(job) == "RUNNING"
         # what Slurm does before the time limit (--signal=USR2@...): signal the job's tasks
         assert run(["scancel", "--signal=USR2", str(job)]).returncode == 0
@@ -261,7 +249,7 @@ def test_signal_to_the_batch_shell_of_a_rendered_job_requeues_it(tmp_path, small
     on (the ranks checkpoint, the job is requeued and finishes) instead of dying of it (FAILED 0:12)."""
     require_slurm()
     job = _render_and_sbatch(tmp_path, _train_spec(tmp_path, small_ds, "batchsig", STEPS), "batchsig")
-    _wait_for_logged_steps(tmp_path / "batchsig" / "metrics.jsonl", 20)
+    wait_for_logged_steps(tmp_path / "batchsig" / "metrics.jsonl", 20)
     assert job_state(job) == "RUNNING"
     assert run(["scancel", "--batch", "--signal=USR2", str(job)]).returncode == 0
     assert wait_job(job, 240) == "COMPLETED"

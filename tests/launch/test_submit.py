@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from hpcllm.launch.submit import minutes
-from tests.slurm_util import mpi_in_background, require_slurm, run, sacct_rows, slurm_env, wait_job, wait_until
+from tests.slurm_util import (mpi_in_background, require_slurm, run, sacct_rows, slurm_env, wait_for_logged_steps,
+                              wait_job, wait_until)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -531,8 +532,7 @@ def test_signal_to_the_batch_shell_of_a_submitted_job_requeues_it(tmp_path, prep
     t["slurm"]["time"] = "00:05:00"
     train.write_text(json.dumps(t))
     job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
-    metrics = tmp_path / "train" / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20, 120, "20 steps", poll_s=0.1)
+    wait_for_logged_steps(tmp_path / "train" / "metrics.jsonl", 20)
     assert run(["scancel", "--batch", "--signal=USR2", job]).returncode == 0
     assert wait_job(job, 240) == "COMPLETED"
     logs = tmp_path / "train" / "submitit" / job

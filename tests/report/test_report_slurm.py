@@ -19,7 +19,6 @@ import pytest
 from hpcllm.launch.jobs import record_submission
 from tests.report.test_report import REPO
 from tests.slurm_util import require_slurm, run, sbatch, slurm_env, wait_job, wait_until
-from tests.train.corpus import prepare_small_corpus
 
 pytestmark = pytest.mark.slurm
 
@@ -30,12 +29,6 @@ pytestmark = pytest.mark.slurm
 # SIGUSR2), requeued"). The killed rank dies at step >= 80 within milliseconds: 240 steps are plenty there.
 STEPS = 400
 KILL_STEPS = 240
-
-
-@pytest.fixture(scope="module")
-def small_ds(tmp_path_factory):
-    """The small corpus, prepared once for this file's training jobs (they only read it)."""
-    return prepare_small_corpus(tmp_path_factory.mktemp("report_ds"))
 
 
 def _steps(run_dir):

@@ -1,9 +1,10 @@
 """`hpcllm bench infer`: generation tokens/s of hpcllm's engine beside HF transformers' generate().
 
 Same random weights of any family (`--arch gpt2|llama`, a preset of it with `--model`), exported to
-an HF directory and loaded by transformers' AutoModelForCausalLM; same prompts (equal length, so HF
-needs no padding), same batch, greedy, a fixed number of new tokens; after one untimed run of each,
-rounds alternate (`--rounds`, default 3) and the median is reported.
+an HF directory and loaded by transformers' AutoModelForCausalLM. `--workload fixed`: same prompts
+(equal length, so HF needs no padding), same batch, greedy, a fixed number of new tokens. `--workload
+chat`: a batch job shaped like real ones (hpcllm/bench/infer_chat.py). After one untimed run of
+each, rounds alternate (`--rounds`) and the median is reported.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from hpcllm.errors import HpcllmError
 
 
 def main(args) -> int:
-    rounds = getattr(args, "rounds", 3)
+    chat = getattr(args, "workload", "fixed") == "chat"
+    if getattr(args, "rounds", None) is None:
+        args.rounds = 1 if chat else 3
+    if getattr(args, "new_tokens", None) is None:
+        args.new_tokens = 256 if chat else 64
+    rounds = args.rounds
+    for key in ("rounds", "new_tokens", "batch_size", "prompt_len", "prompts", "system_len", "user_len", "median_new"):
+        if getattr(args, key, 1) < 1:
+            raise HpcllmError(f"bench infer: --{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if rounds < 1:
         raise HpcllmError(f"bench infer: --rounds must be >= 1, got {rounds}")
     try:
@@ -42,7 +51,26 @@ def main(args) -> int:
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).to(dev).eval()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hf = hf.to(dtype)
-    engine = Engine(model, device=dev, dtype=dtype, max_batch_size=args.batch_size, use_cuda_graphs=dev.type == "cuda")
+    def make_engine(share_prefixes: bool = True):
+        return Engine(model, device=dev, dtype=dtype, max_batch_size=args.batch_size, use_cuda_graphs=dev.type == "cuda",
+                      share_prefixes=share_prefixes)
+
+    def timed(fn):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    if chat:
+        from hpcllm.bench.infer_chat import run
+
+        args.model_name = model_name
+        run(args, model, hf, dev, dtype, make_engine, timed)
+        return 0
+    engine = make_engine()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (args.batch_size, args.prompt_len), generator=g)
     params = SamplingParams(max_new_tokens=args.new_tokens)
@@ -66,15 +94,6 @@ def main(args) -> int:
     peers = {"HF generate()": hf_generate()}
     if dev.type == "cuda" or args.hf_static_cache:
         peers["HF generate(), static cache"] = hf_generate(cache_implementation="static")
-
-    def timed(fn):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
 
     impls = {"hpcllm engine": ours} | peers
     # the warm-up round's outputs: each peer really generated, and the same greedy tokens (a figure for

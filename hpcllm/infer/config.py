@@ -29,6 +29,9 @@ class InferConfig:
     return_logprobs: bool = False
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU
     cuda_graphs: bool = True  # replay the decode step as a CUDA graph (GPU only)
+    # prompts that begin alike (a system prompt) share its KV-cache blocks, computed once; outputs
+    # are the same either way (up to float ties, docs/inference.md)
+    prefix_sharing: bool = True
     # this job is task `array_task` of `array_tasks` (set by `hpcllm submit` for job arrays; in a
     # hand-written `sbatch --array` job SLURM_ARRAY_TASK_ID/COUNT are used): shards i % tasks == task
     array_task: int = 0

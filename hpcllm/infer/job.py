@@ -119,6 +119,22 @@ def output_text(tokens: list[int], stopped: bool, decode_bytes, stops: list[byte
     return body, text[:cut], True
 
 
+def stop_string_check(stops: list[bytes], decode_bytes):
+    """For the engine's `stop_when`: whether a row's text holds a stop string. The text of its last
+    few tokens is searched first (a stop string of n bytes completed by the last token lies within
+    its last n tokens), the whole text only when that finds one — so a tokenizer whose decoded
+    slices differ from the whole (a dropped leading space) never ends a row early by mistake."""
+    if not stops:
+        return None
+    span = max(len(s) for s in stops) + 1
+
+    def stopped(tokens: list[int]) -> bool:
+        tail = decode_bytes(tokens[-span:])
+        return any(s in tail for s in stops) and any(s in decode_bytes(tokens) for s in stops)
+
+    return stopped
+
+
 # ------------------------------------------------------------------------------------ the job
 
 
@@ -183,10 +199,11 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
         model, tp_group = for_inference(model, comm, tp)
     leader = comm.rank % tp == 0  # the rank of its tensor-parallel group that writes the outputs
     engine = Engine(model, device=device, dtype=dtype, max_batch_size=ic.batch_size, pad_id=tok.pad_id,
-                    overflow=ic.overflow, use_cuda_graphs=ic.cuda_graphs)
+                    overflow=ic.overflow, use_cuda_graphs=ic.cuda_graphs, share_prefixes=ic.prefix_sharing)
     params = SamplingParams(max_new_tokens=ic.max_new_tokens, temperature=ic.temperature, top_k=ic.top_k,
                             top_p=ic.top_p, stop_token_ids=stop_ids, seed=ic.seed)
     stops = [s.encode("utf-8") for s in ic.stop_strings]
+    stop_when = stop_string_check(stops, tok.decode_bytes)
     skipped = len(mine_idx) - len(todo)
     queue = make_queue(comm, todo, ic.schedule, tp, tp_group)
     from hpcllm.report.provenance import current_start
@@ -223,7 +240,7 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
             ts = time.perf_counter()
             if ic.mode == "generate":
                 results: list = engine.generate(rec.prompts, rec.ids, params, return_logprobs=ic.return_logprobs,
-                                                progress=progress)
+                                                progress=progress, stop_when=stop_when)
                 texts = []
                 for r in results:
                     r.tokens, text, cut = output_text(r.tokens, r.finish_reason == "stop", tok.decode_bytes, stops)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hpcllm.model.paged import PagedKVCache
+
 
 class KVCache:
     """Keys and values of every layer for `batch` rows and up to `max_len` positions, allocated once.
@@ -26,12 +28,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.batch, self.max_len = batch, max_len
 
-    def compact(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (cache row indices), moved to the front: finished rows stop costing."""
-        n = rows.numel()
-        self.k[:, :n] = self.k[:, rows]
-        self.v[:, :n] = self.v[:, rows]
-
 
 def causal_attention(q, k, v, *, layer: int = 0, cache: KVCache | None = None, start=0, mask=None,
                      dropout: float = 0.0):
@@ -41,6 +37,8 @@ def causal_attention(q, k, v, *, layer: int = 0, cache: KVCache | None = None, s
     0..start+T-1 (`mask`, if given, is (B, 1, T, start+T), True = attend). `start` may also be a
     tensor of the T slot indices: attention then spans the whole cache — no Python-side shape
     changes from step to step, so a CUDA graph can capture the decode step."""
+    if isinstance(cache, PagedKVCache):
+        return cache.attend(layer, q, k, v, mask)
     B, _, T, _ = q.shape
     if cache is not None and isinstance(start, torch.Tensor):
         cache.k[layer, :B].index_copy_(2, start, k)

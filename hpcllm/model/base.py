@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpcllm.model.attention import KVCache, positions_and_mask
+from hpcllm.model.paged import PagedKVCache
 from hpcllm.model.config import ModelConfig
 
 
@@ -58,16 +59,23 @@ class CausalLM(nn.Module):
         """The hidden state -> logits (B, T, vocab): the final norm and the output projection."""
         raise NotImplementedError
 
-    def forward(self, idx, targets=None, *, cache: KVCache | None = None, start=0, positions=None, mask=None):
+    def forward(self, idx, targets=None, *, cache: KVCache | PagedKVCache | None = None, start=0, positions=None,
+                mask=None, logits_at: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).
 
         With `cache`: keys/values go to cache slots start..start+T-1 (see attention.causal_attention);
-        `positions` (B, T) and `mask` describe left-padded rows (attention.padded_positions_and_mask)."""
+        `positions` (B, T) and `mask` describe left-padded rows (attention.padded_positions_and_mask).
+        A `PagedKVCache` says itself where they go (hpcllm.model.paged). `logits_at` (B,): the one
+        position per row whose logits are wanted (B, 1, vocab) — a prefill needs only its last
+        token's, and the output projection over every position would cost a quarter of a small model's
+        prefill."""
         positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
         x = self.embed(idx, positions)
         extra = self.block_inputs(x, positions)
         for i, block in enumerate(self.blocks()):
             x = self.run_block(block, x, *extra, i, cache, start, mask)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
         logits = self.head(x)
         return logits, self.loss(logits, targets)
 
@@ -144,6 +152,10 @@ class CausalLM(nn.Module):
     def new_kv_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
         c = self.config  # a tensor-parallel rank keeps the keys and values of its own kv heads
         return KVCache(c.n_layer, c.n_kv_head // self.tp_size, c.head_dim, batch, max_len, device, dtype)
+
+    def new_paged_kv_cache(self, n_blocks: int, block_size: int, device, dtype=torch.float32) -> PagedKVCache:
+        c = self.config
+        return PagedKVCache(c.n_layer, c.n_kv_head // self.tp_size, c.head_dim, n_blocks, block_size, device, dtype)
 
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 """The guarantee docs/inference.md states, checked over 1,200 records: a record's output does not
 depend on the batch size or the rank count, except where the batch shape's float rounding (~1e-6 of
-the logits) meets a float tie — two top logits (greedy), or the draw or the top-k/top-p cut (sampling)
+the logits) meets a float tie — with prefix sharing on or off — two top logits (greedy), or the draw or the top-k/top-p cut (sampling)
 within rounding of a boundary. Every record that differs must differ at such a tie, found by
 recomputing its logits alone at the first differing step."""
 
@@ -29,8 +29,15 @@ def model():
 
 @pytest.fixture(scope="module")
 def prompts():
+    """Two records in three begin with one of three preambles (16, 24 and 32 tokens: one or two full
+    KV-cache blocks), which the engine computes once and shares."""
     rng = random.Random(11)
-    return [[rng.randrange(256) for _ in range(rng.randint(1, 40))] for _ in range(N)]
+    preambles = [[rng.randrange(256) for _ in range(n)] for n in (16, 24, 32)] + [[]]
+    out = []
+    for i in range(N):
+        head = preambles[i % 3] if i % 3 < 2 or rng.random() < 0.5 else []
+        out.append(head + [rng.randrange(256) for _ in range(rng.randint(1, min(40, 52 - len(head))))])
+    return out
 
 
 def margin(model, prompt, tokens, step, record_id, p: SamplingParams) -> float:
@@ -74,9 +81,11 @@ def check_same_up_to_ties(model, prompts, runs: dict[str, dict[int, list[int]]],
 @pytest.mark.parametrize("params", [SAMPLING, GREEDY], ids=["sampling", "greedy"])
 def test_outputs_do_not_depend_on_batch_size_up_to_float_ties(model, prompts, params):
     runs = {}
-    for bs in (1, 7, 32):
-        res = Engine(model, max_batch_size=bs).generate(prompts, list(range(N)), params)
-        runs[f"batch {bs}"] = {r.record_id: r.tokens for r in res}
+    for bs, share in ((1, False), (7, True), (32, True), (32, False)):
+        engine = Engine(model, max_batch_size=bs, share_prefixes=share)
+        res = engine.generate(prompts, list(range(N)), params)
+        assert (engine.stats.reused_tokens > N * 8) == share, engine.stats
+        runs[f"batch {bs}, prefix sharing {'on' if share else 'off'}"] = {r.record_id: r.tokens for r in res}
     check_same_up_to_ties(model, prompts, runs, params)
 
 

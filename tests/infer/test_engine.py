@@ -112,3 +112,57 @@ def test_cuda_graph_bf16_decode_matches_eager(models):
     graph = Engine(ours, device="cuda", dtype=torch.bfloat16, max_batch_size=8,
                    use_cuda_graphs=True).generate(ps, list(range(6)), params)
     assert [r.tokens for r in graph] == [r.tokens for r in eager]
+
+
+def test_sampling_with_shared_prefixes_matches_each_row_alone(models):
+    """Per-record streams hold when rows share a system prompt's cache blocks and are refilled."""
+    _, ours = models
+    system = prompts(1, seed=9, lo=35, hi=36)[0]
+    ps = [system + p for p in prompts(9, seed=10, hi=12)]
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    ids = [200 + i for i in range(9)]
+    alone = [Engine(ours, max_batch_size=1, share_prefixes=False).generate([p], [i], params)[0].tokens
+             for p, i in zip(ps, ids)]
+    engine = Engine(ours, max_batch_size=4)
+    shared = engine.generate(ps, ids, params)
+    assert engine.stats.reused_tokens == 8 * 32
+    assert [r.tokens for r in shared] == alone
+
+
+def test_stop_when_ends_a_row_at_once_and_its_place_goes_to_the_next_prompt(models):
+    """A stop string (the job's `stop_when`) ends its row where it completes, not at max_new_tokens."""
+    _, ours = models
+    ps = prompts(6, seed=5)
+    params = SamplingParams(max_new_tokens=15)
+    free = Engine(ours, max_batch_size=2).generate(ps, list(range(6)), params)
+
+    def stop_when(tokens):  # decided by the row's own tokens, as a stop string is
+        return len(tokens) >= 3 and tokens[-1] % 3 == 0
+
+    engine = Engine(ours, max_batch_size=2)
+    res = engine.generate(ps, list(range(6)), params, stop_when=stop_when)
+    stopped = 0
+    for f, r in zip(free, res):
+        cut = next((n for n in range(3, 16) if f.tokens[n - 1] % 3 == 0), None)
+        if cut is None:
+            assert r.tokens == f.tokens and r.finish_reason == "length"
+        else:
+            assert r.tokens == f.tokens[:cut] and r.finish_reason == "stop_string"
+            stopped += 1
+    assert stopped >= 2, "too few rows stopped to show anything"
+    assert engine.stats.decode_steps < -(-sum(len(r.tokens) for r in free) // 2)
+
+
+def test_stop_string_check_confirms_on_the_whole_text():
+    from hpcllm.infer.job import stop_string_check
+
+    text = {1: b"a", 2: b"b", 3: b"\n", 4: b"Hello"}
+    decode = lambda toks: b"".join(text[t] for t in toks)  # noqa: E731
+    check = stop_string_check([b"\nHel", b"bb"], decode)
+    assert not check([4, 1, 2]) and check([1, 2, 2]) and check([1, 3, 4]) and not check([3, 1, 4])
+    assert check([2, 1, 1, 1, 1, 1, 3, 4]) and stop_string_check([], decode) is None
+    # a slice that decodes to more than its part of the whole text (a tokenizer's leading-space rule)
+    # must not end the row: the whole text is asked before stopping
+    odd = lambda toks: (b"\n" if toks[0] == 4 else b"") + decode(toks)  # noqa: E731
+    tokens = [1, 1, 1, 4, 1, 1, 1, 1]  # its last 5 tokens decode to b"\nHelloaaaa" here
+    assert b"\nHel" in odd(tokens[-5:]) and not stop_string_check([b"\nHel"], odd)(tokens)

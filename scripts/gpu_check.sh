@@ -4,6 +4,11 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]
 # Parts, in this order (expected time on one H100 / own limit; estimates: none has run on a GPU yet):
 #   env                 nvidia-smi, commit, torch and packages                               ~10 s /  30 s
+#   bench-infer-chat    issue 25: the chat workload (shared 256-token system prompt, varied ~120 s / 150 s
+#                       user parts, long-tailed outputs) on the Llama-3.2-1B shape, bf16,
+#                       batch 64, 256 prompts: continuous batching + prefix sharing beside HF
+#                       generate's dynamic and static caches (goal >= 3x the faster); vLLM
+#                       cannot be installed there (no network, its wheel is far over `carry`)
 #   pytest-gpu-parallel issues 13-14: FSDP2 forced on one GPU and the tp=1 DTensor path train ~45 s / 150 s
 #                       like the plain plan (bf16, fp32); CUDA-graph decode of a model split
 #                       at tp=1 token-identical to the unsplit model, gpt2 and llama (-rA
@@ -65,6 +70,8 @@ part() {  # part NAME LIMIT_S CMD...: run under min(LIMIT_S, budget left), log t
 bench=("$py" -m hpcllm.cli bench)
 versions='import torch, transformers as t, h5py; print("torch", torch.__version__, torch.cuda.get_device_name(), "| transformers", t.__version__, "| h5py", h5py.__version__)'
 part env 30 bash -c "nvidia-smi; git log -1 --format='commit %H %cd' 2>/dev/null; $py -c '$versions'"
+part bench-infer-chat 150 "${bench[@]}" infer --device cuda --arch llama --model llama3.2-1b \
+    --workload chat --batch-size 64 --prompts 256 --rounds 1
 part pytest-gpu-parallel 150 "$py" -m pytest -q -rA -m gpu -p no:cacheprovider \
     tests/train/test_one_device_plans.py tests/infer/test_decode_graph.py
 part bench-plans 150 "${bench[@]}" train --device cuda --ranks 1 --no-compile \

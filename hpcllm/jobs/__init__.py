@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal, get_args
 
 from hpcllm.errors import ConfigError
 
@@ -63,12 +63,12 @@ class JobKind:
         return f"{self.name}.sbatch.j2"
 
 
-# kind name -> module defining KIND (imported on first use: `hpcllm config` stays free of torch)
-_MODULES = {
-    "prepare": "hpcllm.jobs.prepare",
-    "train": "hpcllm.jobs.train",
-    "infer": "hpcllm.jobs.infer",
-}
+# The one list of job kinds: the type of a job spec's `kind` (hpcllm.config.JobSpec), so that the spec
+# loader checks it like any other typed key (a mistyped kind gets its "did you mean"). Each kind is
+# the module hpcllm.jobs.<kind>, defining KIND, imported on first use: `hpcllm config` stays free of torch.
+KindName = Literal["prepare", "train", "infer"]
+
+_MODULES = {name: f"hpcllm.jobs.{name}" for name in get_args(KindName)}
 
 
 def kind_names() -> tuple[str, ...]:

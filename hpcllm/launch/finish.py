@@ -68,7 +68,7 @@ def _requeue(spec, job: str | None, restarts: int) -> tuple[int, str | None]:
     if job is None or restarts >= limit:
         return EXIT_REQUEUE, (f"hpcllm: checkpointed and stopped; not requeued (restart {restarts}, max_requeues "
                               f"{limit}): {again}")
-    from hpcllm.report.provenance import append
+    from hpcllm.provenance import append
 
     # said (and recorded for `hpcllm report`) before asking: a successful requeue ends this batch
     # shell at once, so nothing after `scontrol requeue` is sure to run

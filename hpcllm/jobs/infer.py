@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpcllm.errors import InferError
-from hpcllm.jobs import JobKind
+from hpcllm.jobs.kind import JobKind
 
 
 def run(spec, force: bool = False) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from hpcllm import provenance
 from hpcllm.comm import Communicator, init_comm
 from hpcllm.config import JobSpec, dump_spec, to_dict
-from hpcllm.jobs import get_kind
+from hpcllm.jobs.kind import get_kind
 from hpcllm.jobs.lock import hold_run_dir
 from hpcllm.jobs.preflight import check_run_dir, preflight
 from hpcllm.log import setup_logging

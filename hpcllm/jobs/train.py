@@ -4,7 +4,7 @@ signal or the time limit, and failed — never reported complete — when it end
 from __future__ import annotations
 
 from hpcllm.errors import EXIT_REQUEUE, IncompleteError
-from hpcllm.jobs import JobKind
+from hpcllm.jobs.kind import JobKind
 
 
 def run(spec) -> int:

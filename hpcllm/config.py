@@ -36,8 +36,8 @@ from hpcllm.infer.config import InferConfig
 from hpcllm.jobs import KindName
 from hpcllm.launch.config import SlurmConfig
 from hpcllm.model.config import ModelConfig
+from hpcllm.monitor.config import MetricsConfig
 from hpcllm.parallel.config import ParallelConfig, check_backend, check_model, check_pipeline_batches
-from hpcllm.report.config import MetricsConfig
 from hpcllm.train.config import TrainConfig
 
 @dataclass
@@ -52,7 +52,7 @@ class JobSpec:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # run reports (hpcllm.report)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # TensorBoard, Prometheus (hpcllm.monitor)
 
     def validate(self) -> None:  # what no single section can check on its own
         pc = self.parallel

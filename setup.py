@@ -19,7 +19,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tokenizers>=0.15",
     "matplotlib>=3.7",
-    "psutil>=5.9",  # a start's process start time (hpcllm.report.provenance)
+    "psutil>=5.9",  # a start's process start time (hpcllm.provenance)
     "prometheus_client>=0.17",  # live metrics: metrics.prometheus_dir / metrics.pushgateway (hpcllm.monitor)
 ]
 

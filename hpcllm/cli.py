@@ -108,7 +108,8 @@ def _catch_job_signals_early(argv: list[str]) -> None:
     working through it (they run to the time limit and are retried as a whole)."""
     import signal
 
-    from hpcllm.jobs import get_kind, kind_names
+    from hpcllm.jobs import kind_names
+    from hpcllm.jobs.kind import get_kind
 
     if not argv or argv[0] not in kind_names():
         return

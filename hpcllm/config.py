@@ -33,15 +33,16 @@ from hpcllm.comm.config import DistConfig
 from hpcllm.errors import ConfigError
 from hpcllm.fields import path_field
 from hpcllm.infer.config import InferConfig
+from hpcllm.jobs import KindName
 from hpcllm.launch.config import SlurmConfig
 from hpcllm.model.config import ModelConfig
+from hpcllm.monitor.config import MetricsConfig
 from hpcllm.parallel.config import ParallelConfig, check_backend, check_model, check_pipeline_batches
-from hpcllm.report.config import MetricsConfig
 from hpcllm.train.config import TrainConfig
 
 @dataclass
 class JobSpec:
-    kind: str  # one of hpcllm.jobs.kind_names(): the job kinds' registry is the one list of them
+    kind: KindName  # the job kinds' registry (hpcllm.jobs) is the one list of them
     name: str
     run_dir: str = path_field("runs/default")
     dist: DistConfig = field(default_factory=DistConfig)
@@ -51,7 +52,7 @@ class JobSpec:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # run reports (hpcllm.report)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # TensorBoard, Prometheus (hpcllm.monitor)
 
     def validate(self) -> None:  # what no single section can check on its own
         pc = self.parallel
@@ -112,7 +113,9 @@ def from_dict(cls: type, data: Any, *, where: str = "", source: str = "<spec>") 
         and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
-        raise ConfigError(f"{source}: missing required key '{_join(where, missing[0])}'")
+        tp = hints[missing[0]]
+        one_of = f" (one of {_describe(tp)})" if typing.get_origin(tp) is Literal else ""
+        raise ConfigError(f"{source}: missing required key '{_join(where, missing[0])}'{one_of}")
     obj = cls(**kwargs)
     for name, f in fields.items():  # defaults of path fields are made absolute too
         if name not in kwargs and f.metadata.get("path") and getattr(obj, name):
@@ -410,15 +413,6 @@ def load_spec(path: str | os.PathLike | None, overrides: list[str] = (), *, base
     data = read_yaml(path) if path is not None else dict(base or {})
     data = apply_overrides(data, list(overrides))
     source = str(path) if path is not None else "<built-in spec>"
-    from hpcllm.jobs import kind_names
-
-    kinds = kind_names()
-    if "kind" not in data:
-        raise ConfigError(f"{source}: missing required key 'kind' (one of {', '.join(kinds)})")
-    if data["kind"] not in kinds:
-        close = difflib.get_close_matches(str(data["kind"]), kinds, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{source}: 'kind' must be one of {', '.join(kinds)}, got {data['kind']!r}{hint}")
     if "name" not in data:
         data["name"] = Path(path).stem if path is not None else "job"
     return from_dict(JobSpec, data, source=source)

@@ -69,6 +69,26 @@ def test_errors_name_key_and_file(tmp_path, text, overrides, message):
     assert str(p) in str(e.value) or "override" in str(e.value)
 
 
+def test_job_kind_is_typed_from_the_registry(tmp_path):
+    """The kind is a Literal of the job registry's names, so the loader's own check of typed keys
+    covers it: a mistyped kind, in the file or in an override, is named with the file and a suggestion."""
+    import typing
+
+    from hpcllm.jobs import kind_names
+
+    assert typing.get_args(typing.get_type_hints(JobSpec)["kind"]) == kind_names() == ("prepare", "train", "infer")
+    p = write(tmp_path, "kind: trian\n")
+    with pytest.raises(ConfigError) as e:
+        load_spec(p)
+    assert str(e.value) == f"{p}: 'kind' must be one of 'prepare' | 'train' | 'infer', got 'trian' (did you mean 'train'?)"
+    with pytest.raises(ConfigError) as e:
+        load_spec(write(tmp_path, "kind: train\n"), ["kind=infr"])
+    assert str(e.value).endswith("'kind' must be one of 'prepare' | 'train' | 'infer', got 'infr' (did you mean 'infer'?)")
+    with pytest.raises(ConfigError) as e:
+        load_spec(write(tmp_path, "name: x\n"))
+    assert str(e.value).endswith("missing required key 'kind' (one of 'prepare' | 'train' | 'infer')")
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="job spec 'nope.yaml' not found"):
         load_spec("nope.yaml")

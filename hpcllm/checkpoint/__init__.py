@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpcllm.checkpoint.files import first_line as _first_line
+from hpcllm.checkpoint.files import read_state_file, read_tensors
 from hpcllm.checkpoint.layout import is_complete_sharded
 from hpcllm.errors import CheckpointError
 
@@ -85,45 +87,11 @@ def save_checkpoint(run_dir: str | Path, step: int, comm, state: dict, global_st
     return final
 
 
-def read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or a one-line CheckpointError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    try:
-        return load_file(str(file))
-    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
-
-
 def read_state(file: Path) -> dict:
     """A checkpoint's state.pt (read_state_file), which must hold a step."""
     state = read_state_file(file)
     if "step" not in state:
         raise CheckpointError(f"{file}: not an hpcllm checkpoint state (no step)")
-    return state
-
-
-def read_state_file(file: Path) -> dict:
-    """A .pt file of a checkpoint through the weights-only unpickler. A file that needs anything else
-    (arbitrary classes, code) is refused as untrusted: loading it unsafely is never offered."""
-    import pickle
-
-    import torch
-
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{file}: not a trusted checkpoint (it holds objects other than tensors and plain "
-                              "values, which hpcllm never unpickles); was it written by hpcllm?") from None
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{file}: unreadable checkpoint state ({_first_line(e)})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: not an hpcllm checkpoint state")
     return state
 
 
@@ -222,8 +190,3 @@ def load_weights(file: Path, model: torch.nn.Module, tensors: dict[str, torch.Te
     with torch.no_grad():
         for name, t in tensors.items():
             own[name].copy_(t)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

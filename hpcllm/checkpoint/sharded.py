@@ -237,7 +237,7 @@ def rank_rng_state() -> dict:
 
 def restore_rank_rng(ckpt: Path, rank: int) -> bool:
     """This rank's RNG as it was saved; False when the checkpoint has no file for this rank."""
-    from hpcllm.checkpoint import read_state_file
+    from hpcllm.checkpoint.files import read_state_file
 
     f = ckpt / "rng" / f"rank_{rank:05d}.pt"
     if not f.is_file():

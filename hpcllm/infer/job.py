@@ -163,7 +163,9 @@ def prepare_out_dir(out_dir: Path, fp: dict, force: bool) -> None:
     (out_dir / MANIFEST).unlink(missing_ok=True)
 
 
-def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
+def run_infer(spec: JobSpec, comm: Communicator, force: bool = False, start_id: str | None = None) -> dict:
+    """Generate or score this job's (this array task's) prompt shards; `start_id`: the job start's id
+    (hpcllm.provenance), which the shards' markers and the live metrics name."""
     ic = spec.infer
     prompts = open_prompt_dataset(ic.prompts)
     prompts.check_files()
@@ -206,12 +208,10 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
     stop_when = stop_string_check(stops, tok.decode_bytes)
     skipped = len(mine_idx) - len(todo)
     queue = make_queue(comm, todo, ic.schedule, tp, tp_group)
-    from hpcllm.report.provenance import current_start
-
     # rank 0 exports live progress from the done markers of this start's shards (hpcllm.monitor)
     monitor.current().infer_started(out_dir, {marker_path(out_dir, prompts.shards[i]).name: prompts.shards[i].n_records
                                               for i in todo}, [prompts.shards[i].n_records for i in mine_idx],
-                                    current_start(), getattr(queue, "pending", None))
+                                    start_id, getattr(queue, "pending", None))
     if comm.rank == 0:
         if skipped:
             log.info("resuming: %d of %d shards already done", skipped, len(mine_idx))
@@ -235,7 +235,7 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
         while (i := queue.next()) is not None:
             shard = prompts.shards[i]
             if leader:
-                mark_begun(out_dir, shard, comm.rank)
+                mark_begun(out_dir, shard, comm.rank, start_id)
             rec = shard.load()
             ts = time.perf_counter()
             if ic.mode == "generate":
@@ -255,7 +255,8 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
                 progress(len(results), 0)
             if not leader:  # its group's leader has the same results and writes them
                 continue
-            write_output(out_dir, shard, rec.ids, results, ic.mode, texts, fp, time.perf_counter() - ts, comm.rank)
+            write_output(out_dir, shard, rec.ids, results, ic.mode, texts, fp, time.perf_counter() - ts, comm.rank,
+                         start_id)
             mine["records"] += len(results)
             mine["shards"] += 1
     except BaseException:

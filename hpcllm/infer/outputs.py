@@ -177,16 +177,14 @@ def is_marked_done(out_dir: Path, shard: PromptShard, fp: dict) -> bool:
 # ------------------------------------------------------------------------------------ writing
 
 
-def mark_begun(out_dir: Path, shard: PromptShard, rank: int) -> None:
-    """Record that this job start began the shard (out-NNNNN.h5.begun: every attempt, in order), so
-    that `hpcllm report` can name the shards a start began and never finished — the work a retried
-    task redid. One writer at a time: a shard is handed to one rank of one start."""
-    from hpcllm.report.provenance import current_start
-
+def mark_begun(out_dir: Path, shard: PromptShard, rank: int, start_id: str | None = None) -> None:
+    """Record that job start `start_id` (hpcllm.provenance) began the shard (out-NNNNN.h5.begun: every
+    attempt, in order), so that `hpcllm report` can name the shards a start began and never finished —
+    the work a retried task redid. One writer at a time: a shard is handed to one rank of one start."""
     path = begun_path(out_dir, shard)
     attempts = (read_json_object(path) or {}).get("attempts")
     attempts = attempts if isinstance(attempts, list) else []
-    attempts.append(dict(start=current_start(), rank=rank, time=time.time()))
+    attempts.append(dict(start=start_id, rank=rank, time=time.time()))
     try:
         write_json(path, {"attempts": attempts})
     except OSError as e:
@@ -194,8 +192,9 @@ def mark_begun(out_dir: Path, shard: PromptShard, rank: int) -> None:
 
 
 def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: list, mode: str,
-                 texts: list[bytes] | None, fp: dict, seconds: float, rank: int | None = None) -> dict:
-    """The output shard (atomically), then its marker."""
+                 texts: list[bytes] | None, fp: dict, seconds: float, rank: int | None = None,
+                 start_id: str | None = None) -> dict:
+    """The output shard (atomically), then its marker (naming the rank and job start that wrote it)."""
     import h5py
 
     path = out_dir / out_name(shard)
@@ -227,9 +226,7 @@ def write_output(out_dir: Path, shard: PromptShard, ids: list[int], results: lis
         info = dict(path=path.name, input=shard.path.name, input_sha256=shard.sha256, n_records=len(ids),
                     bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), seconds=seconds, fingerprint=fp)
         # who did it and when, for `hpcllm report` (per-shard latency, rank load balance, shards redone)
-        from hpcllm.report.provenance import current_start
-
-        info.update(rank=rank, finished_at=time.time(), start=current_start(),
+        info.update(rank=rank, finished_at=time.time(), start=start_id,
                     new_tokens=sum(len(r.tokens) for r in results) if mode == "generate" else 0)
         write_json(marker_path(out_dir, shard), info)
     except OSError as e:

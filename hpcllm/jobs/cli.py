@@ -11,7 +11,8 @@ from hpcllm.errors import ConfigError
 
 def register(sub, bench) -> None:
     from hpcllm.cli import add_spec_args
-    from hpcllm.jobs import get_kind, kind_names
+    from hpcllm.jobs import kind_names
+    from hpcllm.jobs.kind import get_kind
 
     for name in kind_names():
         p = sub.add_parser(name, help=get_kind(name).help)
@@ -33,7 +34,7 @@ def register(sub, bench) -> None:
 
 def _run_job(args) -> int:
     from hpcllm.config import load_spec
-    from hpcllm.jobs import get_kind
+    from hpcllm.jobs.kind import get_kind
 
     if args.kind == "infer" and args.spec == "export":
         return _export(args)

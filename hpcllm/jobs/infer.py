@@ -6,34 +6,53 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpcllm.errors import InferError
-from hpcllm.jobs import JobKind
+from hpcllm.jobs.kind import JobKind
 
 
 def run(spec, force: bool = False) -> int:
     from hpcllm.infer.job import run_infer
     from hpcllm.jobs.lock import release_run_dirs
-    from hpcllm.jobs.runtime import start
-
-    from hpcllm.report.provenance import begin, inference_end_fields, inference_start_fields
+    from hpcllm.jobs.runtime import record_start, start
 
     comm = start(spec)
-    record = begin(spec, comm, error=InferError, **(inference_start_fields(spec) if comm.rank == 0 else {}))
+    record = record_start(spec, comm, **(start_fields(spec) if comm.rank == 0 else {}))
     from hpcllm import monitor
 
     mon = monitor.start(spec, comm)  # live Prometheus metrics, when the spec's metrics section asks
     # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
     # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
     try:
-        summary = run_infer(spec, comm, force=force)
+        summary = run_infer(spec, comm, force=force, start_id=record.id)  # the markers name their start
     except BaseException as e:  # the error still goes up to the CLI; the record says how the start ended
         record.end("crashed", gather=False, reason=f"{type(e).__name__}: {e}"[:500])
         mon.close("crashed")
         raise
-    record.end("finished", summary=summary, **(inference_end_fields(spec) if comm.rank == 0 else {}))
+    record.end("finished", summary=summary, **(end_fields(spec) if comm.rank == 0 else {}))
     mon.close("finished")
     comm.close()
     release_run_dirs()
     return 0
+
+
+def start_fields(spec) -> dict:
+    """What an inference start records beyond the common fields (hpcllm.jobs.runtime.record_start)."""
+    from hpcllm.jobs.runtime import manifest_sha256
+
+    return dict(dataset_manifest_sha256=manifest_sha256(spec.infer.prompts), model=str(spec.infer.model),
+                array=[spec.infer.array_task, spec.infer.array_tasks])
+
+
+def end_fields(spec) -> dict:
+    """The model's hash, as the shards' done markers record it (hashing the weights again would
+    cost what loading them did)."""
+    import json
+
+    for marker in sorted((Path(spec.run_dir) / "outputs").glob("out-*.h5.done")):
+        try:
+            return {"model_sha256": json.loads(marker.read_text())["fingerprint"]["model_sha256"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {}
 
 
 def array_tasks(spec) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hpcllm.jobs import JobKind
+from hpcllm.jobs.kind import JobKind
 
 
 def run(spec) -> int:

@@ -4,28 +4,26 @@ signal or the time limit, and failed — never reported complete — when it end
 from __future__ import annotations
 
 from hpcllm.errors import EXIT_REQUEUE, IncompleteError
-from hpcllm.jobs import JobKind
+from hpcllm.jobs.kind import JobKind
 
 
 def run(spec) -> int:
     from hpcllm.jobs.lock import release_run_dirs
-    from hpcllm.jobs.runtime import start
+    from hpcllm.jobs.runtime import record_start, start
     from hpcllm.train.signals import catch_early_signals
     from hpcllm.train.trainer import train
 
     catch_early_signals()  # replaces submitit's handlers too: the trainer decides what a signal means
-    from hpcllm.report.provenance import begin, training_start_fields
-
     comm = start(spec)
     # rank 0 reads what it resumes from before the trainer truncates metrics.jsonl to the checkpoint
-    record = begin(spec, comm, **(training_start_fields(spec) if comm.rank == 0 else {}))
+    record = record_start(spec, comm, **(start_fields(spec) if comm.rank == 0 else {}))
     from hpcllm import monitor
 
     mon = monitor.start(spec, comm)  # live Prometheus metrics, when the spec's metrics section asks
     # no `finally: comm.close()`: closing waits for the peers (a barrier on some backends), so on an
     # error it would keep this rank from reaching the CLI, which reports the error and ends every rank
     try:
-        result = train(spec, comm)
+        result = train(spec, comm, start_id=record.id)  # metrics.jsonl's records name their start
     except BaseException as e:  # the error still goes up to the CLI; the record says how the start ended
         record.end("crashed", gather=False, reason=f"{type(e).__name__}: {e}"[:500])
         mon.close("crashed")
@@ -41,6 +39,29 @@ def run(spec) -> int:
         raise IncompleteError(f"training ended at step {result.step} of {spec.train.max_steps} without a stop "
                               f"request (run_dir {spec.run_dir})")
     return 0
+
+
+def start_fields(spec) -> dict:
+    """What a training start records beyond the common fields (hpcllm.jobs.runtime.record_start): the
+    dataset's manifest hash, the checkpoint it resumes from (the trainer resumes from the same latest
+    complete one), and the last step metrics.jsonl holds from before — read before the trainer
+    truncates it to the checkpoint, it is the last step the previous start logged, so the report can
+    count the steps redone."""
+    from hpcllm.checkpoint import latest_checkpoint
+    from hpcllm.jobs.runtime import manifest_sha256
+    from hpcllm.train.metrics import read_metrics
+
+    ckpt = latest_checkpoint(spec.run_dir, warn=False) if spec.train.resume else None
+    resume = None
+    if ckpt is not None:
+        resume = {"path": str(ckpt), "step": int(ckpt.name.split("_")[-1])}
+    try:
+        recs = read_metrics(spec.run_dir)
+    except ValueError:
+        recs = []
+    last = recs[-1] if recs else None
+    return dict(dataset_manifest_sha256=manifest_sha256(spec.data.dataset), resume_from=resume,
+                previous_last_logged={k: last.get(k) for k in ("step", "time", "start", "cpu_s_ranks")} if last else None)
 
 
 def incomplete(spec) -> str | None:

@@ -10,7 +10,7 @@ import sys
 
 from hpcllm.config import JobSpec
 from hpcllm.errors import IncompleteError
-from hpcllm.jobs import get_kind
+from hpcllm.jobs.kind import get_kind
 from hpcllm.launch.finish import meaning
 from hpcllm.launch.script import check_script_values
 

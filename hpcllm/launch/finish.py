@@ -68,7 +68,7 @@ def _requeue(spec, job: str | None, restarts: int) -> tuple[int, str | None]:
     if job is None or restarts >= limit:
         return EXIT_REQUEUE, (f"hpcllm: checkpointed and stopped; not requeued (restart {restarts}, max_requeues "
                               f"{limit}): {again}")
-    from hpcllm.report.provenance import append
+    from hpcllm.provenance import append
 
     # said (and recorded for `hpcllm report`) before asking: a successful requeue ends this batch
     # shell at once, so nothing after `scontrol requeue` is sure to run
@@ -88,7 +88,7 @@ def _requeue(spec, job: str | None, restarts: int) -> tuple[int, str | None]:
 def decide(spec, status: int, job: str | None, restarts: int, label: str | None = None) -> tuple[int, str | None]:
     """(the job's exit status, the line that says why — None when a requeue has printed it already).
     `job`: SLURM_JOB_ID; `label`: how to name it (an array task: ARRAYID_TASK)."""
-    from hpcllm.jobs import get_kind
+    from hpcllm.jobs.kind import get_kind
 
     kind = get_kind(spec.kind)
     what = f"hpcllm: {kind.name} job {label or job or '(not under Slurm)'}"
@@ -108,7 +108,7 @@ def decide(spec, status: int, job: str | None, restarts: int, label: str | None 
 
 def main(argv: list[str] | None = None) -> int:
     from hpcllm.config import load_spec
-    from hpcllm.jobs import get_kind
+    from hpcllm.jobs.kind import get_kind
 
     p = argparse.ArgumentParser(prog="python -m hpcllm.launch.finish", description=__doc__.split("\n")[0])
     p.add_argument("spec")

@@ -16,7 +16,7 @@ from pathlib import Path
 from hpcllm.atomic import write_text
 from hpcllm.config import JobSpec, dump_spec
 from hpcllm.errors import ConfigError
-from hpcllm.jobs import get_kind
+from hpcllm.jobs.kind import get_kind
 from hpcllm.launch.script import SRUN_PASSING_SIGNALS, check_script_values, job_name
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm" / "templates"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from hpcllm.config import JobSpec, dump_spec, load_spec
 from hpcllm.errors import ConfigError, HpcllmError
-from hpcllm.jobs import JobKind, get_kind
+from hpcllm.jobs.kind import JobKind, get_kind
 from hpcllm.launch.config import time_seconds
 from hpcllm.launch.finish import controller_state  # noqa: F401  (tests and callers ask it from here)
 from hpcllm.launch.script import SRUN_PASSING_SIGNALS, check_script_values, job_name

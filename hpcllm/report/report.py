@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from hpcllm.errors import HpcllmError
-from hpcllm.report.provenance import FILE, read_records
+from hpcllm.provenance import FILE, read_records
 
 
 def _starts(records: list[dict]) -> list[dict]:

@@ -12,6 +12,7 @@ import torch
 
 from hpcllm.atomic import write_text
 from hpcllm.errors import ConfigError
+from hpcllm.provenance import cpu_seconds
 
 log = logging.getLogger("hpcllm.train")
 
@@ -44,9 +45,10 @@ def device_peak(device: torch.device) -> tuple[str, float | None]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = False, start_id: str | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.start_id = start_id  # the job start (hpcllm.provenance) each record names
         self.tensorboard = TensorBoardLog(Path(run_dir) / "tensorboard") if enabled and tensorboard else None
 
     def write(self, record: dict) -> None:
@@ -54,7 +56,7 @@ class MetricsLog:
             return
         from hpcllm.paths import open_append
 
-        record = dict(record, **utilisation())
+        record = dict(record, **utilisation(self.start_id))
         with open_append(self.path) as f:  # never through a link planted in the run dir
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
@@ -90,21 +92,11 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return out
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process so far."""
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def utilisation() -> dict:
+def utilisation(start_id: str | None) -> dict:
     """What each record carries for `hpcllm report`: the wall time it was written, the job start it
     belongs to, this process's CPU time, and on a GPU the device's utilisation and memory as NVML
     reports them (torch's pynvml binding; left out when it is missing or NVML fails)."""
-    from hpcllm.report.provenance import current_start
-
-    out = {"time": time.time(), "start": current_start(), "cpu_s": cpu_seconds()}
+    out = {"time": time.time(), "start": start_id, "cpu_s": cpu_seconds()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         try:
             out["gpu_util_pct"] = torch.cuda.utilization()

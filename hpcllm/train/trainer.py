@@ -203,7 +203,8 @@ class LossWindow:
         self.steps = int(state["steps"])
 
 
-def train(spec: JobSpec, comm: Communicator) -> TrainResult:
+def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> TrainResult:
+    """`start_id`: the job start's id (hpcllm.provenance), which metrics.jsonl's records name."""
     tc, device = spec.train, comm.device
     torch.manual_seed(tc.seed)
     pc = spec.parallel
@@ -254,7 +255,7 @@ def train(spec: JobSpec, comm: Communicator) -> TrainResult:
     loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=dp_rank,
                          world_size=dp, seed=tc.seed, device=device, global_batch=global_batch)
     has_val = tc.eval_interval > 0 and "val" in ds.splits
-    metrics = MetricsLog(spec.run_dir, comm.rank == 0, tensorboard=spec.metrics.tensorboard)
+    metrics = MetricsLog(spec.run_dir, comm.rank == 0, tensorboard=spec.metrics.tensorboard, start_id=start_id)
 
     step = 0
     window = LossWindow(device)

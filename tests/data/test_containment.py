@@ -76,17 +76,17 @@ def test_a_tokenizer_file_or_manifest_outside_the_dataset_is_refused(tokens, tmp
 def test_provenance_hashes_only_the_manifest_the_job_reads(prompts, tmp_path):
     from types import SimpleNamespace
 
-    from hpcllm.report.provenance import inference_start_fields
+    from hpcllm.jobs.infer import start_fields
 
     d = copy(prompts, tmp_path / "p")
     spec = SimpleNamespace(infer=SimpleNamespace(prompts=str(d), model="m", array_task=0, array_tasks=1))
-    assert inference_start_fields(spec)["dataset_manifest_sha256"] == hashlib.sha256(
+    assert start_fields(spec)["dataset_manifest_sha256"] == hashlib.sha256(
         (d / "manifest.json").read_bytes()).hexdigest()
     secret = tmp_path / "secret"
     secret.write_text("not this dataset's\n")
     (d / "manifest.json").unlink()
     (d / "manifest.json").symlink_to(secret)  # was read and hashed into provenance.jsonl
-    assert inference_start_fields(spec)["dataset_manifest_sha256"] is None
+    assert start_fields(spec)["dataset_manifest_sha256"] is None
 
 
 def test_prompt_datasets_name_only_their_own_files(prompts, tmp_path):
@@ -268,7 +268,7 @@ def test_a_hugging_face_cache_snapshot_still_loads(model, tmp_path):
 def test_appended_run_files_are_never_written_through_a_link(tmp_path):
     from hpcllm.launch.jobs import record_submission
     from hpcllm.log import setup_logging
-    from hpcllm.report.provenance import append
+    from hpcllm.provenance import append
     from hpcllm.train.metrics import MetricsLog
 
     writers = {
@@ -293,7 +293,7 @@ def test_appended_run_files_are_never_written_through_a_link(tmp_path):
 
 
 def test_a_fifo_in_place_of_an_appended_file_is_refused_without_blocking(tmp_path):
-    from hpcllm.report.provenance import append
+    from hpcllm.provenance import append
 
     os.mkfifo(tmp_path / "provenance.jsonl")
     result = []

@@ -12,7 +12,7 @@ import pytest
 
 from hpcllm.config import load_spec
 from hpcllm.errors import EXIT_REQUEUE
-from hpcllm.jobs import get_kind
+from hpcllm.jobs.kind import get_kind
 from hpcllm.launch.finish import decide
 
 REPO = Path(__file__).resolve().parents[2]

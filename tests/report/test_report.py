@@ -253,12 +253,13 @@ def test_a_start_records_its_user_and_a_full_run_dir_is_one_line(tmp_path, small
     from hpcllm.errors import InferError
     from hpcllm.jobs.preflight import check_run_dir
     from hpcllm.log import setup_logging
-    from hpcllm.report.provenance import Start, begin, read_records, user
+    from hpcllm.jobs.runtime import record_start
+    from hpcllm.provenance import Start, read_records, user
     from hpcllm.report.report import build_report, format_report
 
     comm = init_comm(DistConfig(backend="single"))
     spec = load_spec(None, [f"run_dir={tmp_path / 'run'}"], base={"kind": "infer"})
-    begin(spec, comm, error=InferError).end("finished")
+    record_start(spec, comm).end("finished")  # an infer job: its run_dir error is InferError
     start = read_records(spec.run_dir)[0][0]
     me = pwd.getpwuid(os.getuid()).pw_name
     assert start["user"] == {"name": me, "uid": os.getuid()}
@@ -286,7 +287,7 @@ def test_a_start_records_its_user_and_a_full_run_dir_is_one_line(tmp_path, small
                                                      "some space, or choose another run_dir"):
                     check_run_dir(full.run_dir, InferError)
             with pytest.raises(InferError, match=f"^{record}: cannot record this start {no_space}$"):
-                begin(full, comm, error=InferError)
+                record_start(full, comm)
             Start(full.run_dir, "s1", comm, True, InferError).end("crashed", gather=False)  # its own error goes up
             assert f"{record}: the end record of this start was not written" in caplog.text
             with pytest.raises(InferError, match=f"^{record}: cannot record the end of this start {no_space}$"):

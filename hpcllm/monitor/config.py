@@ -1,4 +1,5 @@
-"""The `metrics` section of a job spec."""
+"""The `metrics` section of a job spec: what a running job exports beside metrics.jsonl — TensorBoard event
+files (hpcllm.train.metrics) and live Prometheus metrics (hpcllm.monitor)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,13 @@ signal, crashed; per-rank CPU time and memory). A start killed outright (kill -9
 leaves no end record: the report names it killed. The batch script's last word adds a `requeued`
 record when it requeues the job.
 
-    start = begin(spec, comm)
+Every job kind writes these records (through hpcllm.jobs.runtime.record_start, which adds what its
+spec says) and `hpcllm report` (hpcllm.report) reads them. This module imports nothing of hpcllm's
+above hpcllm.errors and hpcllm.paths: the job owns its `Start`, and hands `start.id` to whatever
+else records it (metrics.jsonl, the inference markers, the live metrics) — there is no "current
+start" kept here.
+
+    start = begin(run_dir, comm, kind="train", name="t1", ...)
     ...
     start.end("finished", step=100)
 """
@@ -27,11 +33,6 @@ from hpcllm.errors import ConfigError
 
 FILE = "provenance.jsonl"
 log = logging.getLogger("hpcllm")
-_current: str | None = None  # this process's start id, which metrics records carry
-
-
-def current_start() -> str | None:
-    return _current
 
 
 def append(run_dir: str | Path, record: dict) -> None:
@@ -74,21 +75,9 @@ def sha256_file(path: str | Path) -> str | None:
         return None
 
 
-def manifest_sha256(dataset: str | Path) -> str | None:
-    """sha256 of a dataset's manifest.json — the very file the job reads (hpcllm.data.shards.manifest_path):
-    one that links out of the dataset is not hashed (the job then refuses it, naming it)."""
-    from hpcllm.data.shards import manifest_path
-    from hpcllm.errors import DataError
-
-    try:
-        return sha256_file(manifest_path(dataset))
-    except DataError:
-        return None
-
-
 def _git_commit() -> str | None:
     """The commit of the checkout hpcllm runs from (an editable install), else None."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
         return None
     try:
@@ -149,13 +138,19 @@ def process_start_time() -> float:
     return psutil.Process().create_time()
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def usage() -> dict:
     """This process's CPU time and peak memory (and the GPU's, when it has one)."""
     import resource
 
     import torch
-
-    from hpcllm.train.metrics import cpu_seconds
 
     out = {"cpu_s": cpu_seconds(), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -189,59 +184,18 @@ class Start:
                                  f"({e.strerror or e})") from None
 
 
-def begin(spec, comm, error: type = ConfigError, **fields) -> Start:
-    """Rank 0 appends the start record; every rank learns the start id (a broadcast). A run_dir that
+def begin(run_dir: str, comm, error: type = ConfigError, **fields) -> Start:
+    """Rank 0 appends the start record (what every start records, then `fields`: the job's own, such
+    as its kind, name and spec hash); every rank learns the start id (a broadcast). A run_dir that
     cannot take the record (a full disk) is `error` (the job kind's run_dir error), in one line."""
-    global _current
-    from hpcllm.config import dump_spec, to_dict
-
     start_id = comm.broadcast_object(uuid.uuid4().hex[:12] if comm.rank == 0 else None)
-    _current = start_id
     leader = comm.rank == 0
     if leader:
         rec = dict(event="start", start=start_id, time=time.time(), process_start=process_start_time(),
-                   kind=spec.kind, name=spec.name, user=user(), host=socket.gethostname(), slurm=_slurm(),
-                   world_size=comm.size, backend=comm.name, device=str(comm.device), plan=to_dict(spec.parallel),
-                   versions=versions(), spec_sha256=hashlib.sha256(dump_spec(spec).encode()).hexdigest(), **fields)
+                   user=user(), host=socket.gethostname(), slurm=_slurm(), world_size=comm.size, backend=comm.name,
+                   device=str(comm.device), versions=versions(), **fields)
         try:
-            append(spec.run_dir, rec)
+            append(run_dir, rec)
         except OSError as e:
-            raise error(f"{Path(spec.run_dir) / FILE}: cannot record this start ({e.strerror or e})") from None
-    return Start(spec.run_dir, start_id, comm, leader, error)
-
-
-def training_start_fields(spec) -> dict:
-    """What a training start records beyond the common fields: the dataset's manifest hash, the
-    checkpoint it resumes from (the trainer resumes from the same latest complete one), and the last
-    step metrics.jsonl holds from before — read before the trainer truncates it to the checkpoint,
-    it is the last step the previous start logged, so the report can count the steps redone."""
-    from hpcllm.checkpoint import latest_checkpoint
-    from hpcllm.train.metrics import read_metrics
-
-    ckpt = latest_checkpoint(spec.run_dir, warn=False) if spec.train.resume else None
-    resume = None
-    if ckpt is not None:
-        resume = {"path": str(ckpt), "step": int(ckpt.name.split("_")[-1])}
-    try:
-        recs = read_metrics(spec.run_dir)
-    except ValueError:
-        recs = []
-    last = recs[-1] if recs else None
-    return dict(dataset_manifest_sha256=manifest_sha256(spec.data.dataset), resume_from=resume,
-                previous_last_logged={k: last.get(k) for k in ("step", "time", "start", "cpu_s_ranks")} if last else None)
-
-
-def inference_start_fields(spec) -> dict:
-    return dict(dataset_manifest_sha256=manifest_sha256(spec.infer.prompts), model=str(spec.infer.model),
-                array=[spec.infer.array_task, spec.infer.array_tasks])
-
-
-def inference_end_fields(spec) -> dict:
-    """The model's hash, as the shards' done markers record it (hashing the weights again would
-    cost what loading them did)."""
-    for marker in sorted((Path(spec.run_dir) / "outputs").glob("out-*.h5.done")):
-        try:
-            return {"model_sha256": json.loads(marker.read_text())["fingerprint"]["model_sha256"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return {}
+            raise error(f"{Path(run_dir) / FILE}: cannot record this start ({e.strerror or e})") from None
+    return Start(run_dir, start_id, comm, leader, error)

@@ -60,10 +60,12 @@ def int4_weight(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor,
     lo, hi = g.amin(-1), g.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-6)
     zero = lo + scale * 8
-    # the codes are computed against the bf16 scale and zero the kernel will use
+    # the codes are computed against the bf16 scale and zero the kernel will use; in place, and
+    # through uint8, so that a large matrix costs about one more full-precision copy while loading
     scale_b, zero_b = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
-    q = torch.round((g - (zero_b.float() - 8 * scale_b.float())[..., None]) / scale_b.float()[..., None])
-    q = q.clamp(0, 15).to(torch.int32).reshape(n, k)
+    q = g - (zero_b.float() - 8 * scale_b.float())[..., None]
+    q = q.div_(scale_b.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    q = q.reshape(n, k).to(torch.int32)
     sz = torch.stack([scale_b, zero_b], dim=-1).transpose(0, 1).contiguous()
     return q, sz
 

@@ -164,3 +164,25 @@ def test_a_platform_without_the_kernel_is_refused(monkeypatch):
         check_supported("int8", "cpu")  # int8 has its kernel
     finally:
         _kernel_problem.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_on_cuda_both_kernels_run_and_the_decode_step_is_captured(scheme):
+    """scripts/gpu_check.sh: on an sm80+ GPU both schemes have their kernel; the engine moves and casts
+    the quantized model to bf16, captures its decode step as a CUDA graph, and matches eager decoding."""
+    from hpcllm.infer.engine import Engine
+    from hpcllm.infer.sampling import SamplingParams
+
+    check_supported(scheme, "cuda")
+    model = small("llama")
+    idx = torch.randint(0, 258, (3, 20), generator=torch.Generator().manual_seed(0))
+    ref = logits(model, idx)
+    q = quantize_model(copy.deepcopy(model), scheme, "cuda").to("cuda", torch.bfloat16)
+    err = (logits(q, idx.cuda()).float().cpu() - ref).abs().max().item()
+    assert err < (0.05 if scheme == "int8" else 0.2) * ref.abs().max().item(), err  # bf16 activations too
+    ps, params = [[1, 2, 3, 4], [5, 6], [7, 8, 9]], SamplingParams(max_new_tokens=8)
+    eager = Engine(q, device="cuda", dtype=torch.bfloat16, max_batch_size=4).generate(ps, [0, 1, 2], params)
+    engine = Engine(q, device="cuda", dtype=torch.bfloat16, max_batch_size=4, use_cuda_graphs=True)
+    graph = engine.generate(ps, [0, 1, 2], params)
+    assert engine.cuda_graph_fallback is None and [r.tokens for r in graph] == [r.tokens for r in eager]

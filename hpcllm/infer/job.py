@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from hpcllm.infer.config import array_slot
 from hpcllm.infer.engine import Engine
 from hpcllm.infer.outputs import (MANIFEST, done_and_intact, fingerprint, is_marked_done, mark_begun, marker_path,
                                   refuse_other_settings, remove_outputs, write_manifest, write_output)
+from hpcllm.infer.quantize import check_supported, load_quantized
 from hpcllm.infer.sampling import SamplingParams
 from hpcllm.infer.schedule import make_queue
 
@@ -41,10 +43,6 @@ def load_model_for(spec: JobSpec, prompts: PromptDataset, device: torch.device |
     """(model, extra stop ids): an hpcllm checkpoint, or an HF model directory (any family its
     config.json names; its generation_config.json's eos ids stop a row too). With infer.quantize
     the weights are quantized as they stream in (hpcllm.infer.quantize), int4 packed for `device`."""
-    from functools import partial
-
-    from hpcllm.infer.quantize import load_quantized
-
     scheme = spec.infer.quantize
     path = Path(spec.infer.model)
     if not spec.infer.model or not path.exists():
@@ -173,8 +171,6 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False) -> dict:
     out_dir = Path(spec.run_dir) / "outputs"
     tok = prompts.load_tokenizer()
     device = comm.device
-    from hpcllm.infer.quantize import check_supported
-
     check_supported(ic.quantize, device, spec.parallel.tp)  # before seconds are spent loading
     model, model_stops = load_model_for(spec, prompts, device)
     dtype = torch.bfloat16 if (ic.dtype == "bf16" or (ic.dtype == "auto" and device.type == "cuda")) else torch.float32

@@ -40,8 +40,9 @@ def test_int8_logits_are_close_to_full_precision(arch):
     q8 = quantize_model(copy.deepcopy(model), "int8").to("cpu", torch.float32)  # what Engine does to it
     q4 = quantize_model(copy.deepcopy(model), "int4").to("cpu", torch.float32)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    tied = arch == "gpt2"  # its head is the embedding: kept in full precision
-    assert sum(isinstance(m, QuantLinear) for m in q8.modules()) == n_linear - tied
+    # every linear layer but the output head, which stays in full precision
+    assert sum(isinstance(m, QuantLinear) for m in q8.modules()) == n_linear - 1
+    assert type(q8.lm_head) is torch.nn.Linear and torch.equal(q8.lm_head.weight, model.lm_head.weight)
     err8, err4 = [(logits(q, idx) - ref).abs().max().item() for q in (q8, q4)]
     scale = ref.abs().max().item()
     # int8 rounds each weight by at most max|w of its row|/254 (0.4%) and the kernel's activations
@@ -53,7 +54,7 @@ def test_int8_logits_are_close_to_full_precision(arch):
     deq = copy.deepcopy(model)
     with torch.no_grad():
         for name, m in deq.named_modules():
-            if isinstance(m, torch.nn.Linear) and not (tied and name == "lm_head"):
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
                 m.weight.copy_(dequantized(m.weight, "int8"))
     assert (logits(q8, idx) - logits(deq, idx)).abs().max().item() < 0.01 * scale
 

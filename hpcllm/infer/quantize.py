@@ -16,7 +16,8 @@ Kernels (no extra dependency; torchao 0.18 wraps the same ones and was not faste
 
 Loading streams (`load_quantized`): the model is built on the meta device, its linear layers are
 swapped for QuantLinears before anything is allocated, and each tensor read from the checkpoint is
-quantized as it arrives: peak memory ~ the quantized model plus one full-precision tensor.
+quantized as it arrives: peak memory ~ the quantized model plus one full-precision tensor (int4: two,
+while a tensor is quantized; measured in docs/inference.md).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hpcllm.errors import ConfigError
 

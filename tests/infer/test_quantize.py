@@ -16,7 +16,7 @@ from hpcllm.errors import ConfigError
 from hpcllm.infer.quantize import (QuantLinear, check_supported, dequantized, load_quantized, quantize_model,
                                    _kernel_problem)
 from hpcllm.model import ModelConfig, build_model
-from tests.infer.helpers import infer_spec, outputs, prepare_prompts, run_cli, tiny_model
+from tests.infer.helpers import infer_spec, outputs, prepare_prompts, tiny_model
 
 RECORDS = [{"id": i, "prompt": "ab " * (1 + i % 4) + str(i)} for i in range(6)]
 
@@ -145,7 +145,7 @@ def test_infer_with_int8_weights_and_a_rerun_with_another_scheme_is_refused(setu
 
 
 def test_refused_in_one_line_where_it_cannot_run(setup, cli):
-    r = run_cli("infer", spec(setup, "tp"), "infer.quantize=int8", "parallel.tp=2")  # the real command line
+    r = cli("infer", spec(setup, "tp"), "infer.quantize=int8", "parallel.tp=2")
     errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
     assert r.returncode == 2 and len(errors) == 1 and "infer.quantize=int8" in errors[0] \
         and "parallel.tp=2" in errors[0], r.stderr[-2000:]

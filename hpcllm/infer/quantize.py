@@ -194,8 +194,8 @@ def check_supported(scheme: str, device: torch.device | str, tp: int = 1) -> Non
     device = torch.device(device)
     if tp > 1:
         raise ConfigError(f"infer.quantize={scheme} is not supported with parallel.tp={tp}: tensor-parallel layers "
-                          "split full-precision weights (DTensors); use infer.quantize=none, or parallel.tp=1 (a "
-                          "quantized model needs a quarter to an eighth of the memory)")
+                          "split full-precision weights (DTensors); use infer.quantize=none, or parallel.tp=1 (quantized, "
+                          "the linear layers take about 1/4 (int8) or 1/6 (int4) of their fp32 memory)")
     why = _kernel_problem(scheme, device.type, device.index)
     if why:
         raise ConfigError(f"infer.quantize={scheme} cannot run on {device}: {why}; use infer.quantize=none"

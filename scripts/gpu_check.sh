@@ -12,7 +12,8 @@
 #   pytest-gpu-parallel issues 13-14: FSDP2 forced on one GPU and the tp=1 DTensor path train ~45 s / 150 s
 #                       like the plain plan (bf16, fp32); CUDA-graph decode of a model split
 #                       at tp=1 token-identical to the unsplit model, gpt2 and llama (-rA
-#                       prints whether the DTensor step was captured or fell back)
+#                       prints whether the DTensor step was captured or fell back); issue 25:
+#                       int8/int4 weights run, their decode step captured (test_quantize)
 #   bench-plans         issues 13-14: `bench train --ranks 1 --shard none,full --tp-overhead`, ~60 s / 150 s
 #                       GPT-2 124M, bf16, eager (train.compile's default), batch 32 x 1024:
 #                       tokens/s of none, FSDP2 and DTensor tp=1, ratios, update ms, memory
@@ -73,7 +74,7 @@ part env 30 bash -c "nvidia-smi; git log -1 --format='commit %H %cd' 2>/dev/null
 part bench-infer-chat 150 "${bench[@]}" infer --device cuda --arch llama --model llama3.2-1b \
     --workload chat --batch-size 64 --prompts 256 --rounds 1
 part pytest-gpu-parallel 150 "$py" -m pytest -q -rA -m gpu -p no:cacheprovider \
-    tests/train/test_one_device_plans.py tests/infer/test_decode_graph.py
+    tests/train/test_one_device_plans.py tests/infer/test_decode_graph.py tests/infer/test_quantize.py
 part bench-plans 150 "${bench[@]}" train --device cuda --ranks 1 --no-compile \
     --shard none,full --tp-overhead --rounds 3 --steps 10 --warmup 2
 part pytest-gpu 200 "$py" -m pytest -q -rA -m gpu -p no:cacheprovider \

@@ -141,6 +141,100 @@ def load_trained_model(path: str | Path):
     return model, cfg, meta["spec"]["data"]["dataset"]
 
 
+def trained_model_on_meta(path: str | Path):
+    """(model on the meta device, ModelConfig, dataset path, checkpoint dir): what load_trained_model
+    loads, built before any weight is read — for `stream_checkpoint`."""
+    import torch
+
+    from hpcllm.model import build_model
+
+    ckpt = find_checkpoint(path)
+    meta = read_meta(ckpt)
+    shapes = {}
+    if is_legacy(ckpt) and "model" not in meta:  # its vocabulary is read off the embedding's shape
+        shapes = {name: _Shape(shape) for name, shape in _legacy_shapes(ckpt).items()}
+    cfg = model_config(ckpt, meta, shapes)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return model, cfg, meta["spec"]["data"]["dataset"], ckpt
+
+
+def stream_checkpoint(ckpt: Path, model: torch.nn.Module, put) -> None:
+    """put(parameter name, whole tensor) for each tensor of the checkpoint's model, one read at a
+    time; `model` (on the meta device is fine) gives the names and shapes they must have. A
+    checkpoint that does not fit fails with one line, as in load_weights."""
+    own = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    tied = _tied_names(model)
+    where = ckpt / "model.safetensors" if is_legacy(ckpt) else ckpt / "dcp"
+    seen = set()
+    for name, t in _iter_checkpoint_tensors(ckpt):
+        if name not in own:
+            raise CheckpointError(f"{where}: does not match the model (unexpected {name!r}) — was model.* changed "
+                                  "since it was written?")
+        if tuple(t.shape) != own[name]:
+            raise CheckpointError(f"{where}: tensor '{name}' is {tuple(t.shape)} in the checkpoint but {own[name]} in "
+                                  "this model — was model.* (n_embd, n_layer, block_size, vocab) changed since it was "
+                                  "written?")
+        put(name, t)
+        seen.add(name)
+        del t  # one whole tensor alive at a time
+    missing = [k for k in own if k not in seen and k not in tied]
+    if missing:
+        raise CheckpointError(f"{where}: does not match the model (missing {missing[:3]}) — was model.* changed "
+                              "since it was written?")
+
+
+def _tied_names(model) -> set[str]:
+    """Names of a parameter an earlier name already has (the same Parameter object: a model on the
+    meta device has no storage whose addresses hpcllm.model.hf.tied_names could compare)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
+
+
+def _legacy_shapes(ckpt: Path) -> dict[str, tuple]:
+    from safetensors import SafetensorError, safe_open
+
+    file = ckpt / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _iter_checkpoint_tensors(ckpt: Path):
+    if not is_legacy(ckpt):
+        from hpcllm.checkpoint.sharded import iter_model_tensors
+
+        yield from iter_model_tensors(ckpt)
+        return
+    from safetensors import SafetensorError, safe_open
+
+    from hpcllm.model.registry import get_family
+
+    file = ckpt / "model.safetensors"
+    meta = read_meta(ckpt)
+    cfg = model_config(ckpt, meta, {n: _Shape(s) for n, s in _legacy_shapes(ckpt).items()})
+    family = get_family(cfg.arch)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, family.tensor_from_legacy(key, f.get_tensor(key), cfg)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+class _Shape:
+    """Stands for a tensor where only its shape is read (model_config's embedding)."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or a run dir's latest complete checkpoint."""
     path = Path(path)

@@ -252,19 +252,45 @@ def restore_rank_rng(ckpt: Path, rank: int) -> bool:
 def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     """The whole model of a checkpoint, consolidated from every rank's part, in one process (export,
     inference, tests): {parameter name: tensor}."""
-    import warnings
+    template = _model_template(ckpt)
+    tree = {"model": {k[len("model."):]: t for k, t in template.items()}}
+    _dcp_load(ckpt / DCP_DIR, tree)
+    return tree["model"]
 
-    import torch.distributed.checkpoint as dcp
+
+def iter_model_tensors(ckpt: Path):
+    """(parameter name, whole tensor) of a checkpoint's model, one tensor read at a time: DCP reads
+    only the parts of the files that hold it, so at most one whole tensor is alive here (a
+    quantizing load, hpcllm.infer.quantize)."""
+    for key, t in _model_template(ckpt, allocate=False).items():
+        name = key[len("model."):]
+        tree = {"model": {name: torch.empty(t.shape, dtype=t.dtype)}}
+        _dcp_load(ckpt / DCP_DIR, tree)
+        yield name, tree["model"].pop(name)
+
+
+def _model_template(ckpt: Path, allocate: bool = True) -> dict[str, torch.Tensor]:
+    """{"model.NAME": empty tensor of its size and dtype} (on the meta device unless `allocate`), once
+    every rank file of the checkpoint is known to be there."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     dcp_dir = ckpt / DCP_DIR
     md = read_dcp_metadata(dcp_dir)
-    template = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+    device = "cpu" if allocate else "meta"
+    template = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype, device=device)
+                for k, m in md.state_dict_metadata.items()
                 if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
     if not template:
         raise CheckpointError(f"{dcp_dir / METADATA}: no model tensors in this checkpoint")
     check_fits(ckpt, {}, md)  # every part is there
-    tree = {"model": {k[len("model."):]: t for k, t in template.items()}}
+    return template
+
+
+def _dcp_load(dcp_dir: Path, tree: dict) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
         try:
@@ -273,4 +299,3 @@ def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
             raise
         except BaseException as e:
             raise CheckpointError(f"{dcp_dir}: cannot be read ({_why(e)})") from None
-    return tree["model"]

@@ -28,6 +28,9 @@ class InferConfig:
     schedule: Literal["dynamic", "static"] = "dynamic"  # shards handed out by rank 0, or i % ranks
     return_logprobs: bool = False
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU
+    # weight-only quantization of the linear layers, done while loading (hpcllm.infer.quantize;
+    # docs/inference.md "Quantized weights"): int8 per output channel, int4 in groups of 32
+    quantize: Literal["none", "int8", "int4"] = "none"
     cuda_graphs: bool = True  # replay the decode step as a CUDA graph (GPU only)
     # prompts that begin alike (a system prompt) share its KV-cache blocks, computed once; outputs
     # are the same either way (up to float ties, docs/inference.md)

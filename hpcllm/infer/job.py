@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from hpcllm.infer.config import array_slot
 from hpcllm.infer.engine import Engine
 from hpcllm.infer.outputs import (MANIFEST, done_and_intact, fingerprint, is_marked_done, mark_begun, marker_path,
                                   refuse_other_settings, remove_outputs, write_manifest, write_output)
+from hpcllm.infer.quantize import check_supported, load_quantized
 from hpcllm.infer.sampling import SamplingParams
 from hpcllm.infer.schedule import make_queue
 
@@ -37,9 +39,11 @@ log = logging.getLogger("hpcllm.infer")
 # ------------------------------------------------------------------------------------ model
 
 
-def load_model_for(spec: JobSpec, prompts: PromptDataset):
+def load_model_for(spec: JobSpec, prompts: PromptDataset, device: torch.device | str = "cpu"):
     """(model, extra stop ids): an hpcllm checkpoint, or an HF model directory (any family its
-    config.json names; its generation_config.json's eos ids stop a row too)."""
+    config.json names; its generation_config.json's eos ids stop a row too). With infer.quantize
+    the weights are quantized as they stream in (hpcllm.infer.quantize), int4 packed for `device`."""
+    scheme = spec.infer.quantize
     path = Path(spec.infer.model)
     if not spec.infer.model or not path.exists():
         raise InferError(f"infer.model '{spec.infer.model}' not found (an hpcllm run/checkpoint dir, or an HF "
@@ -47,9 +51,13 @@ def load_model_for(spec: JobSpec, prompts: PromptDataset):
     is_hpcllm = (path / "checkpoints").is_dir() or (path / "meta.json").is_file()
     if is_hpcllm:
         from hpcllm.data.shards import read_manifest
-        from hpcllm.checkpoint import load_trained_model
+        from hpcllm.checkpoint import load_trained_model, stream_checkpoint, trained_model_on_meta
 
-        model, cfg, dataset = load_trained_model(path)
+        if scheme == "none":
+            model, cfg, dataset = load_trained_model(path)
+        else:
+            model, cfg, dataset, ckpt = trained_model_on_meta(path)
+            model = load_quantized(model, scheme, device, partial(stream_checkpoint, ckpt))
         try:
             tok_id = read_manifest(dataset)["tokenizer"]
         except DataError:
@@ -63,14 +71,20 @@ def load_model_for(spec: JobSpec, prompts: PromptDataset):
         from hpcllm.data.tokenizer import check_model_tokenizer, tokenizer_identity_of
         from hpcllm.model import load_hf_model
         from hpcllm.model.fit import check_fits
-        from hpcllm.model.hf import generation_eos, model_dir, read_config
+        from hpcllm.model.hf import generation_eos, hf_model_on_meta, model_dir, read_config, stream_hf_weights
 
         d = model_dir(path)
         check_model_tokenizer(d, prompts.tokenizer_id, prompts.path)
         tok_id = tokenizer_identity_of(d)
-        # every rank reads the whole model in fp32 on the CPU first (a tp plan cuts it afterwards)
-        check_fits(read_config(d)[1], bytes_per_param=4, device="cpu", source=f"{d}/config.json")
-        model, cfg = load_hf_model(path)
+        # every rank reads the whole model in fp32 on the CPU first (a tp plan cuts it afterwards);
+        # quantized, at least 1 or 1/2 byte a parameter (embeddings and norms stay fp32)
+        check_fits(read_config(d)[1], bytes_per_param={"none": 4, "int8": 1, "int4": 0.5}[scheme], device="cpu",
+                   source=f"{d}/config.json")
+        if scheme == "none":
+            model, cfg = load_hf_model(path)
+        else:
+            model, cfg = hf_model_on_meta(path)
+            model = load_quantized(model, scheme, device, partial(stream_hf_weights, path))
         extra_stops = [t for t in generation_eos(d) if 0 <= t < prompts.vocab_size]
     n = model.config.vocab_size
     # the same tokenizer may have fewer tokens than the embedding (rows padded to a multiple of 64 or
@@ -174,8 +188,9 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False, start_id: 
         raise InferError(f"infer.mode=score needs continuations in {ic.prompts} (prepare with data.continuation_field)")
     out_dir = Path(spec.run_dir) / "outputs"
     tok = prompts.load_tokenizer()
-    model, model_stops = load_model_for(spec, prompts)
     device = comm.device
+    check_supported(ic.quantize, device, spec.parallel.tp)  # before seconds are spent loading
+    model, model_stops = load_model_for(spec, prompts, device)
     dtype = torch.bfloat16 if (ic.dtype == "bf16" or (ic.dtype == "auto" and device.type == "cuda")) else torch.float32
     stop_ids = sorted(set(ic.stop_token_ids) | {tok.eos_id} | set(model_stops))
     # rank 0 checks what is already there and decides what is left (of this array task's share)

@@ -36,6 +36,7 @@ MANIFEST = "manifest.json"
 # fingerprint keys, in the order a difference is reported, with the setting each comes from
 FINGERPRINT_KEYS = {
     "mode": "infer.mode",
+    "quantize": "infer.quantize",  # before the weights' sha256, which it changes too
     "model_sha256": "infer.model (sha256 of its weights)",
     "tokenizer_sha256": "the prompts' tokenizer (sha256)",
     "prompts_sha256": "infer.prompts (sha256 of its shard checksums)",
@@ -50,6 +51,8 @@ FINGERPRINT_KEYS = {
     "stop_strings": "infer.stop_strings",
     "return_logprobs": "infer.return_logprobs",
 }
+# what a fingerprint means by a key's absence (left out when it has this value, as by earlier hpcllm)
+FINGERPRINT_DEFAULTS = {"quantize": "none"}
 
 
 def out_name(shard: PromptShard) -> str:
@@ -74,6 +77,8 @@ def fingerprint(ic, *, model_sha256: str, prompts: PromptDataset, stop_token_ids
     listing = "".join(f"{s.index} {s.sha256}\n" for s in prompts.shards)
     fp = dict(mode=ic.mode, model_sha256=model_sha256, tokenizer_sha256=prompts.tokenizer_sha256,
               prompts_sha256=hashlib.sha256(listing.encode()).hexdigest(), dtype=dtype, overflow=ic.overflow)
+    if ic.quantize != "none":  # recorded only when used: markers of full-precision runs stay as they were
+        fp["quantize"] = ic.quantize
     if ic.mode == "generate":
         fp.update(max_new_tokens=ic.max_new_tokens, temperature=ic.temperature, stop_token_ids=list(stop_token_ids),
                   stop_strings=list(ic.stop_strings), return_logprobs=ic.return_logprobs)
@@ -87,8 +92,9 @@ def difference(old, new: dict) -> str | None:
     if not isinstance(old, dict):
         return "no settings recorded (written by an older hpcllm)"
     for key, setting in FINGERPRINT_KEYS.items():
-        if old.get(key) != new.get(key):
-            return f"{setting}: {_show(old.get(key))} there, {_show(new.get(key))} now"
+        was, now = old.get(key, FINGERPRINT_DEFAULTS.get(key)), new.get(key, FINGERPRINT_DEFAULTS.get(key))
+        if was != now:
+            return f"{setting}: {_show(was)} there, {_show(now)} now"
     return None
 
 

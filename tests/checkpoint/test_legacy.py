@@ -38,3 +38,14 @@ def test_a_legacy_gpt2_checkpoint_reads_in_the_head_major_layout(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(idx)[0], model(idx)[0], rtol=0, atol=0)
     assert dataset == str(tmp_path / "ds")
+
+    # and streamed one tensor at a time into a quantized model (infer.quantize), the same as quantizing it loaded
+    from functools import partial
+
+    from hpcllm.checkpoint import stream_checkpoint, trained_model_on_meta
+    from hpcllm.infer.quantize import load_quantized, quantize_model
+
+    meta_model, _, _, found = trained_model_on_meta(tmp_path / "run")
+    streamed = load_quantized(meta_model, "int8", "cpu", partial(stream_checkpoint, found)).state_dict()
+    want = quantize_model(loaded, "int8").state_dict()
+    assert streamed.keys() == want.keys() and all(torch.equal(streamed[k], want[k]) for k in want)

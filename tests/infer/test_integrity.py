@@ -98,7 +98,8 @@ def test_rerun_with_other_settings_is_refused_and_force_redoes_it(setup, tmp_pat
                (["infer.top_p=0.5"], "infer.top_p: 1.0 there, 0.5 now"),
                ([f"infer.model={tmp_path / 'other_model'}"], "infer.model (sha256 of its weights)"),
                (["infer.stop_strings=[zz]"], "infer.stop_strings"),
-               (["infer.max_new_tokens=11"], "infer.max_new_tokens: 12 there, 11 now")]
+               (["infer.max_new_tokens=11"], "infer.max_new_tokens: 12 there, 11 now"),
+               (["infer.quantize=int8"], 'infer.quantize: "none" there, "int8" now')]
     for i, (overrides, message) in enumerate(changed):
         r = (run_cli if i == 0 else cli)("infer", base, *overrides)  # the first as the real command
         assert r.returncode == 8 and message in r.stderr and "--force" in r.stderr, (overrides, r.stderr[-1500:])

@@ -51,9 +51,19 @@ def main(args) -> int:
         hf = transformers.AutoModelForCausalLM.from_pretrained(d).to(dev).eval()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hf = hf.to(dtype)
-    def make_engine(share_prefixes: bool = True):
-        return Engine(model, device=dev, dtype=dtype, max_batch_size=args.batch_size, use_cuda_graphs=dev.type == "cuda",
-                      share_prefixes=share_prefixes)
+    quant = getattr(args, "quantize", "none")
+    qmodel = None
+    if quant != "none":  # a copy: HF and hpcllm's full-precision figure keep the full weights
+        import copy
+
+        from hpcllm.infer.quantize import check_supported, quantize_model
+
+        check_supported(quant, dev)
+        qmodel = quantize_model(copy.deepcopy(model), quant, dev)
+
+    def make_engine(share_prefixes: bool = True, quantized: bool = False):
+        return Engine(qmodel if quantized else model, device=dev, dtype=dtype, max_batch_size=args.batch_size,
+                      use_cuda_graphs=dev.type == "cuda", share_prefixes=share_prefixes)
 
     def timed(fn):
         if dev.type == "cuda":
@@ -96,6 +106,9 @@ def main(args) -> int:
         peers["HF generate(), static cache"] = hf_generate(cache_implementation="static")
 
     impls = {"hpcllm engine": ours} | peers
+    if qmodel is not None:
+        qengine = make_engine(quantized=True)
+        impls[f"hpcllm engine, {quant}"] = lambda: [r.tokens for r in qengine.generate(prompts.tolist(), ids, params)]
     # the warm-up round's outputs: each peer really generated, and the same greedy tokens (a figure for
     # another computation would compare nothing)
     first = {k: fn() for k, fn in impls.items()}
@@ -118,6 +131,13 @@ def main(args) -> int:
         print(f"  {k}: {len(first[k])} x {len(first[k][0])} new tokens, {same}/{len(mine)} equal to hpcllm's")
     for k in peers:
         print(f"  ratio hpcllm / {k:<28} {a / tps[k]:.2f}x")
+    if qmodel is not None:
+        k = f"hpcllm engine, {quant}"
+        theirs = [t for row in first[k] for t in row]
+        same = sum(a == b for a, b in zip(mine, theirs))
+        print(f"  {k:<28} {tps[k]:>10,.0f} new tokens/s   {same}/{len(mine)} tokens equal to full precision's "
+              f"(random weights: near-ties everywhere; docs/inference.md has the quality on a trained model)")
+        print(f"  ratio {k} / hpcllm engine  {tps[k] / a:.2f}x")
     if engine.cuda_graph_fallback:  # the figure above is eager decoding's: say so beside it
         print(f"  CUDA-graph decode fell back to eager: {engine.cuda_graph_fallback}")
     return 0

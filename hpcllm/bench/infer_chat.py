@@ -79,6 +79,9 @@ def run(args, model, hf, dev, dtype, make_engine, timed) -> None:
 
     greedy = SamplingParams(max_new_tokens=args.new_tokens)
     engines = {"hpcllm, prefix sharing": make_engine(True), "hpcllm, no sharing": make_engine(False)}
+    quant = getattr(args, "quantize", "none")
+    if quant != "none":
+        engines[f"hpcllm, prefix sharing, {quant}"] = make_engine(True, quantized=True)
 
     def ours(engine):
         def fn():
@@ -114,12 +117,15 @@ def run(args, model, hf, dev, dtype, make_engine, timed) -> None:
         peer = f"   (transformers {transformers.__version__})" if k.startswith("HF") else ""
         print(f"  {k:<28} {v:>10,.1f} new tokens/s{peer}")
     mine = first["hpcllm, prefix sharing"]
-    for k in ("hpcllm, no sharing", "HF generate()", "HF generate(), static cache"):
+    for k in [k for k in impls if k != "hpcllm, prefix sharing"]:
         same = sum(a == b for a, b in zip(mine, first[k]))
         print(f"  {k}: {same}/{len(mine)} records' tokens equal to hpcllm's (greedy; the rest differ at a float tie)")
     best = max(tps["HF generate()"], tps["HF generate(), static cache"])
     for k in engines:
         print(f"  ratio {k} / HF generate() (faster cache)  {tps[k] / best:.2f}x")
+    if quant != "none":
+        k = f"hpcllm, prefix sharing, {quant}"
+        print(f"  ratio {k} / hpcllm, prefix sharing  {tps[k] / tps['hpcllm, prefix sharing']:.2f}x")
     for k, s in stats.items():
         print(f"  {k}: {s.reused_tokens}/{s.prompt_tokens} prompt tokens from the pool, {s.prefill_forwards} prefill "
               f"forwards, {s.decode_steps} decode steps; KV cache peak {s.peak_cache_bytes / 2**20:.1f} MiB, "

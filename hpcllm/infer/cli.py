@@ -21,6 +21,8 @@ def register(sub, bench) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds after one untimed run of each, median reported (fixed: 3, chat: 1)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="also time hpcllm with weights quantized so (beside its own full-precision figure)")
     p.add_argument("--hf-static-cache", action="store_true",
                    help="also time HF generate with its static KV cache (always on cuda)")
     p.set_defaults(func=_bench)

@@ -45,11 +45,12 @@ class BlockPool:
         return out
 
     # ------------------------------------------------------------------------------- a row
-    def admit(self, prompt: list[int]) -> tuple[list[int], int]:
-        """Blocks for a new row's prompt and how many of its tokens they already hold (a multiple of
-        the block size, and less than the prompt: its last token is always computed, for its logits)."""
+    def admit(self, prompt: list[int], reuse_before: int | None = None) -> tuple[list[int], int]:
+        """Blocks for a new row's prompt and how many of its tokens they already hold: a multiple of
+        the block size, at most `reuse_before` (tokens from there on are computed, for their logits;
+        by default the prompt's last token)."""
         names = self.names(prompt) if self.share_prefixes else []
-        usable = (len(prompt) - 1) // self.block_size
+        usable = (len(prompt) - 1 if reuse_before is None else reuse_before) // self.block_size
         blocks: list[int] = []
         for name in names[:usable]:
             b = self.block_named.get(name)

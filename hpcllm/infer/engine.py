@@ -223,7 +223,7 @@ class Engine:
                     stats.prompt_tokens += len(prompt)
                 decoding = [r for r in running if r.tokens and not r.reason]
                 if admitted:
-                    advance(admitted, self._prefill(admitted))
+                    advance(admitted, self._prefill(admitted)[:, 0])
                 if decoding:
                     for r in decoding:  # a row crossing into a new block gets one
                         if r.length == len(r.blocks) * BLOCK_SIZE:
@@ -254,9 +254,10 @@ class Engine:
         stats.cache_bytes_per_token = sum(per_token) / len(per_token) if per_token else 0.0
         return out  # type: ignore[return-value]
 
-    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
+    def _prefill(self, rows: list[_Row], at: list[list[int]] | None = None) -> torch.Tensor:
         """One forward over the admitted rows' prompt tokens that the pool does not hold yet (right-
-        padded to the longest; padding writes the scratch block); the logits of each row's last token."""
+        padded to the longest; padding writes the scratch block); the logits (B, K, V) at positions `at`
+        of each row's computed tokens (padded with its last), by default its last token's (K = 1)."""
         B, bs = len(rows), BLOCK_SIZE
         new = [len(r.prompt) - r.cached for r in rows]
         T, n = max(new), max(len(r.blocks) for r in rows)
@@ -277,12 +278,14 @@ class Engine:
         mask = keys[None, None, :] <= positions[:, :, None]
         dev = self.device
         self.pool.cache.set_batch(tables.to(dev), wblock.to(dev), (positions % bs).to(dev))
-        last = torch.tensor([k - 1 for k in new], device=dev)
+        at = at or [[k - 1] for k in new]
+        K = max(len(a) for a in at)
+        want = torch.tensor([a + a[-1:] * (K - len(a)) for a in at], device=dev)
         with self._autocast():
             logits, _ = self.model(tokens.to(dev), cache=self.pool.cache, positions=positions.to(dev),
-                                   mask=mask[:, None].to(dev), logits_at=last)
+                                   mask=mask[:, None].to(dev), logits_at=want)
         self.stats.prefill_forwards += 1
-        return logits[:, -1].float()
+        return logits.float()
 
     def _decode(self, rows: list[_Row]) -> torch.Tensor:
         """One decode step for `rows`: each feeds its last token at its own position."""
@@ -328,7 +331,9 @@ class Engine:
     # ------------------------------------------------------------------------------- score
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], continuations: list[list[int]], record_ids: list[int]) -> list[ScoreResult]:
-        """Log-probability of each continuation token given the prompt and the tokens before it."""
+        """Log-probability of each continuation token given the prompt and the tokens before it. Each
+        batch is one forward through the paged cache, so records that begin alike (one document
+        scored against several continuations) compute what they share once."""
         seqs = []
         for p, c, r in zip(prompts, continuations, record_ids):
             if not c:
@@ -338,19 +343,31 @@ class Engine:
                 raise PromptError(f"record {r}: continuation of {len(c)} tokens leaves no room for the prompt "
                                   f"in a context of {self.ctx}")
             seqs.append(full)
+        pool = self._pool()
         out: list[ScoreResult | None] = [None] * len(seqs)
         for idx in self._batches([len(s) for s in seqs]):
-            batch = PaddedBatch.build([seqs[i] for i in idx], self.pad_id, self.device)
-            pos, mask = padded_positions_and_mask(batch.pad, 0, batch.tokens.shape[1])
-            with self._autocast():
-                logits, _ = self.model(batch.tokens, positions=pos, mask=mask)
-            _check_finite(logits, [record_ids[i] for i in idx])
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            for j, i in enumerate(idx):
-                n = len(continuations[i])
-                targets = batch.tokens[j, -n:]
-                lp = logp[j, -n - 1 : -1].gather(1, targets[:, None]).squeeze(1)
-                out[i] = ScoreResult(record_ids[i], lp.tolist(), float(lp.double().sum()), n)
+            rows = []
+            try:
+                for i in idx:  # the last prompt token and every continuation token are computed
+                    blocks, cached = pool.admit(seqs[i], reuse_before=len(seqs[i]) - len(continuations[i]) - 1)
+                    rows.append(_Row(i, record_ids[i], seqs[i], 0, blocks, cached, cached))
+                # logits at the positions that predict each continuation token, counted from the row's
+                # first computed token
+                at = [list(range(len(r.prompt) - len(continuations[r.index]) - 1 - r.cached, len(r.prompt) - 1 - r.cached))
+                      for r in rows]
+                logits = self._prefill(rows, at)
+                _check_finite(logits, [r.record_id for r in rows])
+            except BaseException:
+                pool.release([b for r in rows for b in r.blocks])
+                pool.forget_prefixes()
+                raise
+            pool.release([b for r in rows for b in r.blocks])
+            logp = torch.log_softmax(logits, dim=-1)
+            for j, r in enumerate(rows):
+                c = continuations[r.index]
+                targets = torch.tensor(r.prompt[-len(c):], device=logp.device)
+                lp = logp[j, : len(c)].gather(1, targets[:, None]).squeeze(1)
+                out[r.index] = ScoreResult(r.record_id, lp.tolist(), float(lp.double().sum()), len(c))
         return out  # type: ignore[return-value]
 
 

@@ -65,8 +65,8 @@ class CausalLM(nn.Module):
 
         With `cache`: keys/values go to cache slots start..start+T-1 (see attention.causal_attention);
         `positions` (B, T) and `mask` describe left-padded rows (attention.padded_positions_and_mask).
-        A `PagedKVCache` says itself where they go (hpcllm.model.paged). `logits_at` (B,): the one
-        position per row whose logits are wanted (B, 1, vocab) — a prefill needs only its last
+        A `PagedKVCache` says itself where they go (hpcllm.model.paged). `logits_at` (B, K): the
+        positions of each row whose logits are wanted (B, K, vocab) — a prefill needs only its last
         token's, and the output projection over every position would cost a quarter of a small model's
         prefill."""
         positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
@@ -75,7 +75,7 @@ class CausalLM(nn.Module):
         for i, block in enumerate(self.blocks()):
             x = self.run_block(block, x, *extra, i, cache, start, mask)
         if logits_at is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
+            x = x[torch.arange(x.shape[0], device=x.device)[:, None], logits_at]
         logits = self.head(x)
         return logits, self.loss(logits, targets)
 

@@ -102,3 +102,18 @@ def test_shared_prefixes_and_refilled_rows_keep_hf_generate_greedy_tokens(pair):
             ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                               max_new_tokens=b, min_new_tokens=b, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert r.tokens == ref[0, len(p):].tolist() and r.finish_reason == "length", (i, len(p), b)
+
+
+def test_one_document_scored_many_ways_computes_it_once_and_keeps_hf_log_probs(pair):
+    hf, ours = pair
+    doc = shared_prompts(1, seed=13, system=70)[0]
+    conts = prompts(6, seed=14, lo=1, hi=12)
+    engine = Engine(ours, max_batch_size=4)
+    res = engine.score([doc] * 6, conts, list(range(6)))
+    usable = (len(doc) - 1) // 16 * 16  # full blocks before the last prompt token
+    assert engine.pool.reused_tokens == 5 * usable > 0
+    for c, r in zip(conts, res):
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([doc + c])).logits[0].double(), -1)
+        want = [logp[len(doc) - 1 + j, t].item() for j, t in enumerate(c)]
+        assert r.n_tokens == len(c) and max(abs(a - b) for a, b in zip(r.token_logprobs, want)) <= 1e-4

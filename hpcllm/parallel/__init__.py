@@ -15,14 +15,16 @@ The path of a training run through the package:
     materialize(model, device, whole=p.whole, ...)        # materialize.py: a meta-built model's parts
     plan = build_plan(p, layout, comm, ...)               # build.py: optimizer + gradient reduction
 
-Layers. hpcllm as a whole imports downward only:
+Layers, lowest first (none imports one after it):
 
-    errors, fields, paths, atomic, log  <  comm, data  <  model  <  parallel  <  checkpoint, train
-        <  infer  <  bench, launch  <  jobs  <  cli
+    errors, fields, paths, atomic, log      leaves
+    comm  <  model  <  parallel  <  train  <  infer, bench  <  launch  <  jobs  <  cli
 
-(each package's `cli.py` registers its commands and belongs to the top layer). The model layer knows
-nothing of parallelism: each family's tensor-parallel plan lives here (families.py). Within this
-package, lowest first — a module imports only those before it:
+(the spec, hpcllm.config, and checkpoint, monitor and report sit beside train and are not checked
+yet). This package imports comm, model and errors only; train, infer and bench import it. The model layer
+knows nothing of parallelism: each family's tensor-parallel plan lives here (families.py). Each
+package's `cli.py` registers its commands and belongs to the cli layer. Within this package, lowest
+first — a module imports only those before it:
 
     layout, parts, grad_sync, styles, stages      leaves (layout imports no torch: config-time checks)
     config (the spec section), families, zero, estimate, materialize

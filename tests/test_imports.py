@@ -1,5 +1,10 @@
-"""How hpcllm's modules import each other: no circles (scripts/import_cycles.py reads the source),
-and the commands people run on login nodes never import torch (seconds each, on a shared node)."""
+"""How hpcllm's modules import each other: no circles and no import of a layer above
+(scripts/import_cycles.py reads the source, function-level imports included), and the commands
+people run on login nodes never import torch (seconds each, on a shared node).
+
+The layers, lowest first (hpcllm/parallel/__init__.py writes them down):
+    comm < model < parallel < train < infer < jobs < launch < cli
+Each package's cli.py registers its commands and belongs to the cli layer."""
 
 import importlib.util
 import json
@@ -9,9 +14,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The one circle left, in the parallel package that issue 26 redoes (plans.py <-> tensor.py, zero.py,
-# pipeline.py). Nothing may join it and no other may appear; empty this once that redo is merged.
-KNOWN = [{"hpcllm.parallel.pipeline", "hpcllm.parallel.plans", "hpcllm.parallel.tensor", "hpcllm.parallel.zero"}]
+KNOWN: list[set[str]] = []  # circles allowed for now: none
+LAYERS = ["hpcllm.comm", "hpcllm.model", "hpcllm.parallel", "hpcllm.train", "hpcllm.infer", "hpcllm.jobs",
+          "hpcllm.launch"]
+# the submitit task's entry point runs the command line in the job's process, as `srun hpcllm` does
+ENTRY_POINTS = {("hpcllm.launch.submit", "hpcllm.cli")}
 
 
 def _import_cycles():
@@ -29,6 +36,25 @@ def test_no_import_circles():
         found = ic.cycles(ic.import_graph(REPO / "hpcllm", type_checking=type_checking))
         extra = [c for c in found if not any(set(c) <= known for known in KNOWN)]
         assert not extra, f"import circle(s){' (type checking)' if type_checking else ''}: {extra}"
+
+
+def _layer(mod: str) -> int | None:
+    if mod.endswith(".cli") or mod in ("hpcllm.cli", "hpcllm.bench") or mod.startswith("hpcllm.bench."):
+        return len(LAYERS)  # the commands: the top
+    return next((i for i, p in enumerate(LAYERS) if mod == p or mod.startswith(p + ".")), None)
+
+
+def test_no_layer_imports_one_above_it():
+    ic = _import_cycles()
+    upward = []
+    for mod, targets in ic.import_graph(REPO / "hpcllm").items():
+        for t in targets:
+            a, b = _layer(mod), _layer(t)
+            if a is not None and b is not None and b > a and (mod, t) not in ENTRY_POINTS:
+                upward.append((mod, t))
+    assert not upward, f"imports of a layer above: {sorted(upward)}"
+    # the check can fail: a function-level import is an edge like any other
+    assert "hpcllm.model.hf" in ic.import_graph(REPO / "hpcllm")["hpcllm.parallel.materialize"]
 
 
 def test_the_cycle_finder_finds_a_circle(tmp_path):

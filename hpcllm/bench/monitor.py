@@ -69,7 +69,7 @@ def main(args) -> int:
 
     from hpcllm.comm import DistConfig, init_comm
     from hpcllm.model import ModelConfig, build_model
-    from hpcllm.parallel.plans import build_plan
+    from hpcllm.parallel.plans import Plan
     from hpcllm.train.config import TrainConfig
     from hpcllm.train.trainer import TrainStep
 
@@ -78,8 +78,7 @@ def main(args) -> int:
     comm = init_comm(DistConfig(backend="single", device=args.device))
     cfg = ModelConfig(size=args.model, vocab_size=258).resolve()
     model = build_model(cfg).init_weights(0).to(comm.device)
-    plan = build_plan("none", model, comm, bucket_mb=4.0, bf16=False,
-                      make_optimizer=lambda m: m.configure_optimizer(0.1, 1e-4))
+    plan = Plan(model, model.configure_optimizer(0.1, 1e-4), comm, bucket_mb=4.0)  # data parallel, one rank
     tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, dtype="fp32")
     run_step = TrainStep(model, plan, comm, tc, accum=1)
     g = torch.Generator().manual_seed(0)

@@ -55,14 +55,20 @@ def bench_plan(mode: str, model, comm, *, make_optimizer, bucket_mb: float, bf16
     its cost on one device can be measured. Needs a torch.distributed group (the `torch` backend,
     even for one rank). ZeRO-1 is not forced: its reduce buffers are the gradient buckets, which one
     rank does not make."""
-    from hpcllm.parallel.plans import FsdpPlan, build_plan
+    from hpcllm.parallel.build import build_plan
+    from hpcllm.parallel.layout import Layout, device_mesh
+    from hpcllm.parallel.parallelize import fully_shard_blocks, parallelize
+    from hpcllm.parallel.plans import FsdpPlan
 
     if comm.size == 1 and mode == "full":
-        return FsdpPlan(model, make_optimizer, comm, bf16)
+        fully_shard_blocks(model, device_mesh(comm), bf16)
+        return FsdpPlan(model, make_optimizer(model), comm)
     if comm.size == 1 and mode == "optimizer":
         raise ValueError("parallel.shard=optimizer cannot be forced on one rank (ZeRO-1 shards the gradient "
                          "buckets, which one rank does not make): time it on 2 or more ranks")
-    return build_plan(mode, model, comm, make_optimizer=make_optimizer, bucket_mb=bucket_mb, bf16=bf16)
+    layout = Layout(comm.size, shard=mode)
+    return build_plan(parallelize(model, layout, comm, bf16=bf16), layout, comm, make_optimizer=make_optimizer,
+                      bucket_mb=bucket_mb)
 
 
 def dtensor_tp1_plan(model, comm, *, make_optimizer, bf16: bool):
@@ -70,11 +76,14 @@ def dtensor_tp1_plan(model, comm, *, make_optimizer, bf16: bool):
     a named (dp=ranks, tp=1) mesh, the logits "split" by vocabulary over one rank (loss_parallel). With
     `make_optimizer` as the trainer's for tp > 1 (one parameter at a time), the whole path costs what
     a tp run pays beyond its communication."""
-    from hpcllm.parallel.plans import device_mesh
+    from hpcllm.parallel.layout import device_mesh
+    from hpcllm.parallel.parallelize import split_model
     from hpcllm.parallel.tensor import TensorParallelPlan
 
-    return TensorParallelPlan(model, make_optimizer, comm, device_mesh(comm, 1, named=True), vocab_parallel=True,
-                              mode="none", bucket_mb=25.0, bf16=bf16)
+    mesh = device_mesh(comm, 1, named=True)
+    split_model(model, mesh["tp"], vocab_parallel=True)
+    return TensorParallelPlan(model, make_optimizer(model), comm, mesh, mode="none", bucket_mb=25.0,
+                              vocab_parallel=True)
 
 
 def _idle_until_rank0_done(comm) -> None:

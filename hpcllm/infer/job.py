@@ -205,8 +205,8 @@ def run_infer(spec: JobSpec, comm: Communicator, force: bool = False, start_id: 
     fp, todo = comm.broadcast_object(plan)
     tp, tp_group = spec.parallel.tp, None
     if tp > 1:  # every rank loaded the whole model; each keeps its heads and its part of each layer
-        from hpcllm.parallel.config import check_model
-        from hpcllm.parallel.tensor import for_inference
+        from hpcllm.parallel.layout import check_model
+        from hpcllm.parallel.parallelize import for_inference
 
         try:
             spec.parallel.data_parallel(comm.size)

@@ -28,6 +28,9 @@ def run(spec) -> int:
         record.end("crashed", gather=False, reason=f"{type(e).__name__}: {e}"[:500])
         mon.close("crashed")
         raise
+    from hpcllm.comm.torch_group import close_process_group
+
+    close_process_group(comm)  # the gloo group set up beside an mpi or horovod job (checkpoints, meshes)
     record.end("stopped" if result.stopped else "finished", reason=result.stopped, step=result.step,
                checkpoint=result.checkpoint)
     mon.close("stopped" if result.stopped else "finished")

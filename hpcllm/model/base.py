@@ -36,7 +36,7 @@ class CausalLM(nn.Module):
     # train.activation_checkpointing: each block's activations are recomputed in backward instead
     # of kept (memory ~ one block's activations instead of n_layer's, for ~1/3 more compute)
     activation_checkpointing: bool = False
-    tp_size: int = 1  # tensor-parallel ranks the model is split over (hpcllm.parallel.tensor.split_model)
+    tp_size: int = 1  # tensor-parallel ranks the model is split over (set when the parallel layer splits it)
 
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, in order: the unit of FSDP sharding and activation checkpointing."""
@@ -85,13 +85,6 @@ class CausalLM(nn.Module):
 
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
-
-    def tp_plan(self, vocab_parallel: bool, sequence_parallel: bool = False) -> dict:
-        """{module path: torch.distributed.tensor.parallel style} for `parallelize_module`: which
-        linear layers split their outputs (column) or inputs (row) over the tensor-parallel ranks,
-        and with `sequence_parallel` which norms run on sequence slices and which modules gather
-        the whole sequence (hpcllm.parallel.tensor has the styles)."""
-        raise NotImplementedError(f"{type(self).__name__} has no tensor-parallel plan")
 
     def tie_weights(self) -> None:
         """Share the output head with the token embedding when the config says so. Called at

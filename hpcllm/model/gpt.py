@@ -93,19 +93,6 @@ class GPT(CausalLM):
     def lookup_only_parameters(self):
         return [self.transformer.wpe.weight]  # wte is also the output matrix (tied)
 
-    def tp_plan(self, vocab_parallel: bool, sequence_parallel: bool = False) -> dict:
-        from hpcllm.parallel.tensor import block_plan, sequence_plan, vocab_plan
-
-        sp = sequence_parallel
-        block = block_plan(column=("attn.c_attn", "mlp.c_fc"), row=("attn.c_proj", "mlp.c_proj"), sequence_parallel=sp)
-        if sp:  # LayerNorms (weight and bias) on sequence slices; attention and the MLP on whole sequences
-            block.update(sequence_plan(norms=("ln_1", "ln_2"), gathered=("attn", "mlp")))
-        plan = {**vocab_plan("transformer.wte", "lm_head", vocab_parallel, sequence_parallel=sp),
-                **{f"transformer.h.{i}.{k}": v for i in range(self.config.n_layer) for k, v in block.items()}}
-        if sp:  # every rank looks up all positions alike and keeps its slice to add to its tokens' slice
-            plan.update(sequence_plan(norms=("transformer.ln_f",), sliced=("transformer.wpe",)))
-        return plan
-
     embedding_modules = ("transformer.wte", "transformer.wpe", "transformer.drop")
     head_modules = ("transformer.ln_f", "lm_head")
 

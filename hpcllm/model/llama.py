@@ -139,22 +139,6 @@ class Llama(CausalLM):
     def lookup_only_parameters(self):
         return [] if self.config.tie_embeddings else [self.model.embed_tokens.weight]
 
-    def tp_plan(self, vocab_parallel: bool, sequence_parallel: bool = False) -> dict:
-        from hpcllm.parallel.tensor import block_plan, sequence_plan, vocab_plan
-
-        sp = sequence_parallel
-        block = block_plan(column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-                                   "mlp.up_proj"), row=("self_attn.o_proj", "mlp.down_proj"), sequence_parallel=sp)
-        if sp:  # RMSNorms on sequence slices; attention gathers the whole sequence first, so the rotary
-            # cos/sin of every position (computed whole in forward) apply to q and k as on one rank
-            block.update(sequence_plan(norms=("input_layernorm", "post_attention_layernorm"),
-                                       gathered=("self_attn", "mlp")))
-        plan = {**vocab_plan("model.embed_tokens", "lm_head", vocab_parallel, sequence_parallel=sp),
-                **{f"model.layers.{i}.{k}": v for i in range(self.config.n_layer) for k, v in block.items()}}
-        if sp:
-            plan.update(sequence_plan(norms=("model.norm",)))
-        return plan
-
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos, sin (B, 1, T, head_dim) for per-row positions (B, T), computed in fp32."""
         if self._inv_freq is None or self._inv_freq.device != positions.device:

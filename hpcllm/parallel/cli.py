@@ -68,7 +68,7 @@ def model_for_plan(spec):
 
 def describe(spec, world: int, memory_per_rank: int | None = None) -> str:
     from hpcllm.errors import ConfigError
-    from hpcllm.parallel.config import check_model
+    from hpcllm.parallel.layout import check_model
     from hpcllm.parallel.estimate import estimate_memory, holdings
 
     pc, tc = spec.parallel, spec.train

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# the layout and its checks live in hpcllm.parallel.layout (names kept here for the spec's loader)
+from hpcllm.parallel.layout import (SHARD_BACKENDS, Layout, check_backend, check_model,  # noqa: F401
+                                    check_pipeline_batches, interleaved_batches_ok)
+
 # the pipeline schedules that run several stages per rank (parallel.pp_virtual_stages)
 MULTI_STAGE = ("interleaved1f1b", "loopedbfs")
-# which backends can carry each mode (dist.backend); `auto` resolves to the first of them on CPU
-SHARD_BACKENDS = {"none": ("mpi", "torch", "horovod", "single"), "optimizer": ("mpi", "torch", "horovod", "single"),
-                  "full": ("torch", "single")}
 
 
 @dataclass
@@ -73,26 +74,20 @@ class ParallelConfig:
             raise ValueError(f"parallel.pp_virtual_stages={self.virtual_stages} needs parallel.pp_schedule="
                              f"interleaved1f1b or loopedbfs: {self.pp_schedule} runs one stage per rank")
 
+    def layout(self, world: int) -> Layout:
+        """This section's layout on `world` ranks (hpcllm.parallel.layout), or a ValueError naming the field."""
+        return Layout.of(self, world)
+
     def data_parallel(self, world: int) -> int:
         """The data-parallel size of a world of `world` ranks, or a ValueError naming the field."""
-        for name, size in (("tp", self.tp), ("pp", self.pp)):
-            if world % size:
-                raise ValueError(f"parallel.{name}={size} does not divide the world of {world} rank(s): run on a "
-                                 f"multiple of {size} ranks")
-        if world % (self.tp * self.pp):
-            raise ValueError(f"parallel.pp={self.pp} x parallel.tp={self.tp} does not divide the world of {world} "
-                             f"rank(s): run on a multiple of {self.pp * self.tp} ranks")
-        return world // (self.tp * self.pp)
+        return self.layout(world).dp
 
     def coordinates(self, rank: int, world: int) -> tuple[int, int, int]:
-        """(pp_rank, dp_rank, tp_rank) of `rank`: tp innermost (adjacent ranks), then dp, pp outermost."""
-        dp = self.data_parallel(world)
-        return rank // (dp * self.tp), (rank // self.tp) % dp, rank % self.tp
+        """(pp_rank, dp_rank, tp_rank) of `rank` (Layout.coordinates)."""
+        return self.layout(world).coordinates(rank)
 
     def dp_rank(self, rank: int, world: int) -> int:
-        """Which share of each global batch `rank` reads: the ranks of a tp group and of a pipeline
-        (every stage) read the same batches."""
-        return self.coordinates(rank, world)[1]
+        return self.layout(world).dp_rank(rank)
 
     def micro_batches(self, train, world: int) -> tuple[int, int]:
         """(data-parallel size, micro-batches per step) of `train` (a TrainConfig) on `world` ranks,
@@ -102,60 +97,3 @@ class ParallelConfig:
         check_pipeline_batches(self, train, accum, dp)
         return dp, accum
 
-
-def interleaved_batches_ok(micro_batches: int, pp: int) -> bool:
-    """PyTorch's ScheduleInterleaved1F1B runs the micro-batches in max(1, m // pp) rounds of equal
-    size: m must be a multiple of that (m < 2 pp, or any multiple of pp, always is)."""
-    return micro_batches % max(1, micro_batches // pp) == 0
-
-
-def check_pipeline_batches(pc: ParallelConfig, train, accum: int, dp: int | None = None) -> None:
-    """1F1B keeps at most pp micro-batches in flight and needs at least that many per step; the
-    interleaved schedule needs whole rounds of them."""
-    if pc.pp == 1:
-        return
-    source = (f"train.global_batch_size={train.global_batch_size} / ({dp} data-parallel rank(s) x "
-              f"train.batch_size={train.batch_size})" if train.global_batch_size else f"train.grad_accum={accum}")
-    if pc.pp_schedule == "interleaved1f1b" and not interleaved_batches_ok(accum, pc.pp):
-        fits = next(m for m in range(accum + 1, 2 * accum + 2) if interleaved_batches_ok(m, pc.pp))
-        raise_to = (f"train.global_batch_size to {fits * dp * train.batch_size}" if train.global_batch_size and dp
-                    else f"train.grad_accum to {fits}" if not train.global_batch_size else "train.global_batch_size")
-        raise ValueError(f"parallel.pp={pc.pp} with pp_schedule interleaved1f1b needs the micro-batches per step to "
-                         f"be a multiple of their rounds, max(1, micro-batches // pp) (PyTorch's "
-                         f"ScheduleInterleaved1F1B), this run has {accum} ({source}): raise {raise_to} for {fits} "
-                         f"micro-batches (any multiple of {pc.pp} works)")
-    if pc.pp_schedule == "1f1b" and accum < pc.pp:
-        raise ValueError(f"parallel.pp={pc.pp} with pp_schedule 1f1b needs at least {pc.pp} micro-batches per step, "
-                         f"this run has {accum} ({source}): raise train.global_batch_size (or grad_accum) or lower "
-                         "train.batch_size, or use parallel.pp_schedule=gpipe")
-
-
-def check_backend(pc: ParallelConfig, backend: str) -> None:
-    """A mode on a backend that cannot carry it is a config-time error that names one that can."""
-    if backend != "auto" and backend not in SHARD_BACKENDS[pc.shard]:
-        raise ValueError(f"parallel.shard={pc.shard} needs dist.backend torch (FSDP2 runs on torch.distributed: "
-                         f"NCCL on GPU, gloo on CPU), not {backend}")
-    if pc.tp > 1 and backend not in ("auto", "torch"):
-        raise ValueError(f"parallel.tp={pc.tp} needs dist.backend torch (DTensor runs on torch.distributed: NCCL "
-                         f"on GPU, gloo on CPU), not {backend}")
-    if pc.pp > 1 and backend not in ("auto", "torch"):
-        raise ValueError(f"parallel.pp={pc.pp} needs dist.backend torch (torch.distributed.pipelining sends the "
-                         f"activations over torch.distributed: NCCL on GPU, gloo on CPU), not {backend}")
-
-
-def check_model(pc: ParallelConfig, model) -> None:
-    """What a (resolved) ModelConfig must allow: a layer or more per pipeline stage; whole heads and
-    MLP slices per tensor-parallel rank."""
-    if pc.pp > model.n_layer:
-        raise ValueError(f"parallel.pp={pc.pp} is more than model.n_layer={model.n_layer}: each pipeline stage "
-                         "holds one layer or more")
-    if pc.pp > 1 and pc.pp * pc.virtual_stages > model.n_layer:
-        raise ValueError(f"parallel.pp={pc.pp} x parallel.pp_virtual_stages={pc.virtual_stages} = "
-                         f"{pc.pp * pc.virtual_stages} stages is more than model.n_layer={model.n_layer}: each "
-                         "pipeline stage holds one layer or more; lower parallel.pp_virtual_stages")
-    if pc.tp == 1:
-        return
-    for name, value in (("n_head", model.n_head), ("n_kv_head", model.n_kv_head), ("ffn_dim", model.ffn_dim)):
-        if value is not None and value % pc.tp:
-            raise ValueError(f"parallel.tp={pc.tp} does not divide model.{name}={value}: each tensor-parallel rank "
-                             "holds whole heads and an equal slice of the MLP")

@@ -5,7 +5,7 @@ on a login node — and printed beside the measured figures at the end of a run.
     parameters   fp32; with pp > 1 only those of the rank's pipeline stages (hpcllm.parallel.stages:
                  their layers, the embedding on the first stage, the head on the last, a tied weight on
                  both; one stage per rank, or pp_virtual_stages of them); split over tp for the layers
-                 the family's tp_plan names; over dp too with parallel.shard full
+                 the family's tp plan names (hpcllm.parallel.families); over dp too with parallel.shard full
     gradients    as the parameters (ZeRO-1 keeps whole gradients: it reduce-scatters them)
     optimizer    AdamW's two fp32 moments per parameter (and a step counter each); over dp with
                  parallel.shard optimizer or full
@@ -40,8 +40,10 @@ class Holding:
 
 def holdings(model) -> list[Holding]:
     """Each parameter of `model` (a tied one once) and which dimension tensor parallelism splits."""
+    from hpcllm.parallel.families import tp_plan
+
     try:
-        plan = model.tp_plan(True)
+        plan = tp_plan(model, True)
     except NotImplementedError:
         plan = {}
     out = []

@@ -25,13 +25,11 @@ from __future__ import annotations
 import torch
 
 from hpcllm.errors import TrainingError
-from hpcllm.parallel.config import ParallelConfig
 
 
-def builds_on_meta(pc: ParallelConfig, world: int) -> bool:
-    """Whether the plan splits the parameters themselves (FSDP2 on several ranks, tensor parallelism,
-    pipeline stages): then the model is built on the meta device and each rank materialises its part."""
-    return pc.tp > 1 or pc.pp > 1 or (pc.shard == "full" and world > 1)
+def builds_on_meta(pc, world: int) -> bool:
+    """Whether the layout of ParallelConfig `pc` splits the parameters themselves (Layout.builds_on_meta)."""
+    return pc.layout(world).builds_on_meta
 
 
 def local_part(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

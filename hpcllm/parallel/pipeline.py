@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from hpcllm.comm import Communicator
 from hpcllm.model.base import CausalLM
-from hpcllm.parallel.plans import as_tensor, fully_shard_blocks, local_tensor
-from hpcllm.parallel.stages import StageModule, rank_stages, tied_parameter_names
-from hpcllm.parallel.tensor import DTensorPlan, average_gradients, clip_parts
+from hpcllm.parallel.parts import as_tensor, local_tensor
+from hpcllm.parallel.stages import StageModule
+from hpcllm.parallel.tensor import DTensorPlan
 
 
 class PipelinePlan(DTensorPlan):
@@ -39,47 +39,24 @@ class PipelinePlan(DTensorPlan):
     sharded over them (parallel.shard optimizer: ZeRO-1), or everything sharded over them with FSDP2
     (parallel.shard full: each stage its own FSDP2 root, as PipelineStage expects)."""
 
-    comm_wait_s = 0.0  # the dp allreduce's and the tied weight's; activations move inside the schedule
-
-    def __init__(self, model: CausalLM, make_optimizer, comm: Communicator, mesh, *, schedule: str, mode: str,
-                 bucket_mb: float, bf16: bool, vocab_parallel: bool = True, sequence_parallel: bool = False,
-                 virtual_stages: int = 1):
+    def __init__(self, part: StageModule, optimizer, comm: Communicator, mesh, *, schedule: str, mode: str,
+                 bucket_mb: float, vocab_parallel: bool = True, sequence_parallel: bool = False):
+        """`part`: this rank's stages, cut (and split, and sharded) by hpcllm.parallel.parallelize."""
         self.comm, self.mesh, self.schedule_name = comm, mesh, schedule
         self.pp, self.dp, self.tp = mesh["pp"].size(), mesh["dp"].size(), mesh["tp"].size()
-        self.virtual_stages, self.n_stages = virtual_stages, self.pp * virtual_stages
+        self.virtual_stages, self.n_stages = len(part.stages), part.n_stages
         self.pp_rank = mesh.get_local_rank("pp")
-        self.stage_indices = rank_stages(self.pp_rank, self.pp, virtual_stages)
+        self.stage_indices = part.stages
         self.pp_group, self.dp_group = mesh["pp"].get_group(), mesh["dp"].get_group()
         self.vocab_parallel = vocab_parallel and self.tp > 1
         self.sequence_parallel = sequence_parallel and self.tp > 1
-        if self.tp > 1:  # the whole model split by its family's tp_plan, then cut to the stages
-            from hpcllm.parallel.tensor import split_model
-
-            split_model(model, mesh["tp"], vocab_parallel=vocab_parallel, sequence_parallel=self.sequence_parallel)
-        tied = tied_parameter_names(model, self.n_stages)
-        self.model = part = StageModule(model, self.stage_indices, self.n_stages,
-                                        sequence_split=self.tp if self.sequence_parallel else 1)
+        self.model, self.optimizer = part, optimizer
         self.chunks = part.chunks  # what each PipelineStage runs: the StageModule itself with one stage
-        self.sharded = mode == "full" and self.dp > 1
-        if self.sharded:
-            for chunk in self.chunks:
-                fully_shard_blocks(chunk, mesh["dp"], bf16)
-        self.optimizer = make_optimizer(part)  # every chunk's parameters, by their whole-model names
-        if mode == "optimizer" and self.dp > 1:
-            self._shard_optimizer(self.optimizer, bucket_mb)
-        self.mode = "full" if self.sharded else "optimizer" if self._zero_pending else "none"
         self.params = [p for p in part.parameters() if p.requires_grad]
-        self.tied = [p for name, p in part.named_parameters() if name in tied]
-        self.tied_group = self._tied_group() if tied else None
+        self._reduce_over_dp(mode, bucket_mb)
+        self.tied = [p for name, p in part.named_parameters() if name in part.tied_names]
+        self.tied_group = self._tied_group() if part.tied_names else None
         self._schedules: dict[tuple[str, int], object] = {}  # (train | eval, micro-batches) -> schedule
-        self.comm_wait_s = 0.0
-
-    def loss_context(self):
-        if not self.vocab_parallel:
-            return contextlib.nullcontext()
-        from torch.distributed.tensor.parallel import loss_parallel
-
-        return loss_parallel()  # the last stage's logits are split by vocabulary over its tp ranks
 
     def _tied_group(self):
         """The 2-rank group of this rank's pipeline's first and last stage (each dp coordinate has
@@ -163,36 +140,19 @@ class PipelinePlan(DTensorPlan):
     def no_sync(self):
         return contextlib.nullcontext()  # forward_backward communicates nothing but activations
 
-    def finish(self) -> None:
-        """A tied weight's two parts summed between the first and the last stage; then gradients ->
-        their mean over the stage's dp ranks (FSDP2 has reduce-scattered them already), or this
-        rank's rows of it (ZeRO-1: the first and the last stage then hold the same rows of the tied
-        weight's gradient, and make the same update)."""
-        import time
-
-        t0 = time.perf_counter()
-        self._grads_like_params()  # (sequence parallelism's norms; a tp-split tied embedding's part)
+    def _sum_tied_grads(self) -> None:
+        """A tied weight's two parts summed between the first and the last stage, before the dp
+        reduction (under ZeRO-1 the first and the last stage then hold the same rows of its
+        gradient, and make the same update)."""
         if self.tied_group is not None:
             for p in self.tied:
                 dist.all_reduce(local_tensor(p.grad), group=self.tied_group)
-        if self.zero is not None:
-            self.zero.finish()
-        elif self.dp > 1 and not self.sharded:
-            average_gradients([p.grad for p in self.params if p.grad is not None], self.dp_group, self.dp)
-        self.comm_wait_s += time.perf_counter() - t0
 
-    def clip_grad_norm(self, max_norm: float) -> None:
-        """The norm of the whole model's gradient: each stage's squares, every element counted once
-        (a dp replica or FSDP shard by _replicas within the stage; the tied weight on pp rank 0's
-        only), summed over the world in one allreduce."""
-        tied = {id(p) for p in self.tied} if not self.model.first else set()
-        if self.zero is not None:
-            self.zero.clip_grad_norm(max_norm, skip={p for p in self.params if id(p) in tied})
-            return
-        stage_ranks = self.comm.size // self.pp
-        grads = [p.grad for p in self.params if p.grad is not None]
-        clip_parts(grads, [(p.grad, stage_ranks) for p in self.params if p.grad is not None and id(p) not in tied],
-                   max_norm, self.comm.device)
+    def _counted_elsewhere(self) -> set[int]:
+        return {id(p) for p in self.tied} if not self.model.first else set()  # on pp rank 0's only
+
+    def _norm_ranks(self) -> int:
+        return self.comm.size // self.pp  # the ranks of this stage
 
 
 def _scaled_loss(accum: int):

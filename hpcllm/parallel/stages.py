@@ -104,6 +104,8 @@ class StageModule(nn.Module):
     def __init__(self, model: CausalLM, stages: list[int], n_stages: int, sequence_split: int = 1):
         super().__init__()
         self.stages, self.n_stages, self.sequence_split = list(stages), n_stages, sequence_split
+        # held by both the first and the last stage (a tied embedding): their gradient parts are summed
+        self.tied_names = tied_parameter_names(model, n_stages)
         layers = stage_layers(model.config.n_layer, n_stages)
         self.layer_ids = {s: list(layers[s]) for s in self.stages}
         # each stage's modules, taken before pruning (a chunk registers them, and a module holding a

@@ -5,7 +5,7 @@ Every parameter is cut along its first dimension as `torch.chunk` cuts it (rank 
 with placement Shard(0), so a checkpoint of this state is resharded by torch.distributed.checkpoint
 like FSDP2's.
 
-Gradients still go into the flat bucket buffers of the gradient sync (hpcllm.train.grad_sync), and
+Gradients still go into the flat bucket buffers of the gradient sync (hpcllm.parallel.grad_sync), and
 when a bucket is complete during backward, instead of an allreduce:
 
     copy-in         the bucket's gradients, rank-major: [rank 0's rows of p1, p2, ...][rank 1's rows ...],
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from hpcllm.comm import Communicator
-from hpcllm.parallel.plans import local_tensor
-from hpcllm.train.grad_sync import GradSync, _Bucket
+from hpcllm.parallel.grad_sync import Bucket, GradSync
+from hpcllm.parallel.parts import local_tensor
 
 
 @dataclass
@@ -210,10 +210,10 @@ class Zero1(GradSync, _ShardedState):
         self._shard({p: name for name, p in model.named_parameters()}, full_optimizer)
 
     # -- the gradient sync's collective: reduce-scatter ----------------------------------------
-    def _launch(self, b: _Bucket):
+    def _launch(self, b: Bucket):
         return self._reduce_scatter(b)
 
-    def _complete(self, b: _Bucket) -> None:
+    def _complete(self, b: Bucket) -> None:
         b.shard.div_(self.comm.size)
 
     def clip_grad_norm(self, max_norm: float) -> float:
@@ -278,3 +278,36 @@ class Zero1Parts(_ShardedState):
             if piece.shard is not None and piece.param not in skip:
                 sq += piece.shard.grad.float().pow(2).sum() / self.copies.get(piece.param, 1)
         return self._clip(sq, dist.all_reduce, max_norm)
+
+
+def sharded_optim_state(zero: _ShardedState, model, layout) -> dict:
+    """A ZeRO-1's optimizer state by parameter name: each moment this rank's rows of it as a DTensor
+    of the whole parameter — `layout(p)` gives its (mesh, placements): Shard(0) over the ranks of
+    the ZeRO-1, with a tensor-parallel parameter's own placement beside it — for DCP to reshard."""
+    from torch.distributed.tensor import DTensor
+
+    optim = {}
+    for name, p in model.named_parameters():
+        piece = zero.pieces[p]
+        st = zero.local_state(piece)
+        if not st:  # before the first step: zeros to load into (AdamW's own initial state)
+            rows = (piece.hi - piece.lo,) + tuple(piece.local.shape[1:])
+            st = {"step": torch.zeros((), dtype=torch.float32),
+                  "exp_avg": torch.zeros(rows, dtype=piece.local.dtype, device=piece.local.device),
+                  "exp_avg_sq": torch.zeros(rows, dtype=piece.local.dtype, device=piece.local.device)}
+        mesh, placements = layout(p)
+        optim[name] = {"step": st["step"], **{
+            k: DTensor.from_local(st[k], mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
+            for k in ("exp_avg", "exp_avg_sq")}}
+    return optim
+
+
+def adopt_sharded_optim_state(zero: _ShardedState, model, state: dict) -> None:
+    """After an in-place load into a tree from `sharded_optim_state`: its rows become the state of
+    this rank's shards."""
+    for name, p in model.named_parameters():
+        piece = zero.pieces[p]
+        if piece.shard is not None:
+            st = state["optim"][name]
+            zero.optimizer.state[piece.shard] = {"step": st["step"], "exp_avg": st["exp_avg"].to_local(),
+                                                 "exp_avg_sq": st["exp_avg_sq"].to_local()}

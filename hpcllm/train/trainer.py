@@ -1,8 +1,9 @@
 """The training job, top to bottom: `train(spec, comm)`.
 
-    setup   dataset, model (fresh, HF weights, or the latest checkpoint), its parallel plan
-            (parallel.shard: none | optimizer | full, parallel.tp, parallel.pp — hpcllm.parallel.plans)
-            with the optimizer; a resumed run loads the checkpoint on however many ranks it has now
+    setup   the layout (hpcllm.parallel.layout), dataset, model (fresh, HF weights, or the latest
+            checkpoint) parallelized by the layout with its plan and optimizer (`build_training`:
+            hpcllm.parallel.parallelize, .build); a resumed run loads the checkpoint on however many
+            ranks it has now
     loop    for each step: the micro-steps of the global batch through the plan's forward_backward
             (communication only on the last; a pipeline runs them through its stages),
             one small allreduce of [stop requested, loss not finite], clip, AdamW step; log, eval,
@@ -13,11 +14,11 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -25,15 +26,17 @@ from hpcllm.config import JobSpec, to_dict
 from hpcllm.data import TokenLoader, open_dataset
 from hpcllm.comm import Communicator
 from hpcllm.errors import EXIT_REQUEUE, CheckpointError, ConfigError, TrainingError
-from hpcllm.model import build_model as new_model
+from hpcllm import model as models
 from hpcllm.model.base import CausalLM
 from hpcllm import monitor
 from hpcllm.model.fit import check_fits
 from hpcllm.checkpoint import is_legacy, latest_checkpoint, read_meta, read_state, save_checkpoint
-from hpcllm.parallel.config import check_model
+from hpcllm.parallel.build import build_plan
 from hpcllm.parallel.estimate import estimate_memory
-from hpcllm.parallel.materialize import builds_on_meta, held_bytes, materialize
-from hpcllm.parallel.plans import Plan, build_plan
+from hpcllm.parallel.layout import Layout, check_model
+from hpcllm.parallel.materialize import held_bytes, materialize
+from hpcllm.parallel.parallelize import parallelize
+from hpcllm.parallel.plans import Plan
 from hpcllm.train.config import TrainConfig
 from hpcllm.train.metrics import MetricsLog, cpu_seconds, device_peak
 from hpcllm.train.schedule import lr_at
@@ -91,21 +94,12 @@ def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None
         check_fits(cfg, source="the spec's model section", **fits)
         if on_meta:
             with torch.device("meta"):
-                model = new_model(cfg)
+                model = models.build_model(cfg)
         else:
-            model = new_model(cfg).init_weights(spec.train.seed)
+            model = models.build_model(cfg).init_weights(spec.train.seed)
     if spec.train.seq_len > model.config.block_size:
         raise TrainingError(f"train.seq_len={spec.train.seq_len} exceeds the model context ({model.config.block_size})")
     return model if on_meta else model.to(device)
-
-
-def plan_bytes_per_param(pc, dp: int, world: int) -> float:
-    """fp32 weights and gradients (8 bytes) and AdamW's two moments (8) per parameter, over the ranks
-    that share them under the plan (tp x pp always; dp too for what parallel.shard shards)."""
-    split = pc.tp * pc.pp
-    sharded_dp = dp if world > 1 else 1
-    weights = 8 / (split * (sharded_dp if pc.shard == "full" else 1))
-    return weights + 8 / (split * (sharded_dp if pc.shard in ("optimizer", "full") else 1))
 
 
 def uses_bf16(device, dtype_cfg: str) -> bool:
@@ -203,64 +197,92 @@ class LossWindow:
         self.steps = int(state["steps"])
 
 
+class Built(NamedTuple):
+    """What `build_training` gives the loop: the model (this rank's part of it), its optimizer and
+    plan, and the figures of the whole model it logs."""
+
+    model: CausalLM
+    optimizer: torch.optim.Optimizer
+    plan: Plan
+    estimate: dict[str, int]  # `hpcllm plan`'s memory estimate per rank, logged beside the measured figures
+    n_params: int
+    flops_per_token: float
+
+
+def training_layout(spec: JobSpec, comm: Communicator) -> tuple[Layout, int]:
+    """The layout on this run's ranks and the micro-batches per step (a pipeline's micro-batches are
+    the accumulation steps), or the ConfigError naming the field."""
+    try:
+        layout = spec.parallel.layout(comm.size)
+        _, accum = spec.parallel.micro_batches(spec.train, comm.size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return layout, accum
+
+
+def seed_rank(seed: int, layout: Layout, rank: int) -> None:
+    """The random stream of this rank: train.seed on every rank, unless the ranks of a tp group hold
+    different positions (sequence parallel), whose dropout then needs a stream per rank."""
+    torch.manual_seed(seed)
+    if layout.sp_enabled:
+        torch.manual_seed(hash((seed, rank)) % 2**63)
+
+
+def build_training(spec: JobSpec, comm: Communicator, layout: Layout, ds, fresh: bool) -> Built:
+    """The model built (on the meta device where the layout splits the parameters: no rank ever holds
+    the whole model), parallelized by the layout, given its parts (filled fresh or from model.init;
+    with `fresh` false a checkpoint is loaded into them after), then its optimizer and plan."""
+    tc, device = spec.train, comm.device
+    on_meta = layout.builds_on_meta
+    model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path), on_meta=on_meta,
+                        bytes_per_param=layout.bytes_per_param(), ranks_on_node=comm.world.local_size)
+    try:
+        check_model(spec.parallel, model.config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # of the whole model, before the pipeline cut keeps only this rank's stages
+    estimate = estimate_memory(model, layout.shard if comm.size > 1 else "none", layout.tp, layout.dp, layout.pp,
+                               virtual_stages=layout.virtual_stages)
+    n_params, flops_per_token = model.num_params(), model.estimate_flops_per_token(tc.seq_len)
+    parallel = parallelize(model, layout, comm, bf16=uses_bf16(device, tc.dtype),
+                           activation_checkpointing=tc.activation_checkpointing)
+    if on_meta:
+        fill = {} if not fresh else {"hf_dir": spec.model.init} if spec.model.init else {"seed": tc.seed}
+        materialize(model, device, whole=parallel.whole, **fill)
+        held, total = held_bytes(model)
+        if parallel.whole is not None:  # a pipeline stage: of the whole model, not of the stage
+            total = held_bytes(parallel.whole)[1]
+        log.info("model built on the meta device and sharded before materialising: this rank holds %s of the "
+                 "model's %s", _mb(held), _mb(total))
+    # tensor parallel: AdamW one parameter at a time (its multi-tensor kernels refuse DTensor and
+    # plain tensors in one list; the norms stay plain)
+    multi_tensor = None if not layout.tp_enabled else False
+    fused = device.type == "cuda" and not layout.tp_enabled
+    plan = build_plan(parallel, layout, comm, bucket_mb=spec.dist.bucket_mb,
+                      make_optimizer=lambda m: m.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas),
+                                                                     fused=fused, foreach=multi_tensor))
+    return Built(model, plan.optimizer, plan, estimate, n_params, flops_per_token)
+
+
 def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> TrainResult:
     """`start_id`: the job start's id (hpcllm.provenance), which metrics.jsonl's records name."""
     tc, device = spec.train, comm.device
-    torch.manual_seed(tc.seed)
-    pc = spec.parallel
-    if pc.sequence_parallel:  # dropout sees each tp rank's own positions (and heads): a stream per rank
-        torch.manual_seed(hash((tc.seed, comm.rank)) % 2**63)
-    try:  # the ranks of a tensor-parallel group and of a pipeline read the same batches: data parallel
-        # over world / (pp x tp); a pipeline's micro-batches are the accumulation steps
-        dp, accum = pc.micro_batches(tc, comm.size)
-        dp_rank = pc.dp_rank(comm.rank, comm.size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    global_batch = tc.batch_size * accum * dp
+    layout, accum = training_layout(spec, comm)
+    seed_rank(tc.seed, layout, comm.rank)
+    global_batch = tc.batch_size * accum * layout.dp
     ds = open_dataset(spec.data.dataset)
     ckpt = latest_checkpoint(spec.run_dir, warn=comm.rank == 0) if tc.resume else None
-    on_meta = builds_on_meta(pc, comm.size)  # sharded parameters: no rank ever holds the whole model
-    model = build_model(spec, ds.vocab_size, device, ds.tokenizer_id, str(ds.path), on_meta=on_meta,
-                        bytes_per_param=plan_bytes_per_param(pc, dp, comm.size), ranks_on_node=comm.world.local_size)
-    try:
-        check_model(pc, model.config)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    model.activation_checkpointing = tc.activation_checkpointing
-    # of the whole model: under a pipeline plan `model` keeps only this rank's stage
-    estimate = estimate_memory(model, pc.shard if comm.size > 1 else "none", pc.tp, dp, pc.pp,
-                               virtual_stages=pc.virtual_stages)
-    n_params, flops_per_token = model.num_params(), model.estimate_flops_per_token(tc.seq_len)
-    # a pipeline plan prunes the model to this rank's stage: what to draw or read, in order, is the
-    # whole model's (a meta copy costs nothing)
-    whole = copy.deepcopy(model) if on_meta and pc.pp > 1 else None
-    # tensor parallel: AdamW one parameter at a time (its multi-tensor kernels refuse DTensor and
-    # plain tensors in one list; the norms stay plain)
-    multi_tensor = None if pc.tp == 1 else False
-    plan = build_plan(pc.shard, model, comm, bucket_mb=spec.dist.bucket_mb, bf16=uses_bf16(device, tc.dtype),
-                      tp=pc.tp, vocab_parallel=pc.vocab_parallel, sequence_parallel=pc.sequence_parallel,
-                      pp=pc.pp, pp_schedule=pc.pp_schedule, pp_virtual_stages=pc.virtual_stages,
-                      make_optimizer=lambda m: m.configure_optimizer(tc.weight_decay, tc.lr, tuple(tc.betas),
-                                                                     fused=device.type == "cuda" and pc.tp == 1,
-                                                                     foreach=multi_tensor))
-    if on_meta:  # each rank's parts, filled fresh or from model.init (a checkpoint is loaded into them below)
-        fill = {} if ckpt else {"hf_dir": spec.model.init} if spec.model.init else {"seed": tc.seed}
-        materialize(model, device, whole=whole, **fill)
-        held, total = held_bytes(model)
-        if whole is not None:  # a pipeline stage: of the whole model, not of the stage
-            total = held_bytes(whole)[1]
-        log.info("model built on the meta device and sharded before materialising: this rank holds %s of the "
-                 "model's %s", _mb(held), _mb(total))
-    optimizer = plan.optimizer
-    loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=dp_rank,
-                         world_size=dp, seed=tc.seed, device=device, global_batch=global_batch)
+    model, optimizer, plan, estimate, n_params, flops_per_token = build_training(spec, comm, layout, ds,
+                                                                                  fresh=ckpt is None)
+    loader = TokenLoader(ds, "train", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=layout.dp_rank(comm.rank),
+                         world_size=layout.dp, seed=tc.seed, device=device, global_batch=global_batch)
     has_val = tc.eval_interval > 0 and "val" in ds.splits
     metrics = MetricsLog(spec.run_dir, comm.rank == 0, tensorboard=spec.metrics.tensorboard, start_id=start_id)
 
     step = 0
     window = LossWindow(device)
     if ckpt is not None:
-        step = _resume(ckpt, spec, comm, plan, loader, window, global_batch)
+        step = _resume(ckpt, spec, comm, layout, plan, loader, window, global_batch)
         metrics.truncate_after(step)
     else:
         plan.same_start()
@@ -272,9 +294,8 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
     tokens_per_step = global_batch * tc.seq_len
     dev_name, peak = device_peak(device)
     log.info("model %.2fM params, %d tokens/step (%d sequences: %d data-parallel rank(s) x batch %d x %d "
-             "micro-step(s)), parallel.shard=%s tp=%d%s pp=%d%s, device %s%s", n_params / 1e6, tokens_per_step,
-             global_batch, dp, tc.batch_size, accum, plan.mode, pc.tp, " sequence_parallel" if pc.sequence_parallel
-             else "", pc.pp, f" ({_schedule_label(pc)})" if pc.pp > 1 else "", dev_name,
+             "micro-step(s)), parallel.shard=%s %s, device %s%s", n_params / 1e6, tokens_per_step, global_batch,
+             layout.dp, tc.batch_size, accum, plan.mode, layout.describe(), dev_name,
              "" if peak else " (peak FLOP/s unknown: no MFU)")
     bar = None
     if comm.rank == 0 and tc.progress:
@@ -341,9 +362,6 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
              "parameters %s, gradients %s, optimizer state %s, peak %s %s", plan.mode, plan.tp, plan.pp,
              *(f"{_mb(mem[k])} [{_mb(estimate[k])}]" for k in ("params_bytes", "grads_bytes", "optimizer_bytes")),
              _mb(mem["peak_bytes"]), "CUDA allocated" if device.type == "cuda" else "RSS")
-    from hpcllm.comm.torch_group import close_process_group
-
-    close_process_group(comm)
     if stopped:
         log.warning("stopping at step %d (%s): checkpoint %s; exit %d so the job can be requeued", step, stopped,
                     path, EXIT_REQUEUE)
@@ -358,10 +376,9 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
 def evaluate(model: CausalLM, ds, spec: JobSpec, comm: Communicator, plan: Plan) -> float:
     tc = spec.train
     model.eval()
-    pc = spec.parallel
-    ld = TokenLoader(ds, "val", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=pc.dp_rank(comm.rank, comm.size),
-                     world_size=pc.data_parallel(comm.size), seed=tc.seed, mode="sequential", device=comm.device,
-                     prefetch=0)
+    layout = spec.parallel.layout(comm.size)
+    ld = TokenLoader(ds, "val", seq_len=tc.seq_len, batch_size=tc.batch_size, rank=layout.dp_rank(comm.rank),
+                     world_size=layout.dp, seed=tc.seed, mode="sequential", device=comm.device, prefetch=0)
     n_batches = min(tc.eval_batches, ld.steps_per_epoch)
     # [loss sum, batches] on this rank: the ranks of a tp group or a pipeline hold the same pair
     total = plan.eval_losses(list(ld.batches(n_batches)), lambda: autocast_for(comm.device, tc.dtype))
@@ -374,16 +391,12 @@ def _pp_label(pp: int, virtual_stages: int) -> str:
     return f"{pp} x {virtual_stages} stages per rank" if virtual_stages > 1 else str(pp)
 
 
-def _schedule_label(pc) -> str:
-    return pc.pp_schedule + (f", {pc.virtual_stages} stages per rank" if pc.virtual_stages > 1 else "")
-
-
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
 
 
-def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLoader, window: LossWindow,
-            global_batch: int) -> int:
+def _resume(ckpt, spec: JobSpec, comm: Communicator, layout: Layout, plan: Plan, loader: TokenLoader,
+            window: LossWindow, global_batch: int) -> int:
     """Load `ckpt` on this run's ranks (any number, any sharding mode); returns its step."""
     if is_legacy(ckpt):
         raise CheckpointError(f"{ckpt}: written by an earlier hpcllm (one model.safetensors for every rank), which "
@@ -399,7 +412,7 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     old_mode, old_tp, old_pp = meta.get("shard", "none"), meta.get("tp", 1), meta.get("pp", 1)
     old_v, new_v = meta.get("pp_virtual_stages", 1), plan.virtual_stages
     if old_batch != global_batch:
-        dp = spec.parallel.data_parallel(comm.size)  # the ranks of a tp group or a pipeline share their batches
+        dp = layout.dp  # the ranks of a tp group or a pipeline share their batches
         raise TrainingError(f"{ckpt}: written with a global batch of {old_batch} sequences per step ({old_ranks} "
                             f"rank(s)); this run has {global_batch} ({dp} data-parallel rank(s) x train.batch_size="
                             f"{spec.train.batch_size} x {global_batch // (dp * spec.train.batch_size)} "
@@ -413,8 +426,7 @@ def _resume(ckpt, spec: JobSpec, comm: Communicator, plan: Plan, loader: TokenLo
     else:  # no rank continues another's stream: a fresh one per (seed, step, data-parallel rank), the
         # same on the ranks of a tensor-parallel group (their dropout masks must agree) unless they
         # hold different positions (sequence parallel)
-        stream = comm.rank if plan.sequence_parallel else spec.parallel.dp_rank(comm.rank, comm.size)
-        torch.manual_seed(hash((spec.train.seed, step, stream)) % 2**63)
+        torch.manual_seed(hash((spec.train.seed, step, layout.rng_stream(comm.rank))) % 2**63)
     window.load(state.get("log_window"), comm)
     if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp or (old_pp, old_v) != (plan.pp, new_v):
         log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s%s: %s", step, old_ranks,

@@ -144,7 +144,7 @@ TRACED = """
 import os, sys, torch
 from hpcllm.comm import DistConfig, init_comm
 from hpcllm.log import setup_logging
-from hpcllm.train.grad_sync import GradSync
+from hpcllm.parallel.grad_sync import GradSync
 comm = init_comm(DistConfig(backend=sys.argv[1], timeout_s=60))
 for run_dir, level in ((sys.argv[2], "debug"), (sys.argv[3], "")):
     os.environ["HPCLLM_LOG_LEVEL"] = level

@@ -110,7 +110,7 @@ def _decode_tp1(device: str) -> dict:
     eager and with CUDA graphs (on a CPU: EagerReplay), for both families; whether graphs were
     captured or the engine fell back, and what it logged."""
     from hpcllm.comm import DistConfig, init_comm
-    from hpcllm.parallel.tensor import for_inference
+    from hpcllm.parallel.parallelize import for_inference
 
     comm = init_comm(DistConfig(backend="torch", device=device, timeout_s=60))
     cuda = comm.device.type == "cuda"

@@ -27,7 +27,7 @@ def _one_family(comm, arch: str) -> dict:
     from hpcllm.infer.sampling import SamplingParams
     from hpcllm.model import build_model
     from hpcllm.model.config import ModelConfig
-    from hpcllm.parallel.tensor import for_inference
+    from hpcllm.parallel.parallelize import for_inference
 
     extra = {"n_kv_head": 2, "ffn_dim": 96} if arch == "llama" else {}
     cfg = ModelConfig(arch=arch, size="custom", n_layer=2, n_head=4, n_embd=32, block_size=128, **extra).resolve(101)

@@ -54,7 +54,7 @@ def _body_grad_sync(backend, grad_accum=1, bucket_mb=0.01, arch="gpt2"):
     import torch
 
     from hpcllm.comm import DistConfig, init_comm
-    from hpcllm.train.grad_sync import GradSync
+    from hpcllm.parallel.grad_sync import GradSync
 
     comm = init_comm(DistConfig(backend=backend, timeout_s=60))
     torch.manual_seed(100 + comm.rank)
@@ -176,7 +176,7 @@ def test_gradient_accumulation_three_ranks():
 def _body_no_comm_on_micro_steps():
 
     from hpcllm.comm import DistConfig, init_comm
-    from hpcllm.train.grad_sync import GradSync
+    from hpcllm.parallel.grad_sync import GradSync
 
     comm = init_comm(DistConfig(backend="mpi"))
     calls = []
@@ -208,7 +208,7 @@ def test_one_rank_has_no_buckets_no_collectives_and_matches_a_plain_loop_bitwise
     import torch
 
     from hpcllm.comm import DistConfig, init_comm
-    from hpcllm.train.grad_sync import GradSync
+    from hpcllm.parallel.grad_sync import GradSync
 
     comm = init_comm(DistConfig(backend="single"))
     calls = []

@@ -68,7 +68,8 @@ def _body_construction(shard: str, tp: int):
     from hpcllm.model import ModelConfig
     from hpcllm.parallel.config import ParallelConfig
     from hpcllm.parallel.materialize import builds_on_meta, held_bytes, materialize
-    from hpcllm.parallel.plans import build_plan
+    from hpcllm.parallel.build import build_plan
+    from hpcllm.parallel.parallelize import parallelize
     from hpcllm.train.trainer import build_model
 
     comm = init_comm(DistConfig(backend="torch", timeout_s=60))
@@ -79,10 +80,12 @@ def _body_construction(shard: str, tp: int):
     for on_meta in (True, False):
         with NewStorageBytes() as mem:
             model = build_model(spec, VOCAB, comm.device, on_meta=on_meta)
-            build_plan(shard, model, comm, make_optimizer=lambda m: m.configure_optimizer(0.1, 1e-3, foreach=False),
-                       bucket_mb=1.0, bf16=False, tp=tp)
+            layout = spec.parallel.layout(comm.size)
+            parallel = parallelize(model, layout, comm, bf16=False)
             if on_meta:
                 materialize(model, comm.device, seed=spec.train.seed)
+            build_plan(parallel, layout, comm, make_optimizer=lambda m: m.configure_optimizer(0.1, 1e-3, foreach=False),
+                       bucket_mb=1.0)
         held, whole = held_bytes(model)
         out["meta" if on_meta else "whole"] = {"peak": mem.peak, "live": mem.live, "held": held, "whole": whole}
         if on_meta:  # every part is exactly the one-rank model's (the full tensors gathered from the parts)

@@ -5,14 +5,14 @@ is copied). Buckets hold parameters in reverse order, the order backward produce
 A post-accumulate-grad hook counts each bucket's gradients; when a bucket is complete its allreduce
 is launched asynchronously through the communicator, in bucket order on every rank (collectives
 must be issued in the same order everywhere). `finish()` launches what is left, waits for all and
-averages once. On gradient-accumulation micro-steps (`sync=False`) the hooks do nothing: no
-communication until the last micro-step. With one rank there is nothing to synchronise: no
-buckets, no hooks, no collectives, and `zero_grad` frees the gradients as a plain training loop does.
+averages once (the plan times it: hpcllm.parallel.plans). On gradient-accumulation micro-steps
+(`sync=False`) the hooks do nothing: no communication until the last micro-step. With one rank
+there is nothing to synchronise: no buckets, no hooks, no collectives, and `zero_grad` frees the
+gradients as a plain training loop does.
 """
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 
 import torch
@@ -20,7 +20,9 @@ import torch
 from hpcllm.comm import Communicator, Work
 
 
-class _Bucket:
+class Bucket:
+    """A flat gradient buffer over some parameters (their .grad are views of it), and its collective."""
+
     def __init__(self, params: list[torch.nn.Parameter], device, dtype):
         self.params = params
         self.buffer = torch.zeros(sum(p.numel() for p in params), device=device, dtype=dtype)
@@ -33,20 +35,19 @@ class GradSync:
         self.comm = comm
         self.active = comm.size > 1
         self.sync = True
-        self.comm_wait_s = 0.0  # time blocked in finish(): communication not hidden by backward
         self.params = params = [p for p in params if p.requires_grad]
         limit = int(bucket_mb * 2**20)
-        self.buckets: list[_Bucket] = []
+        self.buckets: list[Bucket] = []
         current: list[torch.nn.Parameter] = []
         size = 0
         for p in reversed(params if self.active else []):
             current.append(p)
             size += p.numel() * p.element_size()
             if size >= limit:
-                self.buckets.append(_Bucket(current, p.device, p.dtype))
+                self.buckets.append(Bucket(current, p.device, p.dtype))
                 current, size = [], 0
         if current:
-            self.buckets.append(_Bucket(current, current[0].device, current[0].dtype))
+            self.buckets.append(Bucket(current, current[0].device, current[0].dtype))
         self._bucket_of = {}
         for i, b in enumerate(self.buckets):
             offset = 0
@@ -97,11 +98,11 @@ class GradSync:
             self._next += 1
             b.work.label = f"bucket {self._next}/{len(self.buckets)}"
 
-    def _launch(self, b: _Bucket) -> Work:
+    def _launch(self, b: Bucket) -> Work:
         """Start the bucket's collective (a subclass may reduce-scatter instead: hpcllm.parallel.zero)."""
         return self.comm.allreduce(b.buffer, "sum", async_op=True)
 
-    def _complete(self, b: _Bucket) -> None:
+    def _complete(self, b: Bucket) -> None:
         """After the bucket's collective: the gradients are the mean over the ranks."""
         b.buffer.div_(self.comm.size)
 
@@ -110,7 +111,6 @@ class GradSync:
         parameters, whose gradient is zero) and average once."""
         if not self.active:
             return
-        t0 = time.perf_counter()
         for b in self.buckets[self._next :]:
             b.ready = len(b.params)
         self._launch_ready()
@@ -119,7 +119,6 @@ class GradSync:
             b.work, b.ready = None, 0
             self._complete(b)
         self._next = 0
-        self.comm_wait_s += time.perf_counter() - t0
 
     def zero_grad(self) -> None:
         if not self.active:

@@ -113,3 +113,11 @@ def flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset % len(data)] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def model_and_prompts(root: Path, records: list[dict], cli, per_shard: int = 3) -> Path:
+    """`root/model` (tiny_model) and `root/prompts` (the records prepared in shards of `per_shard`)."""
+    tiny_model(root / "model")
+    p = prepare_prompts(root, records, per_shard=per_shard, cli=cli)
+    assert p.returncode == 0, p.stderr
+    return root

@@ -17,18 +17,14 @@ import h5py
 import pytest
 
 from tests.infer.helpers import (constant_model, flip_byte, infer_spec, output_texts, outputs,
-                                 prepare_prompts, run_cli, tiny_model)
+                                 model_and_prompts, prepare_prompts, run_cli, tiny_model)
 
 RECORDS = [{"id": 500 + i, "prompt": "x = " * (1 + i % 5) + str(i)} for i in range(13)]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, cli):
-    root = tmp_path_factory.mktemp("integrity")
-    tiny_model(root / "model")
-    p = prepare_prompts(root, RECORDS, per_shard=3, cli=cli)
-    assert p.returncode == 0, p.stderr
-    return root
+    return model_and_prompts(tmp_path_factory.mktemp("integrity"), RECORDS, cli)
 
 
 def spec(root, name, **infer):

@@ -16,7 +16,7 @@ from hpcllm.errors import ConfigError
 from hpcllm.infer.quantize import (QuantLinear, check_supported, dequantized, load_quantized, quantize_model,
                                    _kernel_problem)
 from hpcllm.model import ModelConfig, build_model
-from tests.infer.helpers import infer_spec, outputs, prepare_prompts, tiny_model
+from tests.infer.helpers import infer_spec, model_and_prompts, outputs
 
 RECORDS = [{"id": i, "prompt": "ab " * (1 + i % 4) + str(i)} for i in range(6)]
 
@@ -113,11 +113,7 @@ def test_a_streamed_load_equals_quantizing_the_loaded_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, cli):
-    root = tmp_path_factory.mktemp("quantize")
-    tiny_model(root / "model")
-    p = prepare_prompts(root, RECORDS, per_shard=3, cli=cli)
-    assert p.returncode == 0, p.stderr
-    return root
+    return model_and_prompts(tmp_path_factory.mktemp("quantize"), RECORDS, cli)
 
 
 def spec(root, name, **infer):

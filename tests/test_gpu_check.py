@@ -37,8 +37,8 @@ def test_the_script_parses():
 
 def test_every_part_is_a_command_that_exists():
     names = [name for name, _, _ in parts()]
-    assert names == ["env", "pytest-gpu-parallel", "bench-plans", "pytest-gpu", "bench-train", "bench-infer",
-                     "bench-infer-llama"]
+    assert names == ["env", "bench-infer-chat", "pytest-gpu-parallel", "bench-plans", "pytest-gpu", "bench-train",
+                     "bench-infer", "bench-infer-llama"]
     parser = build_parser()
     for name, limit, argv in parts():
         assert 0 < limit <= 300, (name, limit)

@@ -10,6 +10,7 @@ and turns user mistakes (`HpcllmError`) into one clear line and an exit code ins
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import importlib
 import os
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_exit() -> None:
     """Console-script entry point."""
+    # a crash in native code (MPI, a kernel) prints where Python was, on every rank, before MPI's or
+    # the OS's own report: the rank's log then says more than "Segmentation fault"
+    faulthandler.enable()
     code = main()
     # Skip the interpreter's last garbage collections: they walk every object torch made (~1 CPU-second
     # per rank at every exit, measured) only to free memory the process gives back anyway. atexit

@@ -34,6 +34,7 @@ class BlockPool:
         self.held = 0  # blocks held by at least one row
         self.peak_held = 0
         self.reused_tokens = 0  # prompt tokens taken from the pool instead of computed
+        self.pending: set[int] = set()  # blocks named since the last `written()`: their keys are not in yet
 
     # ------------------------------------------------------------------------------- names
     def names(self, prompt: list[int]) -> list[bytes]:
@@ -45,6 +46,25 @@ class BlockPool:
         return out
 
     # ------------------------------------------------------------------------------- a row
+    def reads_pending(self, prompt: list[int]) -> bool:
+        """Whether the prompt would share a block whose keys the next forward is still to write. The
+        engine admits such a row a step later: sharing within one forward is correct (each layer
+        writes before it reads), but the row that writes the prefix is long and the rows that share
+        it short, and one forward pads them all to the longest."""
+        if not self.pending:
+            return False
+        for name in self.names(prompt)[: (len(prompt) - 1) // self.block_size]:
+            b = self.block_named.get(name)
+            if b is None:
+                return False
+            if b in self.pending:
+                return True
+        return False
+
+    def written(self) -> None:
+        """The forward that computes the admitted rows' prompts has run."""
+        self.pending.clear()
+
     def admit(self, prompt: list[int], reuse_before: int | None = None) -> tuple[list[int], int]:
         """Blocks for a new row's prompt and how many of its tokens they already hold: a multiple of
         the block size, at most `reuse_before` (tokens from there on are computed, for their logits;
@@ -66,6 +86,7 @@ class BlockPool:
                 name = names[len(blocks)]
                 if name not in self.block_named:
                     self.block_named[name], self.name_of[b] = b, name
+                    self.pending.add(b)
             blocks.append(b)
         return blocks, cached
 
@@ -113,3 +134,4 @@ class BlockPool:
             del self.block_named[self.name_of.pop(b)]
             self.free.append(b)
         self.evictable.clear()
+        self.pending.clear()

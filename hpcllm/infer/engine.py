@@ -214,8 +214,10 @@ class Engine:
             while waiting or running:
                 admitted = []
                 while waiting and len(running) < self.max_batch_size:
+                    prompt = fitted[waiting[0]][0]
+                    if admitted and pool.reads_pending(prompt):
+                        break  # its prefix is being computed in this step: it comes in at the next one
                     i = waiting.popleft()
-                    prompt = fitted[i][0]
                     blocks, cached = pool.admit(prompt)
                     row = _Row(i, record_ids[i], prompt, budgets[i], blocks, cached, cached)
                     running.append(row)
@@ -223,7 +225,9 @@ class Engine:
                     stats.prompt_tokens += len(prompt)
                 decoding = [r for r in running if r.tokens and not r.reason]
                 if admitted:
-                    advance(admitted, self._prefill(admitted)[:, 0])
+                    logits = self._prefill(admitted)[:, 0]
+                    pool.written()
+                    advance(admitted, logits)
                 if decoding:
                     for r in decoding:  # a row crossing into a new block gets one
                         if r.length == len(r.blocks) * BLOCK_SIZE:
@@ -356,6 +360,7 @@ class Engine:
                 at = [list(range(len(r.prompt) - len(continuations[r.index]) - 1 - r.cached, len(r.prompt) - 1 - r.cached))
                       for r in rows]
                 logits = self._prefill(rows, at)
+                pool.written()
                 _check_finite(logits, [r.record_id for r in rows])
             except BaseException:
                 pool.release([b for r in rows for b in r.blocks])

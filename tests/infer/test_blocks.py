@@ -77,3 +77,12 @@ def test_forgetting_prefixes_frees_their_blocks():
     p.forget_prefixes()
     assert not p.block_named and not p.evictable
     assert p.admit(list(range(9)))[1] == 0
+
+
+def test_a_prompt_reading_blocks_still_being_written_is_told_so():
+    p = pool()
+    assert not p.reads_pending(list(range(9)))
+    p.admit(list(range(9)))  # names blocks 0-3 and 4-7: their keys come with the next forward
+    assert p.reads_pending(list(range(8)) + [50]) and not p.reads_pending([7] * 9)
+    p.written()
+    assert not p.reads_pending(list(range(8)) + [50])

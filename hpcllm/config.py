@@ -37,7 +37,8 @@ from hpcllm.jobs import KindName
 from hpcllm.launch.config import SlurmConfig
 from hpcllm.model.config import ModelConfig
 from hpcllm.monitor.config import MetricsConfig
-from hpcllm.parallel.config import ParallelConfig, check_backend, check_model, check_pipeline_batches
+from hpcllm.parallel.config import ParallelConfig
+from hpcllm.parallel.layout import check_backend, check_model, check_pipeline_batches
 from hpcllm.train.config import TrainConfig
 
 @dataclass

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import time
 
 import torch
 
@@ -76,7 +75,6 @@ def static_bytes_per_token(prompts, budgets, batch_size: int, per_token: int) ->
 def run(args, model, hf, dev, dtype, make_engine, timed) -> None:
     prompts, budgets = workload(args.prompts, model.config.vocab_size, args.system_len, args.user_len,
                                 args.median_new, args.new_tokens)
-    ids = list(range(len(prompts)))
     from hpcllm.infer.sampling import SamplingParams
 
     greedy = SamplingParams(max_new_tokens=args.new_tokens)

@@ -29,7 +29,6 @@ import torch
 from hpcllm.errors import DataError, InferError
 from hpcllm.infer.blocks import BlockPool
 from hpcllm.infer.sampling import SamplingParams, choose, make_generators
-from hpcllm.model.attention import PaddedBatch, padded_positions_and_mask
 from hpcllm.model.base import CausalLM
 from hpcllm.model.paged import SCRATCH
 

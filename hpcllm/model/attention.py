@@ -34,17 +34,12 @@ def causal_attention(q, k, v, *, layer: int = 0, cache: KVCache | None = None, s
     """q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, H, T, D).
 
     With `cache`, k/v are written to cache slots start..start+T-1 and attention covers slots
-    0..start+T-1 (`mask`, if given, is (B, 1, T, start+T), True = attend). `start` may also be a
-    tensor of the T slot indices: attention then spans the whole cache — no Python-side shape
-    changes from step to step, so a CUDA graph can capture the decode step."""
+    0..start+T-1 (`mask`, if given, is (B, 1, T, start+T), True = attend). A `PagedKVCache` (the
+    inference engine's) says itself where they go and what each row attends to."""
     if isinstance(cache, PagedKVCache):
         return cache.attend(layer, q, k, v, mask)
     B, _, T, _ = q.shape
-    if cache is not None and isinstance(start, torch.Tensor):
-        cache.k[layer, :B].index_copy_(2, start, k)
-        cache.v[layer, :B].index_copy_(2, start, v)
-        k, v = cache.k[layer, :B], cache.v[layer, :B]
-    elif cache is not None:
+    if cache is not None:
         cache.k[layer, :B, :, start : start + T] = k
         cache.v[layer, :B, :, start : start + T] = v
         k = cache.k[layer, :B, :, : start + T]

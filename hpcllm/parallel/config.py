@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-# the layout and its checks live in hpcllm.parallel.layout (names kept here for the spec's loader)
-from hpcllm.parallel.layout import (SHARD_BACKENDS, Layout, check_backend, check_model,  # noqa: F401
-                                    check_pipeline_batches, interleaved_batches_ok)
+from hpcllm.parallel.layout import Layout, check_pipeline_batches
 
 # the pipeline schedules that run several stages per rank (parallel.pp_virtual_stages)
 MULTI_STAGE = ("interleaved1f1b", "loopedbfs")

@@ -9,7 +9,7 @@ and backward/forward ratio tried. A schedule PyTorch changes, or a formula that 
 import pytest
 from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, ScheduleLoopedBFS
 
-from hpcllm.parallel.config import interleaved_batches_ok
+from hpcllm.parallel.layout import interleaved_batches_ok
 from hpcllm.parallel.estimate import pipeline_bubble
 
 

@@ -104,13 +104,13 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """fsync every file and directory under `tmp`, then rename it onto `final` (replacing it)."""
     for dirpath, _, files in os.walk(tmp):
         for name in files:
@@ -141,7 +141,7 @@ def shared_atomic_dir(final: str | os.PathLike, leader: bool, barrier: Callable[
     barrier()
     if leader:
         try:
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
         finally:
             barrier()
     else:

@@ -70,20 +70,28 @@ def latest_checkpoint(run_dir: str | Path, *, warn: bool = True) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, comm, state: dict, global_state: dict, meta: dict,
-                    keep: int) -> Path:
+                    keep: int, *, background: bool = False):
     """A training checkpoint, written by every rank together (a collective): `state` is the sharding
     plan's state_dict() (model and optimizer, each rank its part), `global_state` what rank 0 keeps
-    (step, loader position, ...)."""
-    from hpcllm.checkpoint.sharded import save_sharded
+    (step, loader position, ...). Returns its path once it is complete — or, with `background`, the
+    hpcllm.checkpoint.sharded.BackgroundSave whose `finish()` makes it visible once written. Only the
+    last `keep` complete checkpoints stay."""
+    from hpcllm.checkpoint.sharded import save_sharded, start_background_save
 
     root = Path(run_dir) / "checkpoints"
     if comm.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
+
+    def prune() -> None:
+        if comm.rank == 0:
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    if background:
+        return start_background_save(final, comm, state, {**global_state, "step": step}, meta, then=prune)
     save_sharded(final, comm, state, {**global_state, "step": step}, meta)
-    if comm.rank == 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune()
     return final
 
 

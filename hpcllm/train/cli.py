@@ -1,4 +1,4 @@
-"""Commands of the trainer: plot, bench train (`hpcllm train` is a job: hpcllm.jobs)."""
+"""Commands of the trainer: plot, bench train, bench checkpoint (`hpcllm train` is a job: hpcllm.jobs)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,25 @@ def register(sub, bench) -> None:
     p.add_argument("--tp-overhead", action="store_true", help="also time the tensor-parallel (DTensor) path at tp=1 "
                    "beside the plain plan, on one rank (--ranks 1)")
     p.set_defaults(func=_bench)
+
+    p = bench.add_parser("checkpoint", help="training stall per checkpoint, synchronous beside background "
+                         "(train.async_checkpoint), one process")
+    p.add_argument("--model", default="gpt2", help="GPT-2 model preset (default gpt2: 124M)")
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4, help="training steps per round: a background write must "
+                   "end within them to be free (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of none/sync/async, order rotating (median)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the other core writes)")
+    p.add_argument("--dir", help="where checkpoints are written (default: the temp dir)")
+    p.set_defaults(func=_bench_checkpoint)
+
+
+def _bench_checkpoint(args) -> int:
+    from hpcllm.bench.checkpoint import main
+
+    return main(args)
 
 
 def _plot(args) -> int:

@@ -29,6 +29,9 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 100  # 0: only at the end / on signals
     keep_checkpoints: int = 2
+    # write checkpoints in the background (PyTorch DCP's async save): training stalls only while the
+    # state is copied to host memory; at most one save in flight; stops wait for it
+    async_checkpoint: bool = False
     resume: bool = True  # continue from the latest complete checkpoint in run_dir
     nan_policy: Literal["abort", "skip"] = "abort"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU

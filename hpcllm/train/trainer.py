@@ -22,21 +22,22 @@ from typing import NamedTuple
 
 import torch
 
-from hpcllm.config import JobSpec, to_dict
+from hpcllm.config import JobSpec
 from hpcllm.data import TokenLoader, open_dataset
 from hpcllm.comm import Communicator
-from hpcllm.errors import EXIT_REQUEUE, CheckpointError, ConfigError, TrainingError
+from hpcllm.errors import EXIT_REQUEUE, ConfigError, TrainingError
 from hpcllm import model as models
 from hpcllm.model.base import CausalLM
 from hpcllm import monitor
 from hpcllm.model.fit import check_fits
-from hpcllm.checkpoint import is_legacy, latest_checkpoint, read_meta, read_state, save_checkpoint
+from hpcllm.checkpoint import latest_checkpoint
 from hpcllm.parallel.build import build_plan
 from hpcllm.parallel.estimate import estimate_memory
 from hpcllm.parallel.layout import Layout, check_model
 from hpcllm.parallel.materialize import held_bytes, materialize
 from hpcllm.parallel.parallelize import parallelize
 from hpcllm.parallel.plans import Plan
+from hpcllm.train.checkpointer import Checkpointer
 from hpcllm.train.config import TrainConfig
 from hpcllm.train.metrics import MetricsLog, cpu_seconds, device_peak
 from hpcllm.train.schedule import lr_at
@@ -168,30 +169,32 @@ class LossWindow:
     rank's partial sum, so a run resumed between two log lines logs exactly the numbers an
     uninterrupted run logs (the mean over the whole interval, not over the steps since the restart)."""
 
-    def __init__(self, device):
-        self.sum = torch.zeros((), device=device)
+    def __init__(self, comm: Communicator):
+        self.comm = comm
+        self.sum = torch.zeros((), device=comm.device)
         self.steps = 0
 
     def add(self, loss: torch.Tensor) -> None:
         self.sum += loss
         self.steps += 1
 
-    def mean(self, comm: Communicator) -> float:
-        """The mean over the window and over the ranks; starts the next window."""
-        comm.allreduce(self.sum, "avg")
+    def mean(self) -> float:
+        """The mean over the window and over the ranks (a collective); starts the next window."""
+        self.comm.allreduce(self.sum, "avg")
         value = self.sum.item() / self.steps
         self.sum.zero_()
         self.steps = 0
         return value
 
-    def state(self, comm: Communicator) -> dict:
-        return {"sums": comm.allgather_object(float(self.sum.item())), "steps": self.steps}
+    def state_dict(self) -> dict:
+        """Every rank's sum (a collective)."""
+        return {"sums": self.comm.allgather_object(float(self.sum.item())), "steps": self.steps}
 
-    def load(self, state: dict | None, comm: Communicator) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
         if not state:
             return
-        if len(state["sums"]) == comm.size:  # fp32 -> float -> fp32 is exact
-            self.sum.fill_(state["sums"][comm.rank])
+        if len(state["sums"]) == self.comm.size:  # fp32 -> float -> fp32 is exact
+            self.sum.fill_(state["sums"][self.comm.rank])
         else:  # written on another number of ranks: each rank carries the mean, so the ranks' mean is it
             self.sum.fill_(sum(state["sums"]) / len(state["sums"]))
         self.steps = int(state["steps"])
@@ -280,9 +283,11 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
     metrics = MetricsLog(spec.run_dir, comm.rank == 0, tensorboard=spec.metrics.tensorboard, start_id=start_id)
 
     step = 0
-    window = LossWindow(device)
+    window = LossWindow(comm)
+    # what a checkpoint holds, from its owners: the plan's tensors, the loader's position, the log window
+    checkpointer = Checkpointer(spec, comm, layout, plan, global_batch, loader=loader, log_window=window)
     if ckpt is not None:
-        step = _resume(ckpt, spec, comm, layout, plan, loader, window, global_batch)
+        step = checkpointer.resume(ckpt)
         metrics.truncate_after(step)
     else:
         plan.same_start()
@@ -308,7 +313,6 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
     t_log = time.perf_counter()
     steps_timed = 0  # steps of this process since t_log (a resumed window has fewer than window.steps)
     stopped = None
-    saved_at = step if ckpt is not None else -1
     model.train()
     try:
         while step < tc.max_steps:
@@ -317,6 +321,7 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
                 g["lr"] = lr
             step_loss, stop_agreed = run_step(loader.next_batch, step + 1, stop.code())
             step += 1
+            checkpointer.poll()
             steps_timed += 1
             mon.train_step(step)
             window.add(step_loss)
@@ -324,12 +329,13 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
                 bar.update(1)
 
             if step % tc.log_interval == 0 or step == tc.max_steps:
-                last_loss = window.mean(comm)
+                last_loss = window.mean()
                 dt = time.perf_counter() - t_log
                 tps = tokens_per_step * steps_timed / dt
                 rec = dict(step=step, loss=last_loss, lr=lr, tokens_per_s=tps, dt_s=dt,
                            mfu=(flops_per_token * tps / (peak * comm.size)) if peak else None,
                            t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=plan.comm_wait_s,
+                           ckpt_stall_s=checkpointer.take_stall(),
                            cpu_s_ranks=comm.allgather_object(cpu_seconds()), **plan.memory())
                 if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm, plan)
@@ -348,15 +354,20 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
                 stopped = stop.describe(stop_agreed)
                 break
             if tc.ckpt_interval and step % tc.ckpt_interval == 0 and step < tc.max_steps:
-                _save(spec, comm, step, plan, loader, window)
-                saved_at = step
+                checkpointer.save(step)
+    except BaseException:
+        checkpointer.close()
+        raise
     finally:
         stop.uninstall()
         loader.close()
         if bar is not None:
             bar.close()
 
-    path = _save(spec, comm, step, plan, loader, window) if saved_at != step else latest_checkpoint(spec.run_dir)
+    # the last step's checkpoint, unless it is the one resumed from or just saved (then this waits for it)
+    if checkpointer.wait() is None or checkpointer.last_saved.name != f"step_{step:08d}":
+        checkpointer.save(step)
+    path = checkpointer.wait()
     mem = plan.memory()
     log.info("memory per rank (parallel.shard=%s tp=%d pp=%d; measured, `hpcllm plan`'s estimate in brackets): "
              "parameters %s, gradients %s, optimizer state %s, peak %s %s", plan.mode, plan.tp, plan.pp,
@@ -387,65 +398,5 @@ def evaluate(model: CausalLM, ds, spec: JobSpec, comm: Communicator, plan: Plan)
     return (total[0] / total[1]).item() if total[1] > 0 else math.nan
 
 
-def _pp_label(pp: int, virtual_stages: int) -> str:
-    return f"{pp} x {virtual_stages} stages per rank" if virtual_stages > 1 else str(pp)
-
-
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
-
-
-def _resume(ckpt, spec: JobSpec, comm: Communicator, layout: Layout, plan: Plan, loader: TokenLoader,
-            window: LossWindow, global_batch: int) -> int:
-    """Load `ckpt` on this run's ranks (any number, any sharding mode); returns its step."""
-    if is_legacy(ckpt):
-        raise CheckpointError(f"{ckpt}: written by an earlier hpcllm (one model.safetensors for every rank), which "
-                              f"can be exported and served but not resumed: `hpcllm export {spec.run_dir} DIR`, then "
-                              "train in a new run_dir with model.init=DIR")
-    from hpcllm.checkpoint.sharded import check_fits, load_sharded, restore_rank_rng
-
-    state = read_state(ckpt / "state.pt")
-    tree = plan.state_dict()
-    check_fits(ckpt, tree)  # another model first: that is what a changed model.* means
-    old_ranks, old_batch = state.get("world_size"), state.get("global_batch")
-    meta = read_meta(ckpt)
-    old_mode, old_tp, old_pp = meta.get("shard", "none"), meta.get("tp", 1), meta.get("pp", 1)
-    old_v, new_v = meta.get("pp_virtual_stages", 1), plan.virtual_stages
-    if old_batch != global_batch:
-        dp = layout.dp  # the ranks of a tp group or a pipeline share their batches
-        raise TrainingError(f"{ckpt}: written with a global batch of {old_batch} sequences per step ({old_ranks} "
-                            f"rank(s)); this run has {global_batch} ({dp} data-parallel rank(s) x train.batch_size="
-                            f"{spec.train.batch_size} x {global_batch // (dp * spec.train.batch_size)} "
-                            f"micro-step(s)): set train.global_batch_size={old_batch} to resume it on {comm.size} rank(s)")
-    load_sharded(ckpt, comm, tree)
-    plan.load_state_dict(tree)
-    loader.load_state_dict(state["loader"])
-    step = int(state["step"])
-    if old_ranks == comm.size:
-        restore_rank_rng(ckpt, comm.rank)
-    else:  # no rank continues another's stream: a fresh one per (seed, step, data-parallel rank), the
-        # same on the ranks of a tensor-parallel group (their dropout masks must agree) unless they
-        # hold different positions (sequence parallel)
-        torch.manual_seed(hash((spec.train.seed, step, layout.rng_stream(comm.rank))) % 2**63)
-    window.load(state.get("log_window"), comm)
-    if old_ranks != comm.size or old_mode != plan.mode or old_tp != plan.tp or (old_pp, old_v) != (plan.pp, new_v):
-        log.info("resumed step %d from %s rank(s) on %d rank(s) (parallel.shard %s -> %s)%s%s: %s", step, old_ranks,
-                 comm.size, old_mode, plan.mode, f" (parallel.tp {old_tp} -> {plan.tp})" if old_tp != plan.tp else "",
-                 f" (parallel.pp {_pp_label(old_pp, old_v)} -> {_pp_label(plan.pp, new_v)})"
-                 if (old_pp, old_v) != (plan.pp, new_v) else "", ckpt)
-    log.info("resumed from %s (step %d)", ckpt, step)
-    return step
-
-
-def _save(spec, comm, step, plan: Plan, loader, window: LossWindow):
-    t0 = time.perf_counter()
-    log_window = window.state(comm)  # a collective: every rank
-    global_state = dict(loader=loader.state_dict(), log_window=log_window, world_size=comm.size,
-                        global_batch=loader.global_batch)
-    meta = {"spec": to_dict(spec), "model": to_dict(plan.model.config), "world_size": comm.size, "shard": plan.mode,
-            "tp": plan.tp, "pp": plan.pp, "pp_virtual_stages": plan.virtual_stages}
-    path = save_checkpoint(spec.run_dir, step, comm, plan.state_dict(), global_state, meta, spec.train.keep_checkpoints)
-    if comm.rank == 0:
-        log.info("checkpoint %s", path)
-    monitor.current().checkpointed(step, time.perf_counter() - t0)
-    return path

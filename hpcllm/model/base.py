@@ -3,8 +3,8 @@ never name an architecture:
 
     model = build_model(cfg)                    # hpcllm.model: the family's CausalLM, on the meta device or not
     logits, loss = model(idx, targets)          # training
-    cache = model.new_kv_cache(B, max_len, device, dtype)
-    logits, _ = model(tokens, cache=cache, start=s, positions=pos, mask=mask)   # inference
+    cache = model.new_paged_kv_cache(n_blocks, block_size, device, dtype)
+    logits, _ = model(tokens, cache=cache, positions=pos, mask=mask)   # inference (hpcllm.infer.engine)
 
 A family's forward is made of three pieces it defines — `embed` (tokens -> hidden), its blocks (with
 `block_inputs`, what every block takes besides the hidden state) and `head` (hidden -> logits) — and
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcllm.model.attention import KVCache, positions_and_mask
+from hpcllm.model.attention import default_positions
 from hpcllm.model.paged import PagedKVCache
 from hpcllm.model.config import ModelConfig
 
@@ -59,21 +59,22 @@ class CausalLM(nn.Module):
         """The hidden state -> logits (B, T, vocab): the final norm and the output projection."""
         raise NotImplementedError
 
-    def forward(self, idx, targets=None, *, cache: KVCache | PagedKVCache | None = None, start=0, positions=None,
-                mask=None, logits_at: torch.Tensor | None = None):
+    def forward(self, idx, targets=None, *, cache: PagedKVCache | None = None, positions=None, mask=None,
+                logits_at: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, vocab), loss (mean cross-entropy over targets != -1, or None).
 
-        With `cache`: keys/values go to cache slots start..start+T-1 (see attention.causal_attention);
-        `positions` (B, T) and `mask` describe left-padded rows (attention.padded_positions_and_mask).
-        A `PagedKVCache` says itself where they go (hpcllm.model.paged). `logits_at` (B, K): the
+        With the inference engine's `cache`, keys and values go where the cache says, and the engine
+        gives each token's `positions` (B, T) and the `mask` of what it attends to (hpcllm.model.paged);
+        without, the rows are whole sequences from position 0. `logits_at` (B, K): the
         positions of each row whose logits are wanted (B, K, vocab) — a prefill needs only its last
         token's, and the output projection over every position would cost a quarter of a small model's
         prefill."""
-        positions, mask = positions_and_mask(idx, cache, start, positions, mask, self.config.block_size)
+        if positions is None:
+            positions = default_positions(idx, self.config.block_size)
         x = self.embed(idx, positions)
         extra = self.block_inputs(x, positions)
         for i, block in enumerate(self.blocks()):
-            x = self.run_block(block, x, *extra, i, cache, start, mask)
+            x = self.run_block(block, x, *extra, i, cache, mask)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device)[:, None], logits_at]
         logits = self.head(x)
@@ -141,10 +142,6 @@ class CausalLM(nn.Module):
         c = self.config
         T = seq_len or c.block_size
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
-
-    def new_kv_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
-        c = self.config  # a tensor-parallel rank keeps the keys and values of its own kv heads
-        return KVCache(c.n_layer, c.n_kv_head // self.tp_size, c.head_dim, batch, max_len, device, dtype)
 
     def new_paged_kv_cache(self, n_blocks: int, block_size: int, device, dtype=torch.float32) -> PagedKVCache:
         c = self.config

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcllm.model.attention import KVCache, causal_attention
+from hpcllm.model.attention import causal_attention
+from hpcllm.model.paged import PagedKVCache
 from hpcllm.model.base import CausalLM, Family
 from hpcllm.model.config import ModelConfig
 
@@ -27,14 +28,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, layer: int = 0, cache: KVCache | None = None, start=0, mask=None):
+    def forward(self, x, layer: int = 0, cache: PagedKVCache | None = None, mask=None):
         # c_attn's rows are head-major (q, k, v of head 0, then of head 1, ...; see qkv_to_head_major),
         # so a tensor-parallel rank's contiguous rows are whole heads: the head count is -1 here
         B, T, C = x.shape
         D = C // self.n_head
         q, k, v = self.c_attn(x).view(B, T, -1, 3, D).unbind(3)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        y = causal_attention(q, k, v, layer=layer, cache=cache, start=start, mask=mask,
+        y = causal_attention(q, k, v, layer=layer, cache=cache, mask=mask,
                              dropout=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -59,8 +60,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, layer=0, cache=None, start=0, mask=None):
-        x = x + self.drop(self.attn(self.ln_1(x), layer, cache, start, mask))
+    def forward(self, x, layer=0, cache=None, mask=None):
+        x = x + self.drop(self.attn(self.ln_1(x), layer, cache, mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 

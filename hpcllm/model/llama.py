@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpcllm.model.attention import KVCache, causal_attention
+from hpcllm.model.attention import causal_attention
+from hpcllm.model.paged import PagedKVCache
 from hpcllm.model.base import CausalLM, Family
 from hpcllm.model.config import ModelConfig
 
@@ -71,7 +72,7 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, layer: int = 0, cache: KVCache | None = None, start=0, mask=None):
+    def forward(self, x, cos, sin, layer: int = 0, cache: PagedKVCache | None = None, mask=None):
         # heads are -1: under tensor parallelism a rank holds n_head / tp of them (and of the kv heads)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim)
@@ -82,7 +83,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        y = causal_attention(q, k, v, layer=layer, cache=cache, start=start, mask=mask,
+        y = causal_attention(q, k, v, layer=layer, cache=cache, mask=mask,
                              dropout=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -106,8 +107,8 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer=0, cache=None, start=0, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, start, mask)
+    def forward(self, x, cos, sin, layer=0, cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -155,7 +155,7 @@ class StageModule(nn.Module):
         extra = model.block_inputs(x, positions)
         layers = model.blocks()
         for i in self.layer_ids[stage]:
-            x = model.run_block(layers.layer(i), x, *extra, i, None, 0, None)
+            x = model.run_block(layers.layer(i), x, *extra, i, None, None)
         return model.head(x) if stage == self.n_stages - 1 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

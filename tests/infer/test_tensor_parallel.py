@@ -49,11 +49,11 @@ def _one_family(comm, arch: str) -> dict:
 
     whole = run(model())
     split, _ = for_inference(model(), comm, 2)
-    cache = split.new_kv_cache(3, 8, "cpu")
+    cache = split.new_paged_kv_cache(3, 16, "cpu")
     got = run(split)
     return {"greedy": got[0] == whole[0], "sampled": got[1] == whole[1],
             "score_err": max(abs(a - b) for a, b in zip(got[2], whole[2])),
-            "kv_heads": cache.k.shape[2], "tokens": got[0]}
+            "kv_heads": cache.k.shape[3], "tokens": got[0]}
 
 
 ARCHS = ["llama", "gpt2"]

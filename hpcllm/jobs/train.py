@@ -51,6 +51,7 @@ def start_fields(spec) -> dict:
     truncates it to the checkpoint, it is the last step the previous start logged, so the report can
     count the steps redone."""
     from hpcllm.checkpoint import latest_checkpoint
+    from hpcllm.config import to_dict
     from hpcllm.jobs.runtime import manifest_sha256
     from hpcllm.train.metrics import read_metrics
 
@@ -64,6 +65,7 @@ def start_fields(spec) -> dict:
         recs = []
     last = recs[-1] if recs else None
     return dict(dataset_manifest_sha256=manifest_sha256(spec.data.dataset), resume_from=resume,
+                train=to_dict(spec.train),  # hpcllm report's checkpoint interval advice reads it
                 previous_last_logged={k: last.get(k) for k in ("step", "time", "start", "cpu_s_ranks")} if last else None)
 
 

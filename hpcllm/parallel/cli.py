@@ -285,7 +285,31 @@ def _plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"the plan does not fit in {_gib(memory)} per rank (see above: what to change)")
     if not memory:
         print("  (pass --memory-per-rank SIZE, e.g. 80GiB, to check that each rank's part fits)")
+    if spec.kind == "train":
+        nodes = -(-world // spec.slurm.tasks_per_node) if args.world else spec.slurm.nodes
+        print("\n".join(interval_lines(spec, nodes)))
     return 0
+
+
+def interval_lines(spec, nodes: int) -> list[str]:
+    """The checkpoint interval advice (hpcllm.report.interval) on `nodes` nodes, with the save and step
+    times the spec's run_dir measured, when it has run."""
+    from hpcllm.errors import HpcllmError
+    from hpcllm.report.interval import advice_for, advice_lines
+
+    fig, note = {}, []
+    if (Path(spec.run_dir) / "provenance.jsonl").is_file():
+        from hpcllm.report.report import build_report
+
+        try:
+            rep = build_report(spec.run_dir, use_sacct=False)
+        except HpcllmError as e:
+            rep, note = {}, [f"  (run_dir's records not read: {e})"]
+        if rep.get("kind") == "train":
+            fig = dict(rep["checkpoint_interval"]["figures"])
+            note = [f"  (save, step and restart times as measured in {spec.run_dir}, on its rank count)"]
+    fig.update(ckpt_interval=spec.train.ckpt_interval, max_steps=spec.train.max_steps)
+    return advice_lines(advice_for(fig, nodes, spec.train.node_mtbf_hours or None), this="the spec") + note
 
 
 def _local_gpu_memory() -> int | None:

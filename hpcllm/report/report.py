@@ -14,6 +14,8 @@ from pathlib import Path
 
 from hpcllm.errors import HpcllmError
 from hpcllm.provenance import FILE, read_records
+from hpcllm.report.interval import advice_for, advice_lines, run_figures
+from hpcllm.train.stragglers import describe as describe_straggler, named_in
 
 
 def _starts(records: list[dict]) -> list[dict]:
@@ -116,6 +118,7 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
                    peak_bytes_rank0=max((m.get("peak_bytes") or 0 for m in mine), default=None),
                    gpu_util_pct=_mean(m.get("gpu_util_pct") for m in mine),
                    per_rank=_per_rank(end, cpu_at))
+        row["stragglers"] = named_in(mine)  # ranks named slow while it ran (hpcllm.train.stragglers)
         if k > 0:
             before = rows[-1]
             row["steps_redone"] = max(0, before["last_step"] - resumed) if before["last_step"] is not None else None
@@ -123,10 +126,12 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
         rows.append(row)
     allocated = sum(r["allocated_s"] for r in rows)
     productive = sum(m["dt_s"] for m in metrics)  # the surviving records: every step once
+    figures = run_figures(rows, metrics, [e["start"] for e in starts])
     return dict(kind="train", run_dir=str(run_dir), starts=rows, allocated_s=allocated, productive_step_s=productive,
                 goodput=productive / allocated if allocated > 0 else None,
                 steps_redone=sum(r.get("steps_redone") or 0 for r in rows),
-                final_step=metrics[-1]["step"] if metrics else None)
+                final_step=metrics[-1]["step"] if metrics else None,
+                checkpoint_interval=advice_for(figures, figures["nodes"]))
 
 
 def _read_markers(out_dir: Path, suffix: str) -> dict[str, dict]:
@@ -248,6 +253,7 @@ def _train_lines(i: int, r: dict) -> list[str]:
                 ")" if pr["at_step"] == r["last_step"] else f" kept; it logged up to step {_f(r['last_step'], '{}')})")
         lines.append(f"      rank {pr['rank']}{' (' + pr['host'] + ')' if pr.get('host') else ''}: CPU "
                      f"{_f(pr['cpu_s'])} s{at}{mem}{gpu}")
+    lines += [f"      {describe_straggler(e)}" for e in r.get("stragglers", [])]
     return lines
 
 
@@ -277,6 +283,7 @@ def format_report(rep: dict) -> str:
         lines.append(f"total: allocated {rep['allocated_s']:.1f} s, productive step time {rep['productive_step_s']:.1f} s, "
                      f"goodput {_f(rep['goodput'], '{:.1%}')}, {rep['steps_redone']} step(s) redone, final step "
                      f"{rep['final_step']}")
+        lines += advice_lines(rep["checkpoint_interval"], indent="")
     else:
         sh = rep["shard_seconds"]
         redone = ", ".join(f"{n} ({len(s)} starts)" for n, s in rep["shards_redone"].items()) or "none"

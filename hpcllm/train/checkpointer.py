@@ -51,7 +51,10 @@ class Checkpointer:
         self.async_save = spec.train.async_checkpoint
         self.pending = None  # the background save in flight (hpcllm.checkpoint.sharded.PendingSave)
         self.last_saved: Path | None = None
-        self.stall_s = 0.0  # seconds the training waited for saves since the last log line
+        # seconds the loop stood still for each checkpoint since the last log line (metrics.jsonl's
+        # ckpt_s; the checkpoint-interval advice's save time): the whole save, or a background save's
+        # copy plus any wait for it
+        self.stalls: list[float] = []
 
     # -- save ------------------------------------------------------------------------------------
 
@@ -61,7 +64,8 @@ class Checkpointer:
         state is copied and written in the background; `poll` or `wait` makes it visible."""
         t0 = time.perf_counter()
         if self.pending is not None:
-            self.wait()
+            self.pending.wait()
+            self._finish()
         # what describes the run, then each owner's part (log_window's is a collective: every rank)
         global_state = {name: owner.state_dict() for name, owner in self.owners.items()}
         global_state.update(world_size=self.comm.size, global_batch=self.global_batch)
@@ -72,7 +76,7 @@ class Checkpointer:
         result = save_checkpoint(self.spec.run_dir, step, self.comm, plan.state_dict(), global_state, meta,
                                  tc.keep_checkpoints, background=self.async_save)
         stalled = time.perf_counter() - t0
-        self.stall_s += stalled
+        self.stalls.append(stalled)
         if self.async_save:
             self.pending = result
             self.pending.stalled_s = stalled
@@ -90,7 +94,8 @@ class Checkpointer:
         if self.pending is not None:
             t0 = time.perf_counter()
             self.pending.wait()
-            self.stall_s += time.perf_counter() - t0
+            if self.stalls:  # the wait is part of the last checkpoint's cost
+                self.stalls[-1] += time.perf_counter() - t0
             self._finish()
         return self.last_saved
 
@@ -109,9 +114,9 @@ class Checkpointer:
                 log.info("checkpoint %s", path)
         monitor.current().checkpointed(step, total)
 
-    def take_stall(self) -> float:
-        """Seconds the training waited for checkpoints since the last call (metrics.jsonl's ckpt_stall_s)."""
-        s, self.stall_s = self.stall_s, 0.0
+    def take_stalls(self) -> list[float]:
+        """The stall of each checkpoint since the last call (metrics.jsonl's ckpt_s)."""
+        s, self.stalls = self.stalls, []
         return s
 
     def close(self) -> None:

@@ -7,6 +7,21 @@ from typing import Literal
 
 
 @dataclass
+class StragglerConfig:
+    """train.stragglers: when a rank is named slow (hpcllm.train.stragglers)."""
+
+    threshold: float = 0.2  # slow: busy seconds per step over the median of the other ranks' by this fraction
+    steps: int = 50  # named once slow in consecutive log windows covering at least this many steps
+
+    def validate(self) -> None:
+        if self.threshold <= 0:
+            raise ValueError(f"threshold must be > 0 (a fraction: 0.2 is 20% over the peers' median), got "
+                             f"{self.threshold}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 100
     seed: int = 1337
@@ -28,6 +43,10 @@ class TrainConfig:
     eval_batches: int = 8  # val batches per rank per evaluation
     log_interval: int = 10
     ckpt_interval: int = 100  # 0: only at the end / on signals
+    # each node's mean time between failures, for the checkpoint interval advice of `hpcllm plan` and
+    # `hpcllm report` (hpcllm.report.interval); 0: estimated from the run's own starts
+    node_mtbf_hours: float = 0.0
+    stragglers: StragglerConfig = field(default_factory=StragglerConfig)  # ranks persistently slower than their peers
     keep_checkpoints: int = 2
     # write checkpoints in the background (PyTorch DCP's async save): training stalls only while the
     # state is copied to host memory; at most one save in flight; stops wait for it
@@ -61,6 +80,9 @@ class TrainConfig:
         if self.global_batch_size and self.grad_accum != 1:
             raise ValueError("set global_batch_size or grad_accum, not both: with global_batch_size the "
                              "accumulation is global_batch_size / (ranks x batch_size)")
+        if self.node_mtbf_hours < 0:
+            raise ValueError(f"node_mtbf_hours must be >= 0 (0: estimated from the run's history), got "
+                             f"{self.node_mtbf_hours}")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
         if self.min_lr > self.lr:

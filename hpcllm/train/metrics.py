@@ -8,8 +8,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from hpcllm.atomic import write_text
 from hpcllm.errors import ConfigError
 from hpcllm.provenance import cpu_seconds
@@ -26,8 +24,11 @@ PEAK_FLOPS = {
 }
 
 
-def device_peak(device: torch.device) -> tuple[str, float | None]:
-    """(name, peak FLOP/s), or (name, None) when the device is not in the table (CPU included)."""
+def device_peak(device) -> tuple[str, float | None]:
+    """(name, peak FLOP/s), or (name, None) when the device (a torch.device) is not in the table (CPU
+    included)."""
+    import torch  # here, not at the top: `hpcllm report` and `hpcllm plan` read metrics without torch
+
     if device.type != "cuda":
         return "cpu", None
     name = torch.cuda.get_device_name(device)
@@ -96,6 +97,8 @@ def utilisation(start_id: str | None) -> dict:
     """What each record carries for `hpcllm report`: the wall time it was written, the job start it
     belongs to, this process's CPU time, and on a GPU the device's utilisation and memory as NVML
     reports them (torch's pynvml binding; left out when it is missing or NVML fails)."""
+    import torch
+
     out = {"time": time.time(), "start": start_id, "cpu_s": cpu_seconds()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         try:

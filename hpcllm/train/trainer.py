@@ -42,6 +42,7 @@ from hpcllm.train.config import TrainConfig
 from hpcllm.train.metrics import MetricsLog, cpu_seconds, device_peak
 from hpcllm.train.schedule import lr_at
 from hpcllm.train.signals import StopRequest
+from hpcllm.train.stragglers import StragglerWatch, gather, injected_delay
 
 log = logging.getLogger("hpcllm.train")
 
@@ -125,6 +126,7 @@ class TrainStep:
         self.accum = accum or tc.accumulation(comm.size)
         self.fwd = torch.compile(model) if tc.compile else model
         self.t_data = self.t_compute = 0.0  # seconds waiting for batches, in forward/backward
+        self.slow_s = injected_delay(comm.rank)  # the straggler tests' hook (hpcllm.train.stragglers), else 0
 
     def __call__(self, next_batch, step: int, stop_code: int) -> tuple[torch.Tensor, int]:
         """Run step number `step` (1-based, as logged and checkpointed) with this rank's stop request
@@ -143,6 +145,8 @@ class TrainStep:
 
         t0 = time.perf_counter()
         step_loss = plan.forward_backward(self.fwd, timed_batch, self.accum, lambda: autocast_for(device, tc.dtype))
+        if self.slow_s:
+            time.sleep(self.slow_s)
         self.t_data += waited
         self.t_compute += time.perf_counter() - t0 - waited
         plan.finish()
@@ -294,6 +298,7 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
     run_step = TrainStep(model, plan, comm, tc, accum)
     mon = monitor.current()  # live Prometheus metrics (hpcllm.monitor): no-ops unless configured
     mon.train_started(tc.max_steps, step)
+    stragglers = StragglerWatch(tc.stragglers.threshold, tc.stragglers.steps, leader=comm.rank == 0)
 
     stop = StopRequest(tc.end_time_margin_s).install()
     tokens_per_step = global_batch * tc.seq_len
@@ -332,11 +337,13 @@ def train(spec: JobSpec, comm: Communicator, start_id: str | None = None) -> Tra
                 last_loss = window.mean()
                 dt = time.perf_counter() - t_log
                 tps = tokens_per_step * steps_timed / dt
+                ranks = gather(comm, cpu_seconds(), run_step.t_data + run_step.t_compute)  # every rank's
                 rec = dict(step=step, loss=last_loss, lr=lr, tokens_per_s=tps, dt_s=dt,
                            mfu=(flops_per_token * tps / (peak * comm.size)) if peak else None,
                            t_data_s=run_step.t_data, t_compute_s=run_step.t_compute, t_comm_s=plan.comm_wait_s,
-                           ckpt_stall_s=checkpointer.take_stall(),
-                           cpu_s_ranks=comm.allgather_object(cpu_seconds()), **plan.memory())
+                           cpu_s_ranks=[r.cpu_s for r in ranks], **stragglers.check(step, steps_timed, ranks),
+                           **({"ckpt_s": ckpt_s} if (ckpt_s := checkpointer.take_stalls()) else {}),
+                           **plan.memory())
                 if has_val and (step % tc.eval_interval == 0 or step == tc.max_steps):
                     rec["val_loss"] = val_loss = evaluate(model, ds, spec, comm, plan)
                 metrics.write(rec)

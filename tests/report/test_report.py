@@ -145,6 +145,27 @@ def test_goodput_recomputed_from_the_records(restarted_run):
 
 
 @pytest.mark.mpi
+def test_checkpoint_interval_advice_from_the_runs_own_records(restarted_run):
+    """hpcllm.report.interval's figures on a real run: one failure (the start killed with kill -9;
+    the SIGUSR2 stop is none) in the run's allocated time on its one node, the checkpoints' measured
+    stalls, the restarts' recovery time."""
+    from hpcllm.report.interval import daly
+
+    run, _ = restarted_run
+    rep = json.loads(_report(run, "--json").stdout)
+    adv = rep["checkpoint_interval"]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    saves = [s for m in metrics for s in m.get("ckpt_s", [])]
+    assert len(saves) >= 3 and all(s > 0 for s in saves)  # those of steps 100, 150 and 200 at least
+    assert adv["figures"]["failures"] == 1 and adv["nodes"] == 1
+    assert adv["mtbf_s"] == pytest.approx(rep["allocated_s"])
+    assert adv["save_s"] == pytest.approx(sum(saves) / len(saves))
+    assert adv["restart_s"] == pytest.approx((rep["starts"][1]["recovery_s"] + rep["starts"][2]["recovery_s"]) / 2)
+    assert adv["interval_s"] == pytest.approx(daly(adv["save_s"], adv["mtbf_s"])) and adv["step_s"] > 0
+    assert adv["actual"]["ckpt_interval"] == CKPT
+
+
+@pytest.mark.mpi
 def test_provenance_records_ids_versions_and_hashes(restarted_run):
     run, _ = restarted_run
     records = [json.loads(x) for x in (run / "provenance.jsonl").read_text().splitlines()]

@@ -45,7 +45,7 @@ def test_background_checkpoints_equal_synchronous_ones_bitwise(tmp_path, dataset
         b = read_checkpoint_model(sync_reference / "checkpoints" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["ckpt_stall_s"] >= 0 for r in recs) and sum(r["ckpt_stall_s"] > 0 for r in recs) >= 2
+    assert [len(r.get("ckpt_s", [])) for r in recs].count(1) == 2  # steps 4 and 8 (the last is after the loop)
 
 
 def test_kill_during_a_background_write_resumes_exactly_from_the_last_complete_checkpoint(

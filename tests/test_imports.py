@@ -90,20 +90,29 @@ print(json.dumps(out))
 
 
 def test_login_node_commands_import_no_torch(tmp_path):
-    """`hpcllm config`, `render` and `submit --dry-run` of each job kind read specs and print scripts:
-    importing torch would cost them seconds. (`hpcllm plan` does import it: it builds the model on
-    the meta device to count what each rank holds — docs/parallelism.md.)"""
+    """`hpcllm config`, `render`, `submit --dry-run` of each job kind and `plan` read specs and print
+    scripts or figures: importing torch would cost them seconds (`plan` counts the model from its
+    config, hpcllm.model.shapes; a model.init directory's from its config.json)."""
     (tmp_path / "ds").mkdir()  # an input that exists is all a dry run checks
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(
+        {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 64,
+         "vocab_size": 99, "tie_word_embeddings": True}))
     common = [f"run_dir={tmp_path / 'run'}"]
     train = ["jobs/train_tiny.yaml", f"data.dataset={tmp_path / 'ds'}"] + common
     infer = ["jobs/infer_generate.yaml", f"infer.prompts={tmp_path / 'ds'}", f"infer.model={tmp_path / 'ds'}"] + common
     prepare = ["jobs/prepare_stdlib.yaml", f"data.dataset={tmp_path / 'out'}"] + common
     argvs = [["config", *train], ["render", *train], ["render", *infer], ["render", *prepare],
-             ["submit", "--dry-run", *train], ["submit", "--dry-run", *infer], ["submit", "--dry-run", *prepare]]
+             ["submit", "--dry-run", *train], ["submit", "--dry-run", *infer], ["submit", "--dry-run", *prepare],
+             ["plan", *train, "model.vocab_size=512", "--world", "8", "parallel.tp=2", "parallel.pp=2",
+              "train.grad_accum=2", "parallel.shard=full", "--memory-per-rank", "1GiB"],
+             ["plan", "jobs/train_llama_tiny.yaml", *common, f"model.init={hf}", "--world", "4", "parallel.tp=2"]]
     p = subprocess.run([sys.executable, "-c", LOGIN_COMMANDS, json.dumps(argvs)], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(p.stdout.splitlines()[-1])
     assert [r[:2] for r in results] == [[a[0], 0] for a in argvs], p.stderr[-3000:]
-    assert all(printed > 100 for _, _, printed, _ in results)  # each printed its spec or script
+    assert all(printed > 100 for _, _, printed, _ in results)  # each printed its spec, script or plan
     assert all(heavy == [] for *_, heavy in results), results

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpcllm.data.shards import first_out_of_vocab, member, out_of_vocab, read_manifest, token_dataset_problems
+from hpcllm.data.shards import first_out_of_vocab, member, open_token_manifest, out_of_vocab, read_manifest
 from hpcllm.errors import DataError
 
 log = logging.getLogger("hpcllm.data")
@@ -54,12 +54,7 @@ class Dataset:
 
     def __init__(self, path: str | Path, *, checksum: bool = False):
         self.path = Path(path)
-        self.manifest = man = read_manifest(self.path)
-        if man.get("kind") != "tokens":
-            raise DataError(f"{self.path}: a '{man.get('kind')}' dataset, expected token shards (for training)")
-        problems = token_dataset_problems(self.path, man, checksum=checksum)
-        if problems:
-            raise DataError("bad dataset:\n  " + "\n  ".join(problems))
+        self.manifest = man = open_token_manifest(self.path, checksum=checksum)
         self.vocab_size, self.eos_id, self.pad_id = man["vocab_size"], man["eos_id"], man["pad_id"]
         self.tokenizer_id, self.dtype = man["tokenizer"], np.dtype(man["dtype"])
         # the largest id the vocabulary has; None when the token type cannot hold a larger one

@@ -301,3 +301,15 @@ def token_dataset_problems(dataset: str | Path, man: dict, *, checksum: bool = F
     if problems:
         return problems
     return [p for e in man["shards"] for p in check_shard(d, e, man, checksum=checksum, scan=scan)]
+
+
+def open_token_manifest(dataset: str | Path, *, checksum: bool = False) -> dict:
+    """A token dataset's manifest, once the checks a training job makes at open pass (the manifest's
+    numbers, every shard's metadata): what hpcllm.data.Dataset opens, and all `hpcllm plan` reads."""
+    man = read_manifest(dataset)
+    if man.get("kind") != "tokens":
+        raise DataError(f"{Path(dataset)}: a '{man.get('kind')}' dataset, expected token shards (for training)")
+    problems = token_dataset_problems(dataset, man, checksum=checksum)
+    if problems:
+        raise DataError("bad dataset:\n  " + "\n  ".join(problems))
+    return man

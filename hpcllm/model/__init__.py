@@ -1,5 +1,7 @@
 """Model families behind one registry (registry.py): `gpt2` (gpt.py) and `llama` (llama.py: Llama,
-Mistral, Qwen2, Qwen3), their config (config.py), HF directories in and out (hf.py).
+Mistral, Qwen2, Qwen3), their config (config.py), HF directories in and out (hf.py). Without torch:
+each family's config.json mapping and parameter shapes (gpt_config.py, llama_config.py, read through
+shapes.py and hf_config.py), the presets and checks (registry.py).
 
     model = build_model(spec.model.resolve(vocab_size))     # whatever the family
     model, cfg = load_hf_model("path/to/hf/dir", dtype=torch.bfloat16)

@@ -12,6 +12,7 @@ from hpcllm.model.attention import causal_attention
 from hpcllm.model.paged import PagedKVCache
 from hpcllm.model.base import CausalLM, Family
 from hpcllm.model.config import ModelConfig
+from hpcllm.model.gpt_config import EMBEDDING_MODULES, HEAD_MODULES, config_from_hf, config_to_hf
 
 ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # HF's gelu_new / gelu_pytorch_tanh
@@ -94,8 +95,8 @@ class GPT(CausalLM):
     def lookup_only_parameters(self):
         return [self.transformer.wpe.weight]  # wte is also the output matrix (tied)
 
-    embedding_modules = ("transformer.wte", "transformer.wpe", "transformer.drop")
-    head_modules = ("transformer.ln_f", "lm_head")
+    embedding_modules = EMBEDDING_MODULES
+    head_modules = HEAD_MODULES
 
     def embed(self, idx, positions):
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
@@ -105,40 +106,10 @@ class GPT(CausalLM):
 
 
 # ------------------------------------------------------------------------------------- HF mapping
+# (config.json: gpt_config.py, without torch)
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old HF checkpoints
-_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
-
-
-def config_from_hf(c: dict) -> ModelConfig:
-    """GPT2LMHeadModel's config.json. Whatever would change the logits and is not implemented is
-    refused, naming the field (a wrong model that runs is worse than none)."""
-    act = c.get("activation_function", "gelu_new")
-    if act not in _HF_ACTIVATIONS:
-        raise ValueError(f"activation_function={act!r} is not implemented (implemented: {', '.join(_HF_ACTIVATIONS)})")
-    refused = {"scale_attn_weights": (c.get("scale_attn_weights", True), True),
-               "scale_attn_by_inverse_layer_idx": (c.get("scale_attn_by_inverse_layer_idx", False), False),
-               "add_cross_attention": (c.get("add_cross_attention", False), False),
-               "tie_word_embeddings": (c.get("tie_word_embeddings", True), True)}
-    for key, (value, supported) in refused.items():
-        if value != supported:
-            raise ValueError(f"{key}={value!r} is not implemented (only {supported!r})")
-    n_embd = c["n_embd"]
-    return ModelConfig(arch="gpt2", size="custom", n_layer=c["n_layer"], n_head=c["n_head"], n_embd=n_embd,
-                       block_size=c["n_positions"], vocab_size=c["vocab_size"], ffn_dim=c.get("n_inner") or 4 * n_embd,
-                       norm_eps=c.get("layer_norm_epsilon", 1e-5), activation=_HF_ACTIVATIONS[act], bias=True)
-
-
-def config_to_hf(c: ModelConfig) -> dict:
-    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation]
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-        "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-        "n_head": c.n_head, "n_inner": c.ffn_dim, "activation_function": act, "layer_norm_epsilon": c.norm_eps,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
-        "scale_attn_weights": True, "torch_dtype": "float32",
-    }
 
 
 def name_from_hf(name: str) -> str | None:

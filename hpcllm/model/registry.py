@@ -1,10 +1,13 @@
 """The model families: which `model.arch` values exist, their presets and the config fields each one
 implements — all without importing torch, so a job spec is checked in full by `hpcllm config` and
 `hpcllm submit` on a login node. The model code of a family lives in its own module, imported on
-first use; the trainer, the engine and the checkpoints only ever ask this registry.
+first use; the trainer, the engine and the checkpoints only ever ask this registry. What needs no
+torch — the config.json mapping and the parameters' names and shapes (`hpcllm plan` counts them on
+a login node) — lives in the family's `<family>_config.py`.
 
-Adding a family: write hpcllm/model/<family>.py (an nn.Module and a `FAMILY` with its HF mapping,
-see llama.py) and add one entry below.
+Adding a family: write hpcllm/model/<family>_config.py (`config_from_hf`, `config_to_hf`,
+`parameter_shapes`, see llama_config.py) and hpcllm/model/<family>.py (an nn.Module and a `FAMILY`
+with its tensor mapping, see llama.py), and add one entry below.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class FamilyInfo:
-    module: str  # defines FAMILY: the model class and the HF mapping
+    module: str  # defines FAMILY: the model class and the HF mapping (imports torch)
+    config_module: str  # config_from_hf, config_to_hf, parameter_shapes (imports no torch)
     presets: dict[str, dict[str, Any]]
     # optional fields this family implements; a value given for any other one is refused
     fields: frozenset[str]
@@ -59,11 +63,11 @@ def _llama_ffn(c) -> int:  # LLaMA's rule: 2/3 of 4 * hidden, rounded up to a mu
 
 
 FAMILIES: dict[str, FamilyInfo] = {
-    "gpt2": FamilyInfo("hpcllm.model.gpt", GPT2_PRESETS,
+    "gpt2": FamilyInfo("hpcllm.model.gpt", "hpcllm.model.gpt_config", GPT2_PRESETS,
                        frozenset({"ffn_dim", "bias", "norm_eps", "activation"}),
                        dict(bias=True, norm_eps=1e-5, activation="gelu_tanh", tie_embeddings=True,
                             ffn_dim=lambda c: 4 * c.n_embd), ("gpt2",)),
-    "llama": FamilyInfo("hpcllm.model.llama", LLAMA_PRESETS,
+    "llama": FamilyInfo("hpcllm.model.llama", "hpcllm.model.llama_config", LLAMA_PRESETS,
                         frozenset({"n_kv_head", "head_dim", "ffn_dim", "qkv_bias", "qk_norm", "norm_eps",
                                    "tie_embeddings", "rope_theta", "rope_scaling"}),
                         dict(bias=False, qkv_bias=False, qk_norm=False, norm_eps=1e-5, tie_embeddings=False,
@@ -95,6 +99,11 @@ def arch_for_model_type(model_type: str) -> str | None:
 def get_family(arch: str):
     """The family's FAMILY object (imports its model code, and torch)."""
     return importlib.import_module(family_info(arch).module).FAMILY
+
+
+def get_family_config(arch: str):
+    """The family's torch-free module: `config_from_hf`, `config_to_hf`, `parameter_shapes`."""
+    return importlib.import_module(family_info(arch).config_module)
 
 
 def check_config(c) -> None:

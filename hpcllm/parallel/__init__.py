@@ -26,8 +26,10 @@ knows nothing of parallelism: each family's tensor-parallel plan lives here (fam
 package's `cli.py` registers its commands and belongs to the cli layer. Within this package, lowest
 first — a module imports only those before it:
 
-    layout, parts, grad_sync, styles, stages      leaves (layout imports no torch: config-time checks)
-    config (the spec section), families, zero, estimate, materialize
+    layout, parts, grad_sync, styles              leaves (layout imports no torch: config-time checks,
+                                                  the stage arithmetic)
+    stages, config (the spec section), families, zero, estimate, materialize
+                                                  (families and estimate import no torch: `hpcllm plan`)
     plans (the base plan, 1-D plans)  <  tensor  <  pipeline
     parallelize  <  build                         the top: nothing in the package imports it
 

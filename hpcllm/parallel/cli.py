@@ -1,6 +1,7 @@
 """`hpcllm plan SPEC --world N`: the dry run of a parallel plan — the device mesh, which rank holds
 and reads what, and the memory each rank needs — for a world you may not have, without starting
-anything (the model is built on the meta device)."""
+anything. It imports no torch (a login node's command): the model is counted from its config
+(hpcllm.model.shapes), the GPU's memory asked of the CUDA driver."""
 
 from __future__ import annotations
 
@@ -41,29 +42,27 @@ def _gib(n: int) -> str:
 
 
 def model_for_plan(spec):
-    """The spec's model on the meta device: from model.init's config.json, or the model section with
-    the vocabulary of the dataset (when it is prepared) or model.vocab_size."""
-    import torch
-
+    """The parameter shapes (hpcllm.model.shapes.ModelShapes) of the spec's model: from model.init's
+    config.json, or the model section with the vocabulary of the dataset (when it is prepared) or
+    model.vocab_size."""
     from hpcllm.errors import ConfigError
-    from hpcllm.model import build_model
+    from hpcllm.model.shapes import parameter_shapes
 
     if spec.model.init:
-        from hpcllm.model.hf import read_config
+        from hpcllm.model.hf_config import read_config
 
         _, cfg = read_config(spec.model.init)
     else:
         vocab = spec.model.vocab_size
         if vocab is None and spec.data.dataset and Path(spec.data.dataset).exists():
-            from hpcllm.data import open_dataset
+            from hpcllm.data.shards import open_token_manifest
 
-            vocab = open_dataset(spec.data.dataset).vocab_size
+            vocab = open_token_manifest(spec.data.dataset)["vocab_size"]
         try:
             cfg = spec.model.resolve(vocab)
         except ValueError as e:
             raise ConfigError(f"model: {e} (set model.vocab_size to plan before the data is prepared)") from None
-    with torch.device("meta"):
-        return build_model(cfg)
+    return parameter_shapes(cfg)
 
 
 def describe(spec, world: int, memory_per_rank: int | None = None) -> str:
@@ -158,9 +157,7 @@ def runs_on_gpu(spec) -> bool:
         return spec.dist.device == "cuda"
     if spec.slurm.gpus_per_node:
         return True
-    import torch
-
-    return torch.cuda.is_available()
+    return _local_gpu_memory() is not None
 
 
 def fit_lines(model, spec, world: int, dp: int, accum: int, memory: int) -> list[str]:
@@ -229,7 +226,7 @@ def pipeline_lines(model, pc, dp: int, accum: int, checkpointing: bool = False) 
     """Which layers and ranks each stage has, its memory per rank, the schedule's bubble, and (GPipe,
     looped BFS) that every micro-batch's activations are held at once."""
     from hpcllm.parallel.estimate import estimate_memory, pipeline_bubble
-    from hpcllm.parallel.stages import rank_stages, stage_layers
+    from hpcllm.parallel.layout import rank_stages, stage_layers
 
     pp, v, per_stage = pc.pp, pc.virtual_stages, dp * pc.tp
     layers = stage_layers(model.config.n_layer, pp * v)
@@ -313,6 +310,17 @@ def interval_lines(spec, nodes: int) -> list[str]:
 
 
 def _local_gpu_memory() -> int | None:
-    import torch
+    """The memory of this machine's first visible GPU (CUDA_VISIBLE_DEVICES applies), in bytes, or None
+    without one: asked of the CUDA driver itself (libcuda), which gives the figure torch's
+    `get_device_properties(0).total_memory` reports, without importing torch."""
+    import ctypes
 
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver: no GPU
+        return None
+    count, device, total = ctypes.c_int(), ctypes.c_int(), ctypes.c_size_t()
+    ok = (cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+          and cuda.cuDeviceGet(ctypes.byref(device), 0) == 0
+          and cuda.cuDeviceTotalMem_v2(ctypes.byref(total), device) == 0)
+    return total.value if ok else None

@@ -1,6 +1,7 @@
-"""What a rank holds under a parallel plan, computed from the model's shapes alone (a model on the
-meta device: nothing allocated), so that a plan for a world you don't have (64 GPUs) is checked
-on a login node — and printed beside the measured figures at the end of a run.
+"""What a rank holds under a parallel plan, computed from the model's parameter names and shapes
+alone — worked out from the config without torch (hpcllm.model.shapes.parameter_shapes), or read off
+a built model (the trainer's, on the meta device) — so that a plan for a world you don't have (64
+GPUs) is checked on a login node, and printed beside the measured figures at the end of a run.
 
     parameters   fp32; with pp > 1 only those of the rank's pipeline stages (hpcllm.parallel.stages:
                  their layers, the embedding on the first stage, the head on the last, a tied weight on
@@ -19,7 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+from hpcllm.model.shapes import ModelShapes, model_shapes
+from hpcllm.parallel.families import tp_split_dim
+from hpcllm.parallel.layout import rank_stages, stage_layers
 
 
 @dataclass
@@ -38,39 +41,43 @@ class Holding:
         return math.prod(shape)
 
 
-def holdings(model) -> list[Holding]:
-    """Each parameter of `model` (a tied one once) and which dimension tensor parallelism splits."""
-    from hpcllm.parallel.families import tp_plan
+def shapes_of(model) -> ModelShapes:
+    """A model's parameter shapes: `model` is a ModelShapes already, or a built CausalLM."""
+    return model if isinstance(model, ModelShapes) else model_shapes(model)
 
-    try:
-        plan = tp_plan(model, True)
-    except NotImplementedError:
-        plan = {}
-    out = []
-    for name, p in model.named_parameters():
-        module = name.rsplit(".", 1)[0]
-        style = type(plan.get(module)).__name__
-        if style == "ColwiseParallel":  # output features: the rows of the weight, and the bias
-            dim = 0
-        elif style == "RowwiseParallel":  # input features: an nn.Linear's columns, an nn.Embedding's rows;
-            # a row layer's bias is added after the sum over the tp ranks: whole on every rank
-            embedding = isinstance(model.get_submodule(module), torch.nn.Embedding)
-            dim = None if name.endswith("bias") else (0 if embedding else 1)
-        else:
-            dim = None
-        out.append(Holding(name, tuple(p.shape), dim))
-    return out
+
+def holdings(model) -> list[Holding]:
+    """Each parameter of `model` (a ModelShapes or a built model; a tied one once) and which
+    dimension tensor parallelism splits (the family's table, hpcllm.parallel.families)."""
+    shapes = shapes_of(model)
+    arch = shapes.config.arch
+    return [Holding(name, shape, tp_split_dim(arch, shapes.blocks, name)) for name, shape in shapes.params]
+
+
+def stage_parameter_names(model, stages: list[int], n_stages: int) -> list[str]:
+    """The names of the parameters `stages` (of `n_stages`) hold together, a tied weight under its first
+    name: those of their blocks, of the embedding modules on the first stage, of the head modules on the
+    last — what hpcllm.parallel.stages keeps of the model for them, worked out from the names."""
+    shapes = shapes_of(model)
+    layers = stage_layers(shapes.config.n_layer, n_stages)
+    prefixes = []
+    for s in stages:
+        prefixes += [f"{shapes.blocks}.{i}." for i in layers[s]]
+        prefixes += [f"{m}." for m in shapes.embedding_modules] if s == 0 else []
+        prefixes += [f"{m}." for m in shapes.head_modules] if s == n_stages - 1 else []
+    prefixes = tuple(prefixes)
+    return [name for name, _ in shapes.params if any(n.startswith(prefixes) for n in shapes.names_of(name))]
 
 
 def estimate_memory(model, shard: str, tp: int, dp: int, pp: int = 1, pp_rank: int = 0,
                     virtual_stages: int = 1) -> dict[str, int]:
     """Bytes per rank: params_bytes, grads_bytes, optimizer_bytes — of rank 0 (the largest part of
-    each tensor), or of a rank at pipeline coordinate `pp_rank` (its `virtual_stages` stages)."""
-    held = holdings(model)
+    each tensor), or of a rank at pipeline coordinate `pp_rank` (its `virtual_stages` stages).
+    `model`: a ModelShapes (`hpcllm plan`) or the whole built model (the trainer)."""
+    shapes = shapes_of(model)
+    held = holdings(shapes)
     if pp > 1:
-        from hpcllm.parallel.stages import rank_stages, stage_parameter_names
-
-        names = set(stage_parameter_names(model, rank_stages(pp_rank, pp, virtual_stages), pp * virtual_stages))
+        names = set(stage_parameter_names(shapes, rank_stages(pp_rank, pp, virtual_stages), pp * virtual_stages))
         held = [h for h in held if h.name in names]
     per_tp = sum(h.rank0_elements(tp, 1) for h in held)
     over_dp = sum(h.rank0_elements(tp, dp) for h in held)

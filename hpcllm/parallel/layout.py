@@ -153,7 +153,27 @@ def device_mesh(comm, tp: int = 1, pp: int = 1, *, named: bool = False):
     return Layout(comm.size, tp=tp, pp=pp).build_mesh(comm, named=named)
 
 
+# -- the pipeline's stages: which layers each runs, which stages a pp rank runs (hpcllm.parallel.stages
+# cuts the model by them, hpcllm.parallel.estimate counts a stage's parameters by them) -------------
+
+def stage_layers(n_layer: int, n_stages: int) -> list[range]:
+    """The layers of each stage: n_layer / n_stages each, the first n_layer % n_stages stages one more."""
+    size, extra = divmod(n_layer, n_stages)
+    out, start = [], 0
+    for stage in range(n_stages):
+        n = size + (stage < extra)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def rank_stages(pp_rank: int, pp: int, virtual_stages: int = 1) -> list[int]:
+    """The stages pp rank `pp_rank` runs, in order: pp_rank, pp_rank + pp, ... (V of them)."""
+    return [chunk * pp + pp_rank for chunk in range(virtual_stages)]
+
+
 # -- checks of a ParallelConfig against the rest of the spec (config time, no world needed) ----------
+
 def interleaved_batches_ok(micro_batches: int, pp: int) -> bool:
     """PyTorch's ScheduleInterleaved1F1B runs the micro-batches in max(1, m // pp) rounds of equal
     size: m must be a multiple of that (m < 2 pp, or any multiple of pp, always is)."""

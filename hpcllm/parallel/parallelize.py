@@ -49,7 +49,8 @@ def parallelize(model, layout: Layout, comm, *, bf16: bool, activation_checkpoin
         split_model(model, mesh["tp"], vocab_parallel=layout.vocab_parallel, sequence_parallel=layout.sp_enabled)
     part = model
     if layout.pp_enabled:
-        from hpcllm.parallel.stages import StageModule, rank_stages
+        from hpcllm.parallel.layout import rank_stages
+        from hpcllm.parallel.stages import StageModule
 
         pp_rank = layout.coordinates(comm.rank)[0]
         part = StageModule(model, rank_stages(pp_rank, layout.pp, layout.virtual_stages),

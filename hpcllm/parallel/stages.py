@@ -27,22 +27,7 @@ import torch.nn as nn
 
 from hpcllm.errors import TrainingError
 from hpcllm.model.base import CausalLM
-
-
-def stage_layers(n_layer: int, n_stages: int) -> list[range]:
-    """The layers of each stage: n_layer / n_stages each, the first n_layer % n_stages stages one more."""
-    size, extra = divmod(n_layer, n_stages)
-    out, start = [], 0
-    for stage in range(n_stages):
-        n = size + (stage < extra)
-        out.append(range(start, start + n))
-        start += n
-    return out
-
-
-def rank_stages(pp_rank: int, pp: int, virtual_stages: int = 1) -> list[int]:
-    """The stages pp rank `pp_rank` runs, in order: pp_rank, pp_rank + pp, ... (V of them)."""
-    return [chunk * pp + pp_rank for chunk in range(virtual_stages)]
+from hpcllm.parallel.layout import stage_layers
 
 
 def _stage_modules(model: CausalLM, stage: int, n_stages: int) -> list[nn.Module]:
@@ -58,12 +43,6 @@ def _stage_modules(model: CausalLM, stage: int, n_stages: int) -> list[nn.Module
 def _held(model: CausalLM, stages: list[int], n_stages: int) -> set[int]:
     """ids of the parameters `stages` use (a tied weight is the embedding's and the head's)."""
     return {id(p) for s in stages for m in _stage_modules(model, s, n_stages) for p in m.parameters()}
-
-
-def stage_parameter_names(model: CausalLM, stages: list[int], n_stages: int) -> list[str]:
-    """The names (a tied weight under its first name) of the parameters `stages` hold together."""
-    held = _held(model, stages, n_stages)
-    return [name for name, p in model.named_parameters() if id(p) in held]
 
 
 def tied_parameter_names(model: CausalLM, n_stages: int) -> list[str]:

@@ -40,3 +40,23 @@ def test_memory_sizes_parse_in_both_unit_systems():
     assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1.5TiB") == int(1.5 * 2**40)
     with pytest.raises(Exception, match="not a memory size"):
         parse_bytes("lots")
+
+
+@pytest.mark.gpu
+def test_the_default_memory_per_rank_is_what_torch_reports_for_the_gpu():
+    """Asked of the CUDA driver without importing torch: the same bytes as torch's figure."""
+    import torch
+
+    from hpcllm.parallel.cli import _local_gpu_memory
+
+    assert _local_gpu_memory() == torch.cuda.get_device_properties(0).total_memory
+
+
+def test_without_a_gpu_there_is_no_default_memory_per_rank():
+    import torch
+
+    from hpcllm.parallel.cli import _local_gpu_memory
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the test above checks its figure")
+    assert _local_gpu_memory() is None

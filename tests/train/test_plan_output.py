@@ -1,6 +1,7 @@
 """`hpcllm plan`'s report, line for line, as it was when it built the model on the meta device to
 count it (before it counted from the config alone, without torch): the figures of a tp x pp plan of
-a model.init directory, and of a plan that does not fit with the plans that would."""
+a model.init directory, and of a plan that does not fit with the plans that would (plus, since, the
+checkpoint-interval line)."""
 
 import json
 from pathlib import Path
@@ -24,6 +25,7 @@ plan of train job 'train_tiny' on 8 rank(s): parallel.shard=none, tp=2, pp=2 -> 
   batch: 64 sequences/step = 2 data-parallel rank(s) x batch 8 x 4 micro-step(s); 16384 tokens/step
   memory per rank of stage 0 (rank 0) (estimate, fp32 weights + AdamW, activations not included): parameters 0.2 MiB, gradients 0.2 MiB, optimizer state 0.5 MiB; total 0.9 MiB (0.306x of one rank holding everything)
   fit in 1.00 GiB per rank: state 0.9 MiB + activations ~19.0 MiB (batch 8 x seq 256, fp32; estimate) = 19.9 MiB: FITS, margin 0.98 GiB (98%) for buffers, allocator slack and the CUDA context
+  checkpoint interval (Young/Daly) on 4 node(s): needs a measured save time (metrics.jsonl's ckpt_s: a run that checkpointed at train.ckpt_interval) and a failure rate (train.node_mtbf_hours, or a run whose starts failed)
 """
 
 GPT2_NO_BIAS_DOES_NOT_FIT = """\

@@ -23,6 +23,9 @@
 #   bench-infer         GPT-2 124M, batch 256, 128 + 128 tokens, beside HF generate's dynamic ~45 s / 100 s
 #                       and static caches (2 rounds after the untimed one: was 3, shrunk to fit)
 #   bench-infer-llama   the same for the Llama-3.2-1B shape (bf16, GQA 32:8; 2 rounds)       ~90 s / 150 s
+#   bench-checkpoint    issue 27: training blocked per checkpoint, synchronous beside         ~40 s /  60 s
+#                       background (DCP async save), GPT-2 124M fp32 with AdamW state; last,
+#                       so it is the one skipped if the budget runs out
 # Each part has its own time limit, so one that hangs cannot eat the others' time, and all of them
 # share one budget (GPU_CHECK_BUDGET_S, default 540 s): a part never runs past it — cut to what is
 # left, or skipped and said so — so the script ends within 9 minutes whatever happens, the newest
@@ -84,6 +87,7 @@ part bench-infer 100 "${bench[@]}" infer --device cuda --model gpt2 --batch-size
     --prompt-len 128 --new-tokens 128 --rounds 2
 part bench-infer-llama 150 "${bench[@]}" infer --device cuda --arch llama --model llama3.2-1b \
     --batch-size 256 --prompt-len 128 --new-tokens 128 --rounds 2
+part bench-checkpoint 60 "${bench[@]}" checkpoint --device cuda --batch-size 8 --seq-len 1024 --steps 10 --rounds 2
 if [ "$dry" != 1 ]; then
     verdict=$([ $status = 0 ] && echo 'every part passed' || echo 'SOME PART FAILED, WAS CUT OR SKIPPED')
     echo "== gpu_check: $verdict in ${SECONDS}s; logs in $out"

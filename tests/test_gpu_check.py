@@ -38,7 +38,7 @@ def test_the_script_parses():
 def test_every_part_is_a_command_that_exists():
     names = [name for name, _, _ in parts()]
     assert names == ["env", "bench-infer-chat", "pytest-gpu-parallel", "bench-plans", "pytest-gpu", "bench-train",
-                     "bench-infer", "bench-infer-llama"]
+                     "bench-infer", "bench-infer-llama", "bench-checkpoint"]
     parser = build_parser()
     for name, limit, argv in parts():
         assert 0 < limit <= 300, (name, limit)

@@ -1,7 +1,8 @@
 """`hpcllm bench checkpoint`: what a checkpoint costs the training, written synchronously and in the
 background (train.async_checkpoint), measured in the same run.
 
-One process, the trainer's own step (`TrainStep`) on GPT-2 124M by default (AdamW: the model, its
+One process (on the CPU, or `--device cuda`: fp32 on one GPU, the state staged into pinned host
+memory), the trainer's own step (`TrainStep`) on GPT-2 124M by default (AdamW: the model, its
 gradients' optimizer state — about 1.5 GB per checkpoint) and the trainer's own writer
 (hpcllm.checkpoint.save_checkpoint). Rounds of --steps steps, their order rotating:
     none    the steps alone
@@ -33,13 +34,18 @@ def main(args) -> int:
     from hpcllm.train.trainer import TrainStep
 
     torch.set_num_threads(args.threads)
-    comm = init_comm(DistConfig(backend="single", device="cpu"))
+    comm = init_comm(DistConfig(backend="single", device=args.device))
     cfg = ModelConfig(size=args.model, vocab_size=args.vocab).resolve()
-    model = build_model(cfg).init_weights(0)
+    model = build_model(cfg).init_weights(0).to(comm.device)
     plan = Plan(model, model.configure_optimizer(0.1, 1e-4), comm, bucket_mb=4.0)
     run_step = TrainStep(model, plan, comm, TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
                                                         dtype="fp32"), accum=1)
     x = torch.randint(0, args.vocab, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    x = x.to(comm.device)
+
+    def synchronize():
+        if comm.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def batch():
         return x[:, :-1], x[:, 1:]
@@ -66,6 +72,7 @@ def main(args) -> int:
                 for _ in range(args.steps):
                     step += 1
                     run_step(batch, step, 0)
+                synchronize()
                 if pending is not None:
                     pending.wait()
                     pending.finish()
@@ -76,7 +83,7 @@ def main(args) -> int:
     stall = {m: statistics.median(t - base for t in times[m]) for m in ("sync", "async")}
     n_bytes = sum(t.numel() * t.element_size() for t in _tensors(plan.state_dict()))
     print(f"model {args.model} ({model.num_params() / 1e6:.0f}M params), checkpoint {n_bytes / 2**30:.2f} GiB, "
-          f"batch {args.batch_size}x{args.seq_len}, {args.threads} thread(s): {args.steps} steps "
+          f"batch {args.batch_size}x{args.seq_len} on {comm.device}, {args.threads} thread(s): {args.steps} steps "
           f"{base:.2f} s (median of {args.rounds} rounds)")
     block = {m: statistics.median(inline[m]) for m in ("sync", "async")}
     for m in ("sync", "async"):

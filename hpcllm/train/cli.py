@@ -35,6 +35,7 @@ def register(sub, bench) -> None:
 
     p = bench.add_parser("checkpoint", help="training stall per checkpoint, synchronous beside background "
                          "(train.async_checkpoint), one process")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model", default="gpt2", help="GPT-2 model preset (default gpt2: 124M)")
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--batch-size", type=int, default=1)

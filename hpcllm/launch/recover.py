@@ -203,6 +203,11 @@ def decide(spec, job: str, requeue: str, status: int, options: list[str], srun_l
         raise NoRestart("the step exited 0")
     if status == EXIT_REQUEUE:
         raise NoRestart("the ranks checkpointed on a stop request (exit 85): the job requeues as usual")
+    from hpcllm.launch.finish import controller_state
+
+    state = controller_state(job)
+    if state not in (None, "RUNNING"):  # scancel, scontrol requeue, the time limit: Slurm's decision stands
+        raise NoRestart(f"the job is {state}: Slurm is ending it")
     done = _records(spec.run_dir, job, requeue)
     if len(done) >= s.max_restarts:
         raise NoRestart(f"{len(done)} in-job restart(s) done, slurm.max_restarts={s.max_restarts}")
@@ -231,6 +236,31 @@ def decide(spec, job: str, requeue: str, status: int, options: list[str], srun_l
     return len(done) + 1, srun_options(new, s.tasks_per_node), record
 
 
+def plan(spec_path: str, job: str) -> int:
+    """The first step's options. Outside a job (the script run by hand) or when the allocation cannot
+    be read, none: the step runs on the whole allocation, as without restarts — unless spares would
+    then train too, which changes the world size: that fails the job, in one line."""
+    from hpcllm.config import load_spec
+
+    try:
+        spec = load_spec(spec_path)
+    except ConfigError as e:
+        print(f"hpcllm: job {job or '(not under Slurm)'}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    print(0)
+    if not job.isdigit():
+        return 0
+    try:
+        print("\n".join(srun_options(plan_nodes(spec, allocation(job)), spec.slurm.tasks_per_node)))
+    except NoRestart as e:
+        if spec.slurm.spare_nodes:
+            print(f"hpcllm: job {job}: cannot leave the spare node(s) out of the step: {e}", file=sys.stderr, flush=True)
+            return 1
+        print(f"hpcllm: job {job}: the step runs on the whole allocation ({e}); a failed step will not be restarted",
+              file=sys.stderr, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from hpcllm.config import load_spec
 
@@ -247,14 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     args.options = argv[cut + 1:]
     job = os.environ.get("SLURM_JOB_ID", "")
     requeue = os.environ.get("SLURM_RESTART_COUNT") or "0"
+    if args.what == "plan":
+        return plan(args.spec, job)
     try:
         if not job.isdigit():
             raise NoRestart("not inside a Slurm job (SLURM_JOB_ID)")
         spec = load_spec(args.spec)
-        if args.what == "plan":
-            print(0)
-            print("\n".join(srun_options(plan_nodes(spec, allocation(job)), spec.slurm.tasks_per_node)))
-            return 0
         log = Path(args.log).read_text(errors="replace") if args.log else ""
         restart, options, record = decide(spec, job, requeue, args.status, args.options, log, args.launched,
                                           args.ended)

@@ -5,8 +5,9 @@ that node, from its last checkpoint, with no requeue (hpcllm.launch.recover).
 - 2 nodes x 1 task, rank 1 (on n2) stopped with SIGSTOP: the watchdog names it, the job restarts on
   n1 alone (1 rank, the global batch kept): the losses are an uninterrupted run's, and the report
   shows one in-job restart with its recovery time;
-- 1 node + 1 spare, rank 0 (on n1) killed with kill -9: the spare n2 takes over on the same world
-  size and the final weights equal an uninterrupted run's bitwise.
+- 1 node + 1 spare, submitted through `hpcllm submit` (submitit's batch script: the other path),
+  rank 0 (on n1) killed with kill -9: the spare n2 takes over on the same world size and the final
+  weights equal an uninterrupted run's bitwise.
 The recovery time of these runs, in parts, is in docs/performance.md.
 """
 
@@ -161,14 +162,23 @@ def test_hung_rank_named_by_the_watchdog_restarts_in_the_job_on_the_node_left(ro
     _timing("hung", t_fail, second)
 
 
+def submitit_output(s: dict, job: int) -> str:
+    logs = Path(s["run_dir"]) / "submitit" / str(job)
+    return "\n".join(p.read_text() for p in sorted(logs.glob(f"{job}_0_log.*")))
+
+
 def test_killed_rank_is_replaced_by_the_spare_node_bitwise(root):
     s = spec(root, "spare", nodes=1, spare=1, global_batch=2)
     run_dir = Path(s["run_dir"])
-    job = submit(root, s)
+    p = subprocess.run([sys.executable, "-m", "hpcllm.cli", "submit", str(write_spec(root, s))], capture_output=True,
+                       text=True, cwd=REPO, env=ENV, timeout=120)
+    assert p.returncode == 0, p.stderr
+    job = int(re.findall(r"as (\d+)", p.stdout)[0])
     ref = reference(root, s)
     try:
         _, t_fail = strike(run_dir, 0, signal.SIGKILL)  # the one training rank, on n1
-        finish(s, job)
+        state = wait_job(job, 180, env=ENV)
+        assert state == "COMPLETED", f"job {job} {state}\n{submitit_output(s, job)[-3000:]}"
     finally:
         run(["scancel", str(job)], env=ENV)
     _, err = ref.communicate(timeout=240)
@@ -183,6 +193,8 @@ def test_killed_rank_is_replaced_by_the_spare_node_bitwise(root):
     assert [m["loss"] for m in got] == [m["loss"] for m in want]
     rep, text = report(run_dir)
     assert rep["in_job_restarts"] == 1 and "spare n2 taken" in text, text
+    out = submitit_output(s, job)
+    assert "in-job restart 1 of 2: a rank on n1 died: Killed; excluding n1, spare(s) n2 taken" in out, out[-3000:]
     _timing("spare", t_fail, rep["starts"][1])
 
 

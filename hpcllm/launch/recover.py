@@ -134,18 +134,20 @@ def watchdog_reports(run_dir: str, job: str, since: float) -> list[dict]:
 
 
 def find_cause(run_dir: str, job: str, nodes: list[str], tasks_per_node: int, srun_log: str,
-               launched: float) -> tuple[str, list[str], str] | None:
-    """(cause, bad nodes, why) of the failed step on `nodes`, or None when nothing points at a node."""
+               launched: float) -> tuple[str, list[str], str, float | None] | None:
+    """(cause, bad nodes, why, when it was detected if not at the step's end) of the failed step on
+    `nodes`, or None when nothing points at a node."""
     # hung: ranks the watchdog named (no answer), or a rank that said it was stuck on its own
     hung: set[int] = set()
-    for rec in watchdog_reports(run_dir, job, launched):
+    reports = watchdog_reports(run_dir, job, launched)
+    for rec in reports:
         hung.update(int(r) for r in rec.get("missing") or [])
         hung.update(int(r) for r in rec.get("stuck") or [])
     hung = {r for r in hung if 0 <= r < len(nodes) * tasks_per_node}
     if hung:
         bad = sorted({nodes[r // tasks_per_node] for r in hung}, key=nodes.index)
         return "hung", bad, (f"rank(s) {', '.join(map(str, sorted(hung)))} did not arrive at a collective "
-                             f"(named by the watchdog) on {', '.join(bad)}")
+                             f"(named by the watchdog) on {', '.join(bad)}"), min(r["time"] for r in reports)
     alloc = set(allocation(job))
     lost = [n for n in nodes if n not in alloc or any(s in node_state(n) for s in BAD_NODE_STATES)]
     lines = srun_log.splitlines()
@@ -155,15 +157,15 @@ def find_cause(run_dir: str, job: str, nodes: list[str], tasks_per_node: int, sr
             lost.append(m[1])
     if lost:
         states = ", ".join(f"{n} {node_state(n)}" + ("" if n in alloc else " (left the allocation)") for n in lost)
-        return "lost", lost, f"node(s) lost: {states}"
+        return "lost", lost, f"node(s) lost: {states}", None
     for line in lines:  # the first task that died of a signal: the ones after it were taken down with it
         m = _TASK_DIED.match(line.strip())
         if m and m[1] in nodes:
-            return "killed", [m[1]], f"a rank on {m[1]} died: {m[2].strip()}"
+            return "killed", [m[1]], f"a rank on {m[1]} died: {m[2].strip()}", None
     launch = [line for line in lines if line.startswith("srun: error:") and _LAUNCH_FAILED.search(line)]
     if launch:
         named = [n for n in nodes if any(re.search(rf"\b{re.escape(n)}\b", line) for line in launch)]
-        return "launch", named, f"the step did not launch ({launch[0].removeprefix('srun: error: ').strip()})"
+        return "launch", named, f"the step did not launch ({launch[0].removeprefix('srun: error: ').strip()})", None
     return None
 
 
@@ -216,7 +218,7 @@ def decide(spec, job: str, requeue: str, status: int, options: list[str], srun_l
     if found is None:
         raise NoRestart(f"the step exited {status} and neither the watchdog, nor the nodes' states, nor srun name "
                         "a lost node, a killed or a hung rank: a restart would fail the same way")
-    cause, bad, why = found
+    cause, bad, why, detected = found
     excluded = sorted({n for r in done for n in r.get("excluded", [])} | set(bad))
     alloc = allocation(job)
     keep = [n for n in nodes if n not in bad]
@@ -232,7 +234,8 @@ def decide(spec, job: str, requeue: str, status: int, options: list[str], srun_l
     record = {"event": "in_job_restart", "job": job, "requeue": int(requeue), "restart": len(done) + 1,
               "cause": cause, "why": why, "excluded": bad, "spares_taken": taken, "nodes": new,
               "world_size": len(new) * s.tasks_per_node, "previous_world_size": len(nodes) * s.tasks_per_node,
-              "status": status, "step_launched": launched, "step_ended": ended, "time": decided}
+              "status": status, "step_launched": launched, "detected": detected or ended, "step_ended": ended,
+              "time": decided}
     return len(done) + 1, srun_options(new, s.tasks_per_node), record
 
 

@@ -40,8 +40,8 @@ def _starts(records: list[dict]) -> list[dict]:
     for k, entry in enumerate(starts):
         # the same Slurm job started again with a higher restart count: Slurm requeued it (an in-job
         # restart starts the same job again with the same count)
-        if _job(entry) is not None and any(_job(later) == _job(entry) and _requeues(later) > _requeues(entry)
-                                           for later in starts[k + 1:]):
+        nxt = next((later for later in starts[k + 1:] if _job(later) == _job(entry)), None)
+        if _job(entry) is not None and nxt is not None and _requeues(nxt) > _requeues(entry):
             entry["requeued"] = True
     return starts
 
@@ -151,17 +151,19 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
 
 def _in_job_parts(rec: dict | None, before: dict, start: dict, loop_start: float | None) -> dict | None:
     """An in-job restart's record and its recovery in parts: the failed start's last sign of life
-    (its last logged step) -> its step ended (detection and teardown) -> the restart decided ->
+    (its last logged step) -> the failure detected (the watchdog's report of a hung rank; srun's end
+    for a death, which it sees at once) -> the step ended (teardown) -> the restart decided ->
     the new ranks started and joined (relaunch: srun, imports, rendezvous) -> the new start's first
     step began (model set-up and checkpoint load). (Not the process start time: Linux gives it to
     within a second only.)"""
     if rec is None:
         return None
-    t = [before["stopped"], rec.get("step_ended"), rec.get("time"), start.get("time"), loop_start]
+    t = [before["stopped"], rec.get("detected") or rec.get("step_ended"), rec.get("step_ended"), rec.get("time"),
+         start.get("time"), loop_start]
     gaps = [(b - a) if a is not None and b is not None else None for a, b in zip(t, t[1:])]
     return dict(restart=rec.get("restart"), cause=rec.get("cause"), why=rec.get("why"), excluded=rec.get("excluded"),
-                spares_taken=rec.get("spares_taken"), detect_teardown_s=gaps[0], decide_s=gaps[1], relaunch_s=gaps[2],
-                load_s=gaps[3])
+                spares_taken=rec.get("spares_taken"), detect_s=gaps[0], teardown_s=gaps[1], decide_s=gaps[2],
+                relaunch_s=gaps[3], load_s=gaps[4])
 
 
 def _read_markers(out_dir: Path, suffix: str) -> dict[str, dict]:
@@ -277,8 +279,8 @@ def _train_lines(i: int, r: dict) -> list[str]:
     ij = r.get("in_job_restart")
     if ij:
         lines.append(f"      in-job restart {ij['restart']} (no requeue, same allocation): {ij['cause']}, excluded "
-                     f"{', '.join(ij['excluded'] or []) or 'no node'}; recovery parts: detection and teardown "
-                     f"{_f(ij['detect_teardown_s'])} s, decision {_f(ij['decide_s'])} s, relaunch "
+                     f"{', '.join(ij['excluded'] or []) or 'no node'}; recovery parts: detection {_f(ij['detect_s'])} s, "
+                     f"teardown {_f(ij['teardown_s'])} s, decision {_f(ij['decide_s'])} s, relaunch "
                      f"{_f(ij['relaunch_s'])} s, model set-up and checkpoint load {_f(ij['load_s'])} s")
     for pr in r["per_rank"]:
         mem = f", peak RSS {pr['peak_rss_bytes'] / 2**20:.1f} MB" if pr.get("peak_rss_bytes") else ""

@@ -202,5 +202,5 @@ def _timing(name: str, t_fail: float, row: dict) -> None:
     """The recovery of this run in parts, for docs/performance.md (printed with pytest -s)."""
     ij = row["in_job_restart"]
     print(f"\n[{name}] failure -> first new step {row['began'] + row['startup_s'] - t_fail:.1f} s; report: recovery "
-          f"{row['recovery_s']:.1f} s = detection+teardown {ij['detect_teardown_s']:.1f} + decision "
+          f"{row['recovery_s']:.1f} s = detection {ij['detect_s']:.1f} + teardown {ij['teardown_s']:.1f} + decision "
           f"{ij['decide_s']:.1f} + relaunch {ij['relaunch_s']:.1f} + set-up/load {ij['load_s']:.1f}")

@@ -5,6 +5,8 @@ that node, from its last checkpoint, with no requeue (hpcllm.launch.recover).
 - 2 nodes x 1 task, rank 1 (on n2) stopped with SIGSTOP: the watchdog names it, the job restarts on
   n1 alone (1 rank, the global batch kept): the losses are an uninterrupted run's, and the report
   shows one in-job restart with its recovery time;
+- 2 nodes x 1 task, n2 set DOWN (`scontrol update`, what slurmctld does to a node that stopped
+  answering; given back at the end): the job keeps its allocation and goes on on n1;
 - 1 node + 1 spare, submitted through `hpcllm submit` (submitit's batch script: the other path),
   rank 0 (on n1) killed with kill -9: the spare n2 takes over on the same world size and the final
   weights equal an uninterrupted run's bitwise.
@@ -204,3 +206,32 @@ def _timing(name: str, t_fail: float, row: dict) -> None:
     print(f"\n[{name}] failure -> first new step {row['began'] + row['startup_s'] - t_fail:.1f} s; report: recovery "
           f"{row['recovery_s']:.1f} s = detection {ij['detect_s']:.1f} + teardown {ij['teardown_s']:.1f} + decision "
           f"{ij['decide_s']:.1f} + relaunch {ij['relaunch_s']:.1f} + set-up/load {ij['load_s']:.1f}")
+
+
+def test_a_node_set_down_is_left_out_and_the_job_goes_on_on_the_other(root):
+    """A node lost as Slurm sees it (set DOWN: what slurmctld does when a node stops answering): the
+    job keeps its allocation (--no-kill) and its step runs again on n1 alone."""
+    s = spec(root, "down", nodes=2)
+    run_dir = Path(s["run_dir"])
+    job = submit(root, s)
+    down = False
+    try:
+        wait_until(lambda: checkpoint_steps(run_dir) and len(metrics(run_dir)) >= CKPT + 3, 150, "step 23", 0.05)
+        t_fail = time.time()
+        assert run(["scontrol", "update", "nodename=n2", "state=down", "reason=hpcllm-test"], env=ENV).returncode == 0
+        down = True
+        assert checkpoint_steps(run_dir)[-1] < STEPS, "the job ended before the failure"
+        finish(s, job)
+    finally:
+        run(["scancel", str(job)], env=ENV)
+        if down:  # give the shared test cluster its node back
+            run(["scontrol", "update", "nodename=n2", "state=resume"], env=ENV)
+            wait_until(lambda: "down" not in run(["sinfo", "-h", "-n", "n2", "-o", "%T"], env=ENV).stdout, 60,
+                       "n2 back up")
+    rec = check_one_in_job_restart(run_dir, job, "lost", ["n2"], [2, 1])
+    # slurmctld takes the node out of the job at once; its state may already read IDLE again when
+    # recover asks (the local node's slurmd re-registers: ReturnToService=2)
+    assert rec["why"].startswith("node(s) lost: n2 ") and rec["nodes"] == ["n1"], rec
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))
+    rep, _ = report(run_dir)
+    _timing("down", t_fail, rep["starts"][1])

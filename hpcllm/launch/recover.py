@@ -22,8 +22,8 @@ Causes, in order of trust:
   lost      a node of the step is DOWN, DRAINED, FAILED or NOT_RESPONDING, or left the allocation
   killed    srun says a task died of a signal (`srun: error: n2: task 1: Killed`): its node
   launch    the step did not launch (`... launch failed ...`): the nodes it names, else the same nodes again
-A step that failed for another reason (a bad spec, a Python error on every rank) is not restarted:
-it would fail again. Neither is a step that stopped on a signal to checkpoint (exit 85: requeue).
+A step that failed for another reason (a bad spec, data or checkpoint: the first rank to end exited
+with an hpcllm status other than a peer's 1, 3 or 4) is not restarted: it would fail again. Neither is a step that stopped on a signal to checkpoint (exit 85: requeue).
 
 A spare replaces each excluded node while there are spares: the world size and the numerics stay
 the same (resume from the last checkpoint, bitwise). Without one the world shrinks: a training
@@ -49,6 +49,11 @@ NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 BAD_NODE_STATES = ("DOWN", "DRAIN", "FAIL", "NOT_RESPONDING", "POWER", "REBOOT")
 # `srun: error: n2: task 1: Killed`, `srun: error: n1: tasks 0-1: Segmentation fault (core dumped)`
 _TASK_DIED = re.compile(r"^srun: error: (\S+): tasks? [0-9,\-]+: (?!Exited with exit code)(.+)$")
+_TASK_EXITED = re.compile(r"^srun: error: (\S+): tasks? [0-9,\-]+: Exited with exit code (\d+)")
+# a rank's own exit after a peer died or hung: the watchdog's (4), a broken connection (3), or an
+# unclassified error raised by the communication library (1); any other hpcllm status is the
+# program's own failure (a bad spec, data or checkpoint), which a restart would only repeat
+_PEER_EXITS = {1, 3, 4}
 _LAUNCH_FAILED = re.compile(r"launch failed|Unable to launch|failed on node (\S+?)[:\s]")
 _NODE_FAILURE = re.compile(r"^srun: error: Node failure on (\S+)")
 
@@ -137,6 +142,15 @@ def find_cause(run_dir: str, job: str, nodes: list[str], tasks_per_node: int, sr
                launched: float) -> tuple[str, list[str], str, float | None] | None:
     """(cause, bad nodes, why, when it was detected if not at the step's end) of the failed step on
     `nodes`, or None when nothing points at a node."""
+    lines = srun_log.splitlines()
+    first_end = next((line.strip() for line in lines if _TASK_EXITED.match(line.strip())
+                      or _TASK_DIED.match(line.strip()) or _NODE_FAILURE.match(line)), "")
+    m = _TASK_EXITED.match(first_end)
+    if m and int(m[2]) not in _PEER_EXITS:  # before the watchdog: its peers then waited for a rank that had left
+        from hpcllm.launch.finish import meaning
+
+        raise NoRestart(f"the first rank to end, on {m[1]}, exited with status {m[2]} ({meaning(int(m[2]))}): the "
+                        "program failed, not a node; a restart would fail the same way")
     # hung: ranks the watchdog named (no answer), or a rank that said it was stuck on its own
     hung: set[int] = set()
     reports = watchdog_reports(run_dir, job, launched)
@@ -150,7 +164,6 @@ def find_cause(run_dir: str, job: str, nodes: list[str], tasks_per_node: int, sr
                              f"(named by the watchdog) on {', '.join(bad)}"), min(r["time"] for r in reports)
     alloc = set(allocation(job))
     lost = [n for n in nodes if n not in alloc or any(s in node_state(n) for s in BAD_NODE_STATES)]
-    lines = srun_log.splitlines()
     for line in lines:
         m = _NODE_FAILURE.match(line)
         if m and m[1] in nodes and m[1] not in lost:

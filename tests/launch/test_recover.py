@@ -86,6 +86,13 @@ def test_refusals_are_one_line_each(tmp_path, cluster):
     with pytest.raises(NoRestart, match="neither the watchdog, nor the nodes' states, nor srun"):
         decide(spec, JOB, "0", 1, step(spec, ["n1", "n2"]), "srun: error: n1: task 0: Exited with exit code 1\n",
                0.0, 1.0)
+    # a rank that failed on its own (here a bad checkpoint): its peer's watchdog then names it, but no node is to blame
+    (tmp_path / "run" / "logs").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / "logs" / recover.FAULT_FILE).write_text(json.dumps({"time": 5, "job": JOB, "missing": [1]}))
+    with pytest.raises(NoRestart, match=r"on n2, exited with status 6 \(bad checkpoint\): the program failed"):
+        decide(spec, JOB, "0", 6, step(spec, ["n1", "n2"]), "srun: error: n2: task 1: Exited with exit code 6\n"
+               "srun: error: n1: task 0: Exited with exit code 4\n", 0.0, 9.0)
+    (tmp_path / "run" / "logs" / recover.FAULT_FILE).unlink()
     with pytest.raises(NoRestart, match="not a plain host name"):
         decide(spec, JOB, "0", 137, ["--nodelist=n1,n2;reboot"], killed, 0.0, 1.0)
     # the limit counts this start's in-job restarts (a requeued start has its own)

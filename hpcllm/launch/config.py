@@ -35,7 +35,7 @@ class SlurmConfig:
     srun_args: list[str] = field(default_factory=lambda: ["--mpi=pmix"])
     signal_delay_s: int = 120  # training: USR2 this long before the time limit -> checkpoint + requeue
     max_requeues: int = 3
-    # training: restarts inside the allocation when a node is lost or a rank killed or hung
+    # training, inference: restarts inside the allocation when a node is lost or a rank killed or hung
     # (hpcllm.launch.recover; the job asks for --no-kill); 0: the job fails or requeues as before
     max_restarts: int = 2
     spare_nodes: int = 0  # training: ask for nodes + spare_nodes, train on `nodes`; a spare replaces a failed node

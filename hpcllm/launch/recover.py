@@ -1,4 +1,4 @@
-"""In-job restart: after a training step (srun) failed, decide whether and where it runs again.
+"""In-job restart: after a training or inference step (srun) failed, decide whether and where it runs again.
 
 The batch script's `srun` function (hpcllm.launch.script.SRUN_PASSING_SIGNALS, in both submit paths)
 calls this module when slurm.max_restarts > 0; the job was submitted with `--no-kill`, so Slurm
@@ -161,7 +161,7 @@ def find_cause(run_dir: str, job: str, nodes: list[str], tasks_per_node: int, sr
     if hung:
         bad = sorted({nodes[r // tasks_per_node] for r in hung}, key=nodes.index)
         return "hung", bad, (f"rank(s) {', '.join(map(str, sorted(hung)))} did not arrive at a collective "
-                             f"(named by the watchdog) on {', '.join(bad)}"), min(r["time"] for r in reports)
+                             f"(hung or dead: named by the watchdog) on {', '.join(bad)}"), min(r["time"] for r in reports)
     alloc = set(allocation(job))
     lost = [n for n in nodes if n not in alloc or any(s in node_state(n) for s in BAD_NODE_STATES)]
     for line in lines:
@@ -195,8 +195,12 @@ def _records(run_dir: str, job: str, requeue: str) -> list[dict]:
 
 
 def check_world(spec, ranks: int) -> None:
-    """The spec can run on `ranks` ranks with its global batch kept, or NoRestart says why not."""
+    """The spec can run on `ranks` ranks (training: with its global batch kept), or NoRestart says why not."""
     t, pc = spec.train, spec.parallel
+    if spec.kind != "train":  # inference: the shards left are shared by the ranks left
+        if ranks % max(1, pc.tp):
+            raise NoRestart(f"{ranks} rank(s) do not divide into parallel.tp={pc.tp}")
+        return
     if not t.global_batch_size:
         raise NoRestart(f"no spare node left and train.global_batch_size is not set: on {ranks} rank(s) the global "
                         "batch would change and the run would not continue as one uninterrupted run; set "

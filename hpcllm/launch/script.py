@@ -62,8 +62,8 @@ def check_script_values(spec: JobSpec, spec_path: str | None = None, overrides: 
         if not opt.startswith("--") or any(c.isspace() or c in "\"'\\`" for c in opt) or _control(opt):
             raise ConfigError(f"slurm.extra[{i}] {opt!r} is not a single --option[=value] (no spaces or quotes)")
     if s.spare_nodes and not in_job_restarts(spec):
-        raise ConfigError(f"slurm.spare_nodes={s.spare_nodes}: only a training job restarts in the job and uses "
-                          "spares; set slurm.spare_nodes=0")
+        raise ConfigError(f"slurm.spare_nodes={s.spare_nodes}: a {spec.kind} job does not restart in the job and "
+                          "uses no spares; set slurm.spare_nodes=0")
     for i, line in enumerate(s.setup):
         one_line(f"slurm.setup[{i}]", line)
     for i, arg in enumerate(s.srun_args):
@@ -137,10 +137,10 @@ SRUN_PASSING_SIGNALS = [
 
 
 def in_job_restarts(spec: JobSpec) -> int:
-    """slurm.max_restarts for a kind that restarts in the job (training), else 0."""
+    """slurm.max_restarts for a kind that restarts in the job (training, inference), else 0."""
     from hpcllm.jobs.kind import get_kind
 
-    return spec.slurm.max_restarts if get_kind(spec.kind).requeue else 0
+    return spec.slurm.max_restarts if get_kind(spec.kind).restarts_in_job else 0
 
 
 def restart_lines(spec: JobSpec, python: str, spec_file: str) -> list[str]:

@@ -138,8 +138,10 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
             row["steps_redone"] = max(0, before["last_step"] - resumed) if before["last_step"] is not None else None
             row["recovery_s"] = (loop_start - before["stopped"]) if loop_start is not None else None
             row["in_job_restart"] = _in_job_parts(starts[k - 1]["restarted_in_job"], before, s, loop_start)
+            if row["in_job_restart"]:  # the job held its nodes while it recovered: allocated, not productive
+                row["in_job_restart"]["held_s"] = s["process_start"] - before["stopped"]
         rows.append(row)
-    allocated = sum(r["allocated_s"] for r in rows)
+    allocated = sum(r["allocated_s"] + ((r.get("in_job_restart") or {}).get("held_s") or 0) for r in rows)
     productive = sum(m["dt_s"] for m in metrics)  # the surviving records: every step once
     return dict(kind="train", run_dir=str(run_dir), starts=rows, allocated_s=allocated, productive_step_s=productive,
                 in_job_restarts=sum(1 for r in rows if r.get("in_job_restart")),

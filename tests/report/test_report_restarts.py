@@ -42,6 +42,9 @@ def test_in_job_restart_and_requeue_are_told_apart(tmp_path):
     assert (ij["detect_s"], ij["teardown_s"], ij["decide_s"], ij["relaunch_s"], ij["load_s"]) == (3.0, 0.5, 0.5, 4.0,
                                                                                                 2.0)
     assert b["recovery_s"] == 10.0
+    # allocated: each start's (13 + 15 + 18 s) and the 5 s the job held its nodes between a's last step
+    # and b's process (an in-job restart); the requeue's queue wait (b -> c) is not allocated
+    assert rep["allocated_s"] == 51.0 and rep["goodput"] == 30 / 51
     text = format_report(rep)
     assert "in-job restart 1 (no requeue, same allocation): hung, excluded n2; recovery parts: detection 3.0 s" in text
     assert "1 in-job restart(s), 1 requeue(s)" in text

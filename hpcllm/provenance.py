@@ -116,7 +116,12 @@ def _slurm() -> dict:
     env = os.environ
     keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
             "restart_count": "SLURM_RESTART_COUNT", "nodelist": "SLURM_JOB_NODELIST"}
-    return {k: env.get(v) for k, v in keys.items()}
+    out = {k: env.get(v) for k, v in keys.items()}
+    # a step started again inside the same allocation (hpcllm.launch.recover): which in-job restart,
+    # and the nodes this step runs on (the job's nodelist keeps the excluded and the spare ones)
+    out["in_job_restart"] = int(env.get("HPCLLM_INJOB_RESTART") or 0)
+    out["step_nodelist"] = env.get("SLURM_STEP_NODELIST")
+    return out
 
 
 def user() -> dict:

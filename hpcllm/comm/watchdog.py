@@ -103,6 +103,7 @@ class Watchdog:
                    "Aborting the job.")
             print(msg, file=sys.stderr, flush=True)
             log.error(msg)
+            _report(stuck=[self.rank], rank=self.rank)
             self._abort(TIMEOUT_EXIT_CODE)
             return
         msg = (
@@ -130,6 +131,7 @@ class Watchdog:
         msg += ". Aborting the job."
         print(msg, file=sys.stderr, flush=True)
         log.error(msg)
+        _report(missing=missing or [], behind=behind, rank=self.rank, collective=seq)
         self._abort(TIMEOUT_EXIT_CODE)
 
     def _who_is_missing(self, seq: int) -> tuple[list[int] | None, dict[int, int]]:
@@ -154,6 +156,25 @@ class Watchdog:
         missing = [r for r in others if r not in answered]
         behind = {r: s for r, s in answered.items() if s < seq}
         return missing, behind
+
+
+def _report(**fields) -> None:
+    """One JSON line for the batch script's in-job restart (hpcllm.launch.recover) in $HPCLLM_FAULT_FILE,
+    when the job set one: which ranks did not arrive, so that their node is left out of the restart.
+    Best effort, like the naming itself: the abort that follows must happen whatever this does."""
+    path = os.environ.get("HPCLLM_FAULT_FILE")
+    if not path:
+        return
+    import json
+
+    rec = dict(time=time.time(), job=os.environ.get("SLURM_JOB_ID"), step=os.environ.get("SLURM_STEP_ID"),
+               node=os.environ.get("SLURMD_NODENAME"), **fields)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps({k: (sorted(v.items()) if isinstance(v, dict) else v) for k, v in rec.items()}) + "\n")
+    except OSError as e:
+        print(f"[hpcllm rank {fields.get('rank')}] could not write the watchdog's report to {path} ({e})",
+              file=sys.stderr, flush=True)
 
 
 def _ranks(rs: list[int]) -> str:

@@ -107,4 +107,4 @@ KIND = JobKind(name="infer", help="batched generation/scoring over prompt shards
                inputs=lambda spec: [("infer.prompts", spec.infer.prompts), ("infer.model", spec.infer.model)],
                run=run, incomplete=incomplete, outputs=lambda spec: [("run_dir", str(Path(spec.run_dir) / "outputs"))],
                array_tasks=array_tasks, array_task_overrides=array_task_overrides, run_dir_error=InferError,
-               holds_run_dir=run_dir_share)
+               holds_run_dir=run_dir_share, restarts_in_job=True)

@@ -38,6 +38,9 @@ class JobKind:
     outputs: Callable[["JobSpec"], list[tuple[str, str]]] = _no_paths
     # a run that stopped on a signal or the time limit exits EXIT_REQUEUE and is requeued
     requeue: bool = False
+    # a step that lost a node or a rank runs again inside the allocation (hpcllm.launch.recover):
+    # the job resumes its work on whatever ranks are left
+    restarts_in_job: bool = False
     # how many array tasks the job is split into at submit time (1: a plain job)
     array_tasks: Callable[["JobSpec"], int] = lambda spec: 1
     # the overrides that make a spec task i of n of its job array (only for kinds with array_tasks)

@@ -85,4 +85,5 @@ def incomplete(spec) -> str | None:
 
 KIND = JobKind(name="train", help="train a model (1 process, mpirun or srun); resumes from the latest checkpoint",
                inputs=lambda spec: [("data.dataset", spec.data.dataset)], run=run, incomplete=incomplete,
-               outputs=lambda spec: [("run_dir", spec.run_dir)], requeue=True, holds_run_dir=lambda spec: (0, 1))
+               outputs=lambda spec: [("run_dir", spec.run_dir)], requeue=True, restarts_in_job=True,
+               holds_run_dir=lambda spec: (0, 1))

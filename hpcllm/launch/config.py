@@ -35,6 +35,10 @@ class SlurmConfig:
     srun_args: list[str] = field(default_factory=lambda: ["--mpi=pmix"])
     signal_delay_s: int = 120  # training: USR2 this long before the time limit -> checkpoint + requeue
     max_requeues: int = 3
+    # training, inference: restarts inside the allocation when a node is lost or a rank killed or hung
+    # (hpcllm.launch.recover; the job asks for --no-kill); 0: the job fails or requeues as before
+    max_restarts: int = 2
+    spare_nodes: int = 0  # training: ask for nodes + spare_nodes, train on `nodes`; a spare replaces a failed node
     python: str = ""  # interpreter inside the job; "" = the one running hpcllm render/submit
     # inference: split the prompt shards over a job array of this many tasks (0/1: one job)
     array_tasks: int = 0
@@ -59,5 +63,12 @@ class SlurmConfig:
         # names, options and lines that reach a batch script: hpcllm.launch.script.check_script_values
         if self.array_tasks < 0 or self.array_parallelism < 0:
             raise ValueError("array_tasks and array_parallelism must be >= 0")
-        if self.signal_delay_s < 0 or self.max_requeues < 0:
-            raise ValueError("signal_delay_s and max_requeues must be >= 0")
+        if self.signal_delay_s < 0 or self.max_requeues < 0 or self.max_restarts < 0 or self.spare_nodes < 0:
+            raise ValueError("signal_delay_s, max_requeues, max_restarts and spare_nodes must be >= 0")
+        if self.spare_nodes and not self.max_restarts:
+            raise ValueError(f"spare_nodes={self.spare_nodes} with max_restarts=0: a spare only serves an in-job "
+                             "restart; set max_restarts >= 1 or spare_nodes=0")
+
+    def allocated_nodes(self) -> int:
+        """The nodes the job asks Slurm for: the ones it trains on and the spares."""
+        return self.nodes + self.spare_nodes

@@ -17,7 +17,7 @@ from hpcllm.atomic import write_text
 from hpcllm.config import JobSpec, dump_spec
 from hpcllm.errors import ConfigError
 from hpcllm.jobs.kind import get_kind
-from hpcllm.launch.script import SRUN_PASSING_SIGNALS, check_script_values, job_name
+from hpcllm.launch.script import SRUN_PASSING_SIGNALS, check_script_values, job_name, restart_lines
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "slurm" / "templates"
 
@@ -40,9 +40,10 @@ def render(spec: JobSpec, spec_source: str = "<spec>", python: str | None = None
     run_dir = Path(spec.run_dir)
     log_dir = run_dir / "logs"
     spec_file = run_dir / f"{spec.kind}-spec.yaml"
+    python = spec.slurm.python or python or sys.executable
     text = _env().get_template(kind.template).render(
         s=spec.slurm, kind=kind.name, job_name=job_name(spec), log_dir=str(log_dir), spec_file=str(spec_file),
-        spec_source=str(spec_source), python=spec.slurm.python or python or sys.executable,
+        spec_source=str(spec_source), python=python, restart_lines=restart_lines(spec, python, str(spec_file)),
         srun_args=" ".join(shlex.quote(a) for a in spec.slurm.srun_args), srun_passing_signals=SRUN_PASSING_SIGNALS,
     )
     try:

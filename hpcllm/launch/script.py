@@ -16,6 +16,7 @@ signals sent to the batch shell.
 from __future__ import annotations
 
 import re
+import shlex
 
 from hpcllm.config import JobSpec
 from hpcllm.errors import ConfigError
@@ -60,6 +61,9 @@ def check_script_values(spec: JobSpec, spec_path: str | None = None, overrides: 
     for i, opt in enumerate(s.extra):
         if not opt.startswith("--") or any(c.isspace() or c in "\"'\\`" for c in opt) or _control(opt):
             raise ConfigError(f"slurm.extra[{i}] {opt!r} is not a single --option[=value] (no spaces or quotes)")
+    if s.spare_nodes and not in_job_restarts(spec):
+        raise ConfigError(f"slurm.spare_nodes={s.spare_nodes}: a {spec.kind} job does not restart in the job and "
+                          "uses no spares; set slurm.spare_nodes=0")
     for i, line in enumerate(s.setup):
         one_line(f"slurm.setup[{i}]", line)
     for i, arg in enumerate(s.srun_args):
@@ -86,23 +90,43 @@ def job_name(spec: JobSpec) -> str:
 # slurmstepd dies, and a requeued job numbers its steps from 0 again, so its restart fails with
 # "Address already in use" — and srun exits 0. A new attempt is a new step with new names. (The local
 # test cluster also cleans those files in its Prolog/Epilog; a site's Epilog should too.)
+# In-job restarts (training, slurm.max_restarts > 0: the lines of `restart_lines` define
+# hpcllm_recover): hpcllm.launch.recover picks the step's nodes, and after a failed step reads its
+# cause from srun's stderr, the nodes' states and the watchdog's reports; when it names a bad node
+# (and the limit allows) the step runs again without it, as a new step of the same job, with
+# HPCLLM_INJOB_RESTART telling the ranks which restart they are. Its answer is read with mapfile,
+# one value a line: nothing it prints is evaluated.
 # Both batch scripts define it before their step: the rendered templates and submitit's (as setup lines).
 SRUN_PASSING_SIGNALS = [
     "srun() {  # hpcllm: the step in the background, so that signals to this shell reach it",
-    "  local attempt step status log err tee",
-    "  for attempt in 1 2; do",
-    '    log=$(mktemp "${TMPDIR:-/tmp}/hpcllm-srun.XXXXXX")',
-    '    exec {err}> >(tee "$log" >&2); tee=$!  # srun stderr: on to the job log, and into $log',
-    '    command srun "$@" 2>&$err &',
-    "    step=$!",
-    '    exec {err}>&-',
-    *[f'    trap "kill -{sig} $step 2>/dev/null" {sig}' for sig in ("USR1", "USR2", "TERM")],
-    '    wait "$step"; status=$?',
-    '    while kill -0 "$step" 2>/dev/null; do wait "$step"; status=$?; done  # a trap woke `wait`: wait on',
-    "    trap - USR1 USR2 TERM",
-    '    wait "$tee"  # until tee has written the last of it',
-    '    if [ "$attempt" = 1 ] && grep -q "^srun: error: .*launch failed" "$log"; then',
-    '      echo "hpcllm: srun did not start the job step; starting it once more, as a new step" >&2',
+    "  local attempt step status log err tee launched next opts=() lines=()",
+    '  if [ -n "${hpcllm_recover+x}" ]; then  # in-job restarts: the step\'s nodes (spares left out)',
+    '    next=$("${hpcllm_recover[@]}" plan) || return 1',
+    '    mapfile -t lines <<< "$next"; opts=("${lines[@]:1}")',
+    "  fi",
+    "  while :; do",
+    "    for attempt in 1 2; do",
+    '      log=$(mktemp "${TMPDIR:-/tmp}/hpcllm-srun.XXXXXX")',
+    '      exec {err}> >(tee "$log" >&2); tee=$!  # srun stderr: on to the job log, and into $log',
+    "      launched=$(date +%s.%N)",
+    '      command srun "${opts[@]}" "$@" 2>&$err &',
+    "      step=$!",
+    '      exec {err}>&-',
+    *[f'      trap "kill -{sig} $step 2>/dev/null" {sig}' for sig in ("USR1", "USR2", "TERM")],
+    '      wait "$step"; status=$?',
+    '      while kill -0 "$step" 2>/dev/null; do wait "$step"; status=$?; done  # a trap woke `wait`: wait on',
+    "      trap - USR1 USR2 TERM",
+    '      wait "$tee"  # until tee has written the last of it',
+    '      if [ "$attempt" = 1 ] && grep -q "^srun: error: .*launch failed" "$log"; then',
+    '        echo "hpcllm: srun did not start the job step; starting it once more, as a new step" >&2',
+    '        rm -f "$log"; continue',
+    "      fi",
+    "      break",
+    "    done",
+    '    if [ "$status" != 0 ] && [ -n "${hpcllm_recover+x}" ] && next=$("${hpcllm_recover[@]}" next --status "$status" \\',
+    '        --log "$log" --launched "$launched" --ended "$(date +%s.%N)" -- "${opts[@]}"); then',
+    '      mapfile -t lines <<< "$next"; opts=("${lines[@]:1}")',
+    '      export HPCLLM_INJOB_RESTART="${lines[0]}"',
     '      rm -f "$log"; continue',
     "    fi",
     '    rm -f "$log"',
@@ -110,3 +134,23 @@ SRUN_PASSING_SIGNALS = [
     "  done",
     "}",
 ]
+
+
+def in_job_restarts(spec: JobSpec) -> int:
+    """slurm.max_restarts for a kind that restarts in the job (training, inference), else 0."""
+    from hpcllm.jobs.kind import get_kind
+
+    return spec.slurm.max_restarts if get_kind(spec.kind).restarts_in_job else 0
+
+
+def restart_lines(spec: JobSpec, python: str, spec_file: str) -> list[str]:
+    """The batch script's lines (before its step) that turn in-job restarts on: none when they are off."""
+    if not in_job_restarts(spec):
+        return []
+    from hpcllm.launch.recover import FAULT_FILE
+
+    faults = f"{spec.run_dir}/logs/{FAULT_FILE}"
+    return [f"# in-job restarts (slurm.max_restarts={spec.slurm.max_restarts}, slurm.spare_nodes="
+            f"{spec.slurm.spare_nodes}): see hpcllm.launch.recover",
+            f"hpcllm_recover=({shlex.quote(python)} -m hpcllm.launch.recover {shlex.quote(str(spec_file))})",
+            f"export HPCLLM_FAULT_FILE={shlex.quote(faults)}  # the watchdog names hung ranks there"]

@@ -39,7 +39,7 @@ from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.jobs.kind import JobKind, get_kind
 from hpcllm.launch.config import time_seconds
 from hpcllm.launch.finish import controller_state  # noqa: F401  (tests and callers ask it from here)
-from hpcllm.launch.script import SRUN_PASSING_SIGNALS, check_script_values, job_name
+from hpcllm.launch.script import SRUN_PASSING_SIGNALS, check_script_values, job_name, restart_lines
 
 PREVIOUS = "<previous job id>"  # what a dry run shows for ids not known yet
 
@@ -171,11 +171,15 @@ def slurm_parameters(pl: Planned, chunk: range, dependency: str | None) -> dict:
     for opt in s.extra:
         key, _, value = opt[2:].partition("=")
         extra[key.replace("-", "_")] = value or True
+    restart = restart_lines(pl.spec, pl.python, str(pl.spec_file))
+    if restart:  # in-job restarts: Slurm keeps the allocation when a node fails
+        extra["no_kill"] = True
     if dependency:  # the chain's (and the split array's), after any of the spec's own
         extra["dependency"] = ",".join(d for d in (extra.get("dependency"), dependency) if d)
-    params = dict(job_name=job_name(pl.spec), time=minutes(s.time), nodes=s.nodes, ntasks_per_node=s.tasks_per_node,
+    params = dict(job_name=job_name(pl.spec), time=minutes(s.time), nodes=s.allocated_nodes(), ntasks_per_node=s.tasks_per_node,
                   cpus_per_task=s.cpus_per_task, srun_args=list(s.srun_args), signal_delay_s=s.warning_signal_s(),
-                  setup=[*s.setup, "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", *SRUN_PASSING_SIGNALS],
+                  setup=[*s.setup, "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", *restart,
+                         *SRUN_PASSING_SIGNALS],
                   teardown=finish_lines(pl, chunk), additional_parameters=extra)
     if len(chunk) > 1:
         params["array_parallelism"] = min(s.array_parallelism or len(chunk), len(chunk))

@@ -24,7 +24,7 @@ def _starts(records: list[dict]) -> list[dict]:
     starts, by_id = [], {}
     for r in records:
         if r["event"] == "start":
-            entry = {"start": r, "end": None, "requeued": False}
+            entry = {"start": r, "end": None, "requeued": False, "restarted_in_job": None}
             starts.append(entry)
             by_id[r["start"]] = entry
         elif r["event"] == "end" and r.get("start") in by_id:
@@ -34,10 +34,22 @@ def _starts(records: list[dict]) -> list[dict]:
                 if _job(entry) == r.get("job"):
                     entry["requeued"] = r["event"] == "requeued"
                     break
+        elif r["event"] == "in_job_restart":  # hpcllm.launch.recover: the step ran again in the same allocation
+            for entry in reversed(starts):
+                if _job(entry) == str(r.get("job")):
+                    entry["restarted_in_job"] = r
+                    break
     for k, entry in enumerate(starts):
-        if _job(entry) is not None and any(_job(later) == _job(entry) for later in starts[k + 1:]):
+        # the same Slurm job started again with a higher restart count: Slurm requeued it (an in-job
+        # restart starts the same job again with the same count)
+        nxt = next((later for later in starts[k + 1:] if _job(later) == _job(entry)), None)
+        if _job(entry) is not None and nxt is not None and _requeues(nxt) > _requeues(entry):
             entry["requeued"] = True
     return starts
+
+
+def _requeues(entry: dict) -> int:
+    return int((entry["start"].get("slurm") or {}).get("restart_count") or 0)
 
 
 def _job(entry: dict) -> str | None:
@@ -54,6 +66,11 @@ def _job_name(entry: dict) -> str | None:
 
 def _ending(entry: dict) -> str:
     end, again = entry["end"], ", requeued" if entry["requeued"] else ""
+    if entry["restarted_in_job"]:
+        r = entry["restarted_in_job"]
+        again += (f", restarted in the job ({r.get('cause')}: {r.get('why')}; excluded "
+                  f"{', '.join(r.get('excluded') or []) or 'no node'}"
+                  + (f", spare {', '.join(r['spares_taken'])} taken" if r.get("spares_taken") else "") + ")")
     if end is None:
         return ("killed (no end record: scancel or the time limit where SIGTERM ends the process, kill -9, a node "
                 "failure or a crash the process could not report)" + again)
@@ -123,15 +140,37 @@ def training_report(run_dir: Path, starts: list[dict]) -> dict:
             before = rows[-1]
             row["steps_redone"] = max(0, before["last_step"] - resumed) if before["last_step"] is not None else None
             row["recovery_s"] = (loop_start - before["stopped"]) if loop_start is not None else None
+            row["in_job_restart"] = _in_job_parts(starts[k - 1]["restarted_in_job"], before, s, loop_start)
+            if row["in_job_restart"]:  # the job held its nodes while it recovered: allocated, not productive
+                row["in_job_restart"]["held_s"] = s["process_start"] - before["stopped"]
         rows.append(row)
-    allocated = sum(r["allocated_s"] for r in rows)
+    allocated = sum(r["allocated_s"] + ((r.get("in_job_restart") or {}).get("held_s") or 0) for r in rows)
     productive = sum(m["dt_s"] for m in metrics)  # the surviving records: every step once
     figures = run_figures(rows, metrics, [e["start"] for e in starts])
     return dict(kind="train", run_dir=str(run_dir), starts=rows, allocated_s=allocated, productive_step_s=productive,
+                in_job_restarts=sum(1 for r in rows if r.get("in_job_restart")),
+                requeues=sum(1 for e in starts if e["requeued"]),
                 goodput=productive / allocated if allocated > 0 else None,
                 steps_redone=sum(r.get("steps_redone") or 0 for r in rows),
                 final_step=metrics[-1]["step"] if metrics else None,
                 checkpoint_interval=advice_for(figures, figures["nodes"]))
+
+
+def _in_job_parts(rec: dict | None, before: dict, start: dict, loop_start: float | None) -> dict | None:
+    """An in-job restart's record and its recovery in parts: the failed start's last sign of life
+    (its last logged step) -> the failure detected (the watchdog's report of a hung rank; srun's end
+    for a death, which it sees at once) -> the step ended (teardown) -> the restart decided ->
+    the new ranks started and joined (relaunch: srun, imports, rendezvous) -> the new start's first
+    step began (model set-up and checkpoint load). (Not the process start time: Linux gives it to
+    within a second only.)"""
+    if rec is None:
+        return None
+    t = [before["stopped"], rec.get("detected") or rec.get("step_ended"), rec.get("step_ended"), rec.get("time"),
+         start.get("time"), loop_start]
+    gaps = [(b - a) if a is not None and b is not None else None for a, b in zip(t, t[1:])]
+    return dict(restart=rec.get("restart"), cause=rec.get("cause"), why=rec.get("why"), excluded=rec.get("excluded"),
+                spares_taken=rec.get("spares_taken"), detect_s=gaps[0], teardown_s=gaps[1], decide_s=gaps[2],
+                relaunch_s=gaps[3], load_s=gaps[4])
 
 
 def _read_markers(out_dir: Path, suffix: str) -> dict[str, dict]:
@@ -244,6 +283,12 @@ def _train_lines(i: int, r: dict) -> list[str]:
     if i > 0:
         lines.append(f"      restart: {_f(r.get('steps_redone'), '{}')} step(s) redone, recovery "
                      f"{_f(r.get('recovery_s'))} s (stop of start {i - 1} -> first new step)")
+    ij = r.get("in_job_restart")
+    if ij:
+        lines.append(f"      in-job restart {ij['restart']} (no requeue, same allocation): {ij['cause']}, excluded "
+                     f"{', '.join(ij['excluded'] or []) or 'no node'}; recovery parts: detection {_f(ij['detect_s'])} s, "
+                     f"teardown {_f(ij['teardown_s'])} s, decision {_f(ij['decide_s'])} s, relaunch "
+                     f"{_f(ij['relaunch_s'])} s, model set-up and checkpoint load {_f(ij['load_s'])} s")
     for pr in r["per_rank"]:
         mem = f", peak RSS {pr['peak_rss_bytes'] / 2**20:.1f} MB" if pr.get("peak_rss_bytes") else ""
         gpu = f", GPU peak {pr['gpu_peak_allocated_bytes'] / 2**20:.1f} MB" if pr.get("gpu_peak_allocated_bytes") else ""
@@ -282,7 +327,7 @@ def format_report(rep: dict) -> str:
     if rep["kind"] == "train":
         lines.append(f"total: allocated {rep['allocated_s']:.1f} s, productive step time {rep['productive_step_s']:.1f} s, "
                      f"goodput {_f(rep['goodput'], '{:.1%}')}, {rep['steps_redone']} step(s) redone, final step "
-                     f"{rep['final_step']}")
+                     f"{rep['final_step']}; {rep['in_job_restarts']} in-job restart(s), {rep['requeues']} requeue(s)")
         lines += advice_lines(rep["checkpoint_interval"], indent="")
     else:
         sh = rep["shard_seconds"]

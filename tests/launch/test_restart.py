@@ -243,17 +243,10 @@ def test_a_node_set_down_is_left_out_and_the_job_goes_on_on_the_other(root):
 def test_inference_job_that_loses_a_rank_finishes_its_shards_on_the_node_left(root):
     """An inference job (dynamic schedule, 2 nodes x 1 task) whose rank on n2 is killed goes on on n1
     with the shards left: its outputs are one process's, every shard once."""
-    from hpcllm.model import ModelConfig, build_model, save_hf_model
-    from tests.infer.helpers import outputs
+    from tests.infer.helpers import model_and_prompts, outputs
 
-    model = build_model(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=258).resolve())
-    save_hf_model(model.init_weights(3), root / "model")
-    lines = [{"id": 700 + i, "text": "x = " * (1 + i % 5) + str(i)} for i in range(16)]
-    (root / "p.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    prep = write_spec(root, {"kind": "prepare", "name": "prompts", "run_dir": str(root / "prompts-prep"), "data": {
-        "inputs": [str(root / "p.jsonl")], "output": "prompts", "id_field": "id", "prompts_per_shard": 1,
-        "dataset": str(root / "prompts")}})
-    assert hpcllm("prepare", str(prep)).returncode == 0
+    lines = [{"id": 700 + i, "prompt": "x = " * (1 + i % 5) + str(i)} for i in range(16)]
+    model_and_prompts(root, lines, cli=None, per_shard=1)
     infer = {"model": str(root / "model"), "prompts": str(root / "prompts"), "max_new_tokens": 16,
              "temperature": 0.9, "top_k": 20, "seed": 4, "batch_size": 1, "schedule": "dynamic"}
     s = {"kind": "infer", "name": "infer-lost", "run_dir": str(root / "infer-lost"), "infer": infer,

@@ -170,17 +170,10 @@ def test_training_on_two_nodes_equals_one_rank_on_the_union_batch(root, mpi_job,
 
 
 def test_dynamic_inference_on_two_nodes_equals_one_process(root):
-    from hpcllm.model import ModelConfig, build_model, save_hf_model
-    from tests.infer.test_job import outputs
+    from tests.infer.helpers import model_and_prompts, outputs
 
-    model = build_model(ModelConfig(size="custom", n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=258).resolve())
-    save_hf_model(model.init_weights(3), root / "model")
-    lines = [{"id": 500 + i, "text": "x = " * (1 + i % 5) + str(i)} for i in range(13)]
-    (root / "p.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    prep = write_spec(root, {"kind": "prepare", "name": "prompts", "run_dir": str(root / "prompts-prep"), "data": {
-        "inputs": [str(root / "p.jsonl")], "output": "prompts", "id_field": "id", "prompts_per_shard": 2,
-        "dataset": str(root / "prompts")}})
-    assert hpcllm("prepare", str(prep)).returncode == 0
+    lines = [{"id": 500 + i, "prompt": "x = " * (1 + i % 5) + str(i)} for i in range(13)]
+    model_and_prompts(root, lines, cli=None, per_shard=2)
     infer = {"model": str(root / "model"), "prompts": str(root / "prompts"), "max_new_tokens": 10,
              "temperature": 0.9, "top_k": 20, "seed": 4, "batch_size": 2, "schedule": "dynamic"}
     spec = {"kind": "infer", "name": "infer2n", "run_dir": str(root / "infer2n"), "infer": infer,

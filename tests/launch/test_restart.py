@@ -29,13 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch.test_two_node import checkpoint_steps, controller_fields, hpcllm, job_output, local_env, submit, \
-    weights, write_spec
-from tests.slurm_util import require_slurm, run, wait_job, wait_until
+from tests.launch.test_two_node import ENV, REPO, checkpoint_steps, controller_fields, job_output, local_env, \
+    root, submit, weights, write_spec  # noqa: F401 - root: the 2-node cluster's fixture (a prepared dataset)
+from tests.slurm_util import run, wait_job, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi, pytest.mark.xdist_group("slurm-2node")]
-
-from tests.launch.test_two_node import ENV, REPO  # noqa: E402
 
 STEPS = 200  # ~0.03 s a step here: the failure lands mid-run, a few steps after a checkpoint
 CKPT = 20
@@ -52,23 +50,6 @@ def spec(root: Path, name: str, *, nodes: int, spare: int = 0, global_batch: int
                       "ckpt_interval": CKPT, "keep_checkpoints": 100, "progress": False},
             "slurm": {"nodes": nodes, "spare_nodes": spare, "tasks_per_node": 1, "time": "00:10:00",
                       "max_restarts": 2}}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    require_slurm(two_node=True)
-    root = tmp_path_factory.mktemp("restart")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    import email
-
-    for p in sorted(Path(email.__file__).parent.glob("*.py")):
-        (corpus / p.name).write_text(p.read_text())
-    prep = write_spec(root, {"kind": "prepare", "name": "prep", "run_dir": str(root / "prep"),
-                             "data": {"inputs": [str(corpus)], "dataset": str(root / "ds"), "val_fraction": 0.2}})
-    p = hpcllm("prepare", str(prep))
-    assert p.returncode == 0, p.stderr
-    return root
 
 
 def reference(root: Path, s: dict) -> subprocess.Popen:

@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -15,6 +16,20 @@ def cli():
     session = CliSession()
     yield session.run
     session.close()
+
+
+@pytest.fixture(autouse=True)
+def _hpcllm_logs_reach_caplog():
+    """Every test starts with the "hpcllm" logger as a fresh process has it: no handlers, records
+    propagating to the root (where caplog listens). A test that ran hpcllm's own setup_logging in this
+    worker before (an in-process CLI call) left it not propagating, so a later caplog test would see
+    no records at all — which test ran before depends on how xdist shares the tests out."""
+    logger = logging.getLogger("hpcllm")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.propagate, logger.level = True, logging.NOTSET
+    yield
 
 
 @pytest.fixture(scope="session")

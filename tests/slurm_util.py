@@ -122,12 +122,6 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.5) -> N
         time.sleep(poll_s)
 
 
-def wait_for_logged_steps(metrics: Path, n: int) -> None:
-    """Until a job's metrics.jsonl holds n lines (polled every 0.1 s: a signal sent then lands mid-run)."""
-    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= n, 120, f"{n} steps in {metrics}",
-               poll_s=0.1)
-
-
 def quote(*argv: str) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 

@@ -109,10 +109,10 @@ def test_bad_inputs(setup, tmp_path, cli):
 
 @pytest.mark.mpi
 def test_tensor_parallel_groups_give_the_same_outputs(setup, want):
-    """parallel.tp=2 on 2 ranks (one group), and dp=2 x tp=2 on 4 — shards to whichever group is free
-    (dynamic) or to the groups in turn (static): the outputs of one rank, written once per shard by
-    each group's first rank."""
-    for name, n, schedule in (("tp2", 2, "dynamic"), ("dp2tp2", 4, "dynamic"), ("dp2tp2-static", 4, "static")):
+    """dp=2 x tp=2 on 4 ranks — shards to whichever group is free (dynamic) or to the groups in turn
+    (static): the outputs of one rank, written once per shard by each group's first rank. (tp=2 alone
+    on 2 ranks: tests/infer/test_tensor_parallel.py, at the engine, for every family.)"""
+    for name, n, schedule in (("dp2tp2", 4, "dynamic"), ("dp2tp2-static", 4, "static")):
         p = infer(str(spec(setup, name, schedule=schedule)), "parallel.tp=2", "dist.backend=torch", n=n)
         assert p.returncode == 0, p.stderr[-2000:]
         assert outputs(setup / name) == want, name

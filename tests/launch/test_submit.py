@@ -1,4 +1,5 @@
 """`hpcllm submit` through submitit on the local Slurm: a 2-task training job, a chain, a dry run;
+a job requeued by Slurm and through its batch shell that ends as an uninterrupted run does;
 every spec checked (by hpcllm and by Slurm) before any job is submitted; a failed first stage
 cancels the rest of its chain; a job whose restarted step fails to launch fails; array parallelism
 across split arrays; the job's own interpreter; overrides anywhere on the command line."""
@@ -12,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from hpcllm.launch.submit import minutes
-from tests.slurm_util import (mpi_in_background, require_slurm, run, sacct_rows, slurm_env, wait_for_logged_steps,
-                              wait_job, wait_until)
+from tests.slurm_util import mpi_in_background, require_slurm, run, sacct_rows, slurm_env, wait_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -214,8 +214,10 @@ def requeue_after_its_first_checkpoint(job: str, run_dir: Path) -> None:
 
 @pytest.mark.slurm
 def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path, prepared_ds):
-    """scontrol requeue kills the job without warning: it restarts from its last periodic checkpoint
-    and still ends with the parameters of an uninterrupted run. scancel ends it as CANCELLED."""
+    """scontrol requeue (Slurm's SIGTERM, the job killed after KillWait if it lingers), then USR2 sent
+    to submitit's batch shell only (`scancel --batch`: the shell must pass it on to the ranks, not die
+    of it, FAILED 0:12): each start resumes from the last checkpoint, and the job still ends with the
+    parameters of an uninterrupted run. scancel ends a job as CANCELLED."""
     require_slurm()
     import time
 
@@ -223,18 +225,37 @@ def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path, prepared_
 
     train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
-    t["train"].update(max_steps=300, log_interval=1, ckpt_interval=50)
+    # sized so that a step costs ~25 ms: the batch-shell signal is sent once the second start has
+    # logged 30 steps (resumed at ~50-70, so at step ~80-100) and lands within ~1 s; 300 steps leave
+    # ~5 s of training after it at full speed, more on a loaded machine. The tiny model ran 1500
+    # steps in ~4 s and sometimes finished before the signal came; a signal after the end fails the test
+    t["model"].update(n_layer=2, n_embd=128, block_size=128)
+    t["train"].update(max_steps=300, batch_size=4, seq_len=128, log_interval=1, ckpt_interval=50)
+    t["slurm"]["time"] = "00:05:00"
     ref = dict(t, name="ref", run_dir=str(tmp_path / "ref"))
     (tmp_path / "ref.yaml").write_text(json.dumps(ref))
     train.write_text(json.dumps(t))
-    # the uninterrupted reference trains here while the job runs and waits out its requeue (1 thread per
+    metrics, prov = tmp_path / "train" / "metrics.jsonl", tmp_path / "train" / "provenance.jsonl"
+    lines = lambda f: f.read_text().count("\n") if f.exists() else 0  # noqa: E731
+    starts = lambda: prov.read_text().count('"event": "start"') if prov.exists() else 0  # noqa: E731
+    # the uninterrupted reference trains here while the job runs and waits out its requeues (1 thread per
     # rank on the CPU: the load does not change its results)
     with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
                            tmp_path / "ref.log") as ref_run:
         job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
         requeue_after_its_first_checkpoint(job, tmp_path / "train")
+        wait_until(lambda: starts() == 2, 120, f"job {job}: its second start", poll_s=0.1)
+        logged = lines(metrics)
+        wait_until(lambda: lines(metrics) >= logged + 30, 120, f"job {job}: 30 steps of its second start", poll_s=0.1)
+        assert run(["scancel", "--batch", "--signal=USR2", job]).returncode == 0
         assert wait_job(job, 240) == "COMPLETED"
         assert ref_run.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    logs = tmp_path / "train" / "submitit" / job
+    out = (logs / f"{job}_0_log.out").read_text() + (logs / f"{job}_0_log.err").read_text()
+    assert "(signal SIGUSR2)" in out and f"checkpointed, requeueing job {job} (restart 1)" in out, out[-3000:]
+    assert f"hpcllm: train job {job}: complete" in out
+    states = run(["sacct", "-j", job, "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
+    assert states == ["REQUEUED", "REQUEUED", "COMPLETED"], states
     a = load_file(tmp_path / "ref" / "checkpoints" / "step_00000300")
     b = load_file(tmp_path / "train" / "checkpoints" / "step_00000300")
     assert all((a[k] == b[k]).all() for k in a)
@@ -403,8 +424,6 @@ def test_a_restarted_job_whose_step_fails_to_launch_fails(tmp_path, prepared_ds)
     step 115 of 300. (The step fails here through a PMIx directory that cannot be created, set only
     on the restart: the same failure as a leftover PMIx socket, without depending on that bug.)"""
     require_slurm()
-    import time
-
     train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
     t["train"].update(max_steps=100000, log_interval=1, ckpt_interval=20)
@@ -514,33 +533,6 @@ def test_a_submission_that_fails_half_way_cancels_what_it_submitted(tmp_path):
     assert r.stderr.endswith(f"File exists: '{tmp_path}/prep2/submitit' (cancelled the jobs it had submitted "
                              f"({first[0]}))\n"), r.stderr
     assert wait_job(first[0], 60) == "CANCELLED"
-
-
-@pytest.mark.slurm
-def test_signal_to_the_batch_shell_of_a_submitted_job_requeues_it(tmp_path, prepared_ds):
-    """`scancel --batch --signal=USR2` reaches the ranks through submitit's batch shell too (it
-    killed the shell: FAILED 0:12): the job checkpoints, is requeued once and completes."""
-    require_slurm()
-    train = train_spec(tmp_path, prepared_ds)
-    t = json.loads(train.read_text())
-    # sized so that a step costs ~25 ms (as in test_render's requeue test): the tiny model ran 1500 steps
-    # in ~4 s and sometimes finished before the signal came (a flaky test seen in CI)
-    t["model"].update(n_layer=2, n_embd=128, block_size=128)
-    # 240 steps: ~7 s of training after the signal is sent at step 20 (tests/launch/test_render.py's STEPS
-    # says why that is a wide margin); a signal that came after the end fails the test, it cannot pass
-    t["train"].update(max_steps=240, batch_size=4, seq_len=128, log_interval=1, ckpt_interval=0)
-    t["slurm"]["time"] = "00:05:00"
-    train.write_text(json.dumps(t))
-    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
-    wait_for_logged_steps(tmp_path / "train" / "metrics.jsonl", 20)
-    assert run(["scancel", "--batch", "--signal=USR2", job]).returncode == 0
-    assert wait_job(job, 240) == "COMPLETED"
-    logs = tmp_path / "train" / "submitit" / job
-    out = (logs / f"{job}_0_log.out").read_text() + (logs / f"{job}_0_log.err").read_text()
-    assert "(signal SIGUSR2)" in out and f"checkpointed, requeueing job {job} (restart 0)" in out, out[-3000:]
-    assert "resumed from" in out and f"hpcllm: train job {job}: complete" in out
-    states = run(["sacct", "-j", job, "-X", "-n", "-D", "-P", "-o", "State"]).stdout.split()
-    assert states == ["REQUEUED", "COMPLETED"], states
 
 
 @pytest.mark.slurm

@@ -1,7 +1,8 @@
 """Run reports on the local Slurm cluster:
-- a rendered training job requeued twice — `scontrol requeue` (Slurm's SIGTERM) and `scancel
-  --signal=USR2` (the job checkpoints and requeues itself): three starts with their endings, steps
-  redone, recovery times, and sacct's three allocations beside the records;
+- a rendered training job requeued twice — `scontrol requeue` (Slurm's SIGTERM) and `scancel --batch
+  --signal=USR2` (the batch shell passes it on; the job checkpoints and requeues itself): the same
+  losses and weights as an uninterrupted run, three starts with their endings, steps redone,
+  recovery times, and sacct's three allocations beside the records;
 - a training job one of whose ranks is killed with kill -9, then resubmitted: the killed start,
   the steps it lost, the recovery time across the resubmission;
 - an inference job array whose task is cancelled mid-shard and resubmitted: the shards that start
@@ -15,10 +16,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hpcllm.launch.jobs import record_submission
 from tests.report.test_report import REPO
-from tests.slurm_util import require_slurm, run, sbatch, slurm_env, wait_job, wait_until
+from tests.slurm_util import mpi_in_background, require_slurm, run, sbatch, slurm_env, wait_job, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -67,17 +69,37 @@ def _report(run_dir, *args):
 
 
 def test_report_of_a_job_requeued_twice(tmp_path, small_ds):
+    """The rendered script under both of Slurm's requeues — `scontrol requeue` (SIGTERM to the
+    ranks) and USR2 sent to the batch shell only (`scancel --batch`, which the script must pass on
+    to its ranks instead of dying of it) — ends with exactly what an uninterrupted run computes,
+    and the report tells the three starts apart."""
     require_slurm()
+    from hpcllm.checkpoint import read_checkpoint_model
+
     run_dir, script = _render_train(tmp_path, small_ds, "job", max_requeues=2)
-    job = str(sbatch(script, tmp_path))
-    record_submission(run_dir, job, "train", "job", 1, cluster="hpcllm")  # as `hpcllm submit` would: for `hpcllm jobs`
-    wait_until(lambda: _starts(run_dir) == 1 and any(s >= 80 for s in _steps(run_dir)), 120, "first start at step 80",
-               poll_s=0.1)
-    assert run(["scontrol", "requeue", job]).returncode == 0
-    wait_until(lambda: _starts(run_dir) == 2 and len(_steps(run_dir)) > 0 and _steps(run_dir)[-1] >= 200, 180,
-               "second start past step 200", poll_s=0.1)
-    assert run(["scancel", "--signal=USR2", job]).returncode == 0
-    assert wait_job(job, 240) == "COMPLETED"
+    ref_dir, _ = _render_train(tmp_path, small_ds, "ref", max_requeues=0)
+    # the uninterrupted reference trains on 2 ranks beside the job (CPU arithmetic on 1 thread a rank:
+    # its results do not depend on the load; the job only gets slower, which leaves the signals more time)
+    with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
+                           tmp_path / "ref.log") as ref:
+        job = str(sbatch(script, tmp_path))
+        record_submission(run_dir, job, "train", "job", 1, cluster="hpcllm")  # as `hpcllm submit` would: for `hpcllm jobs`
+        wait_until(lambda: _starts(run_dir) == 1 and any(s >= 80 for s in _steps(run_dir)), 120,
+                   "first start at step 80", poll_s=0.1)
+        assert run(["scontrol", "requeue", job]).returncode == 0
+        wait_until(lambda: _starts(run_dir) == 2 and len(_steps(run_dir)) > 0 and _steps(run_dir)[-1] >= 200, 180,
+                   "second start past step 200", poll_s=0.1)
+        assert run(["scancel", "--batch", "--signal=USR2", job]).returncode == 0
+        assert wait_job(job, 240) == "COMPLETED"
+        assert ref.wait(240) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+    log = "".join(p.read_text() for p in (run_dir / "logs").glob("*.out"))
+    assert "(signal SIGUSR2)" in log and "checkpointed, requeueing job" in log and "resumed from" in log
+    assert f"train job {job}: complete" in log, log[-3000:]
+    # exact: every logged loss (a step redone after the SIGTERM logs again, the same) and the final weights
+    losses = lambda d: {(r := json.loads(x))["step"]: r["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()}
+    assert losses(run_dir) == losses(ref_dir)
+    a, b = (read_checkpoint_model(d / "checkpoints" / f"step_{STEPS:08d}") for d in (ref_dir, run_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     rep = _report(run_dir, "--json")
     s0, s1, s2 = rep["starts"]

@@ -25,23 +25,24 @@ def sp_run(shared_run, n: int, shard: str, family: str):
                       batch=GLOBAL // (n // 2))
 
 
-@pytest.mark.parametrize("n,shard,family", [(2, "none", "llama"), (2, "none", "gpt"), (4, "none", "llama"),
-                                            (4, "full", "gpt"), (4, "optimizer", "llama")])
+# dp=2 x tp=2 with ZeRO-1 and with FSDP2 (plain dp=2 x tp=2 adds nothing the optimizer case does not run)
+@pytest.mark.parametrize("n,shard,family", [(2, "none", "llama"), (2, "none", "gpt"), (4, "full", "gpt"),
+                                            (4, "optimizer", "llama")])
 def test_sequence_parallel_equals_one_rank_with_the_union_batch(shared_run, references, n, shard, family):
     run, _, p = sp_run(shared_run, n, shard, family)
     assert f"parallel.shard={shard} tp=2 sequence_parallel" in p.stderr, p.stderr[-2000:]
     assert_same_run(run, references / family)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt"])
-def test_sequence_parallel_within_pipeline_stages(tmp_path, dataset, references, family):
+def test_sequence_parallel_within_pipeline_stages(tmp_path, dataset, references):
     """pp=2 x tp=2: each stage's norms on sequence slices, each tp rank passing only its slice of the
-    positions to the next stage (whose Llama rotary positions are still the whole sequence's)."""
-    name = f"pp-sp-{family}"
-    spec = spec_file(tmp_path, dataset, name, LLAMA if family == "llama" else GPT, backend="torch", tp=2, batch=3)
+    positions to the next stage (whose Llama rotary positions are still the whole sequence's). Llama
+    only: the rotary positions are what a stage boundary can get wrong; GPT-2 adds its positions
+    before the first stage, and its sequence-parallel blocks run in test_..._union_batch above."""
+    spec = spec_file(tmp_path, dataset, "pp-sp", LLAMA, backend="torch", tp=2, batch=3)
     p = train(spec, 4, "parallel.pp=2", "parallel.sequence_parallel=true")
     assert "parallel.shard=none tp=2 sequence_parallel pp=2" in p.stderr, p.stderr[-2000:]
-    assert_same_run(tmp_path / name, references / family)
+    assert_same_run(tmp_path / "pp-sp", references / "llama")
 
 
 def test_sequence_parallel_checkpoint_resumes_on_one_rank(tmp_path, dataset, references, shared_run):

@@ -20,8 +20,9 @@ Under FSDP2 (parallel.shard full), tensor and pipeline parallelism the collectiv
 forward and backward, so a slow rank's peers wait there too and their busy time grows with it: the
 comparison then sees less of the difference (data parallel and ZeRO-1 wait after backward only).
 
-Test hook: HPCLLM_TEST_SLOW_RANK=R:SECONDS makes rank R sleep SECONDS inside each step's compute
-(`injected_delay`, read once in TrainStep) — how the tests make a straggler without a second machine.
+Test hook: HPCLLM_TEST_SLOW_RANK=R:SECONDS makes rank R (every rank: `*`) sleep SECONDS inside each
+step's compute (`injected_delay`, read once in TrainStep) — how the tests make a straggler without a
+second machine, and slow a job down without burning CPU (a signal must land mid-run).
 """
 
 from __future__ import annotations
@@ -41,16 +42,17 @@ TEST_SLOW_RANK = "HPCLLM_TEST_SLOW_RANK"
 
 def injected_delay(rank: int) -> float:
     """Seconds this rank sleeps in each step's compute under the test hook HPCLLM_TEST_SLOW_RANK=R:S
-    (0 when unset or for another rank). A value that does not read as R:S is an error naming it."""
+    (R a rank or `*` for all; 0 when unset or for another rank). A value that does not read as R:S is
+    an error naming it."""
     value = os.environ.get(TEST_SLOW_RANK, "").strip()
     if not value:
         return 0.0
     try:
         r, s = value.split(":")
-        slow_rank, seconds = int(r), float(s)
+        slow_rank, seconds = (None if r == "*" else int(r)), float(s)
     except ValueError:
-        raise ConfigError(f"{TEST_SLOW_RANK}={value!r}: expected RANK:SECONDS, e.g. 1:0.05") from None
-    return seconds if slow_rank == rank else 0.0
+        raise ConfigError(f"{TEST_SLOW_RANK}={value!r}: expected RANK:SECONDS or *:SECONDS, e.g. 1:0.05") from None
+    return seconds if slow_rank in (None, rank) else 0.0
 
 
 @dataclass

@@ -41,9 +41,16 @@ def specs(tmp_path):
     return tmp_path / "prep.yaml", tmp_path / "train.yaml"
 
 
-def hpcllm_submit(*args):
+def hpcllm_submit(*args, env: dict | None = None):
     return subprocess.run([sys.executable, "-m", "hpcllm.cli", "submit", *args], capture_output=True, text=True,
-                          env=slurm_env(), cwd=REPO, timeout=120)
+                          env=slurm_env(env), cwd=REPO, timeout=120)
+
+
+# a job that must still be running when a signal comes: every rank sleeps this long in each step
+# (hpcllm.train.stragglers' test hook; the job's ranks inherit it from sbatch's environment). A tiny
+# model's step then takes ~25 ms, as a model sized to compute that long did — without its CPU, which
+# the rest of the suite needs
+SLOW_STEPS = {"HPCLLM_TEST_SLOW_RANK": "*:0.02"}
 
 
 @pytest.fixture(scope="module")
@@ -225,12 +232,11 @@ def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path, prepared_
 
     train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
-    # sized so that a step costs ~25 ms: the batch-shell signal is sent once the second start has
-    # logged 30 steps (resumed at ~50-70, so at step ~80-100) and lands within ~1 s; 300 steps leave
-    # ~5 s of training after it at full speed, more on a loaded machine. The tiny model ran 1500
-    # steps in ~4 s and sometimes finished before the signal came; a signal after the end fails the test
-    t["model"].update(n_layer=2, n_embd=128, block_size=128)
-    t["train"].update(max_steps=300, batch_size=4, seq_len=128, log_interval=1, ckpt_interval=50)
+    # ~25 ms a step (SLOW_STEPS): the batch-shell signal is sent once the second start has logged 30
+    # steps (resumed at ~50-70, so at step ~80-100) and lands within ~1 s; 300 steps leave ~5 s of
+    # training after it. At full speed the tiny model ran 1500 steps in ~4 s and sometimes finished
+    # before the signal came; a signal after the end fails the test
+    t["train"].update(max_steps=300, log_interval=1, ckpt_interval=50)
     t["slurm"]["time"] = "00:05:00"
     ref = dict(t, name="ref", run_dir=str(tmp_path / "ref"))
     (tmp_path / "ref.yaml").write_text(json.dumps(ref))
@@ -242,7 +248,7 @@ def test_cancel_and_hard_requeue_of_a_submitted_training_job(tmp_path, prepared_
     # rank on the CPU: the load does not change its results)
     with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
                            tmp_path / "ref.log") as ref_run:
-        job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+        job = re.findall(r"as (\d+)", hpcllm_submit(str(train), env=SLOW_STEPS).stdout)[0]
         requeue_after_its_first_checkpoint(job, tmp_path / "train")
         wait_until(lambda: starts() == 2, 120, f"job {job}: its second start", poll_s=0.1)
         logged = lines(metrics)
@@ -281,7 +287,8 @@ def test_training_job_stops_before_its_time_limit_requeues_and_resumes(tmp_path,
     t["train"].update(max_steps=1_000_000, log_interval=50, ckpt_interval=0, end_time_margin_s=45)
     t["slurm"].update(time="00:01:00", max_requeues=1)
     train.write_text(json.dumps(t))
-    job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+    # each start trains for ~15 s: sleeping through its steps, not computing them flat out
+    job = re.findall(r"as (\d+)", hpcllm_submit(str(train), env=SLOW_STEPS).stdout)[0]
     assert wait_job(job, 150) == "FAILED"
     logs = tmp_path / "train" / "submitit" / job
     out = (logs / f"{job}_0_log.out").read_text() + (logs / f"{job}_0_log.err").read_text()
@@ -549,18 +556,18 @@ def test_a_cancelled_job_resubmitted_on_fewer_tasks_continues_the_run(tmp_path, 
 
     train = train_spec(tmp_path, prepared_ds)
     t = json.loads(train.read_text())
-    t["model"].update(n_layer=2, n_embd=128, block_size=128)  # ~25 ms a step: the cancel lands mid-run
-    # the cancel is sent once the step-20 checkpoint is there and lands within ~1 s (~30 steps): 240 steps
-    # leave several seconds of margin; a cancel after the end would leave nothing to resume (asserted)
-    t["train"].update(max_steps=240, batch_size=2, global_batch_size=4, seq_len=128, log_interval=1,
-                      ckpt_interval=20, keep_checkpoints=2)
+    # ~25 ms a step (SLOW_STEPS): the cancel is sent once the step-20 checkpoint is there and lands within
+    # ~1 s (~30 steps): 240 steps leave several seconds of margin; a cancel after the end would leave
+    # nothing to resume (asserted)
+    t["train"].update(max_steps=240, batch_size=2, global_batch_size=4, log_interval=1, ckpt_interval=20,
+                      keep_checkpoints=2)
     t["slurm"]["time"] = "00:05:00"
     (tmp_path / "ref.yaml").write_text(json.dumps(dict(t, name="ref", run_dir=str(tmp_path / "ref"))))
     train.write_text(json.dumps(t))
     # the uninterrupted 2-rank reference trains here meanwhile (1 thread per rank: exact under any load)
     with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
                            tmp_path / "ref.log") as ref_run:
-        job = re.findall(r"as (\d+)", hpcllm_submit(str(train)).stdout)[0]
+        job = re.findall(r"as (\d+)", hpcllm_submit(str(train), env=SLOW_STEPS).stdout)[0]
         ckpts = tmp_path / "train" / "checkpoints"
         deadline = time.time() + 120
         while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step_") and

@@ -24,13 +24,15 @@ from tests.slurm_util import mpi_in_background, require_slurm, run, sbatch, slur
 
 pytestmark = pytest.mark.slurm
 
-# sized so that a step costs ~30 ms on 2 ranks (tests/launch/test_render.py's STEPS). The job requeued twice
-# gets USR2 once its second start logged step 200 (polled every 0.1 s; a signal lands within ~0.5 s, ~15
-# steps): 400 steps leave ~6 s of training after step 200 at full speed, more on a loaded machine, so even a
-# signal 3 s late (~90 steps) lands mid-run; a late one fails the test (s1 would not end "stopped (signal
+# a step takes ~25 ms on 2 ranks: a tiny model whose ranks sleep 20 ms in each (hpcllm.train.stragglers'
+# test hook, passed to the job through sbatch's environment; a model sized to compute that long cost the
+# suite its CPU). The job requeued twice gets USR2 once its second start logged step 200 (polled every
+# 0.1 s; a signal lands within ~0.5 s, ~20 steps): 400 steps leave ~5 s of training after step 200, so
+# even a signal 3 s late lands mid-run; a late one fails the test (s1 would not end "stopped (signal
 # SIGUSR2), requeued"). The killed rank dies at step >= 80 within milliseconds: 240 steps are plenty there.
 STEPS = 400
 KILL_STEPS = 240
+SLOW_STEPS = slurm_env({"HPCLLM_TEST_SLOW_RANK": "*:0.02"})
 
 
 def _steps(run_dir):
@@ -49,8 +51,8 @@ def _render_train(tmp_path, ds, name: str, max_requeues: int, steps: int = STEPS
     run_dir = tmp_path / name
     spec = {"kind": "train", "name": name, "run_dir": str(run_dir), "data": {"dataset": str(ds)},
             "dist": {"timeout_s": 60},
-            "model": {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128},
-            "train": {"max_steps": steps, "batch_size": 4, "seq_len": 128, "log_interval": 10, "eval_interval": 0,
+            "model": {"size": "custom", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64},
+            "train": {"max_steps": steps, "batch_size": 2, "seq_len": 32, "log_interval": 10, "eval_interval": 0,
                       "ckpt_interval": 50, "progress": False},
             "slurm": {"tasks_per_node": 2, "time": "00:05:00", "max_requeues": max_requeues}}
     (tmp_path / f"{name}.yaml").write_text(json.dumps(spec))
@@ -82,7 +84,7 @@ def test_report_of_a_job_requeued_twice(tmp_path, small_ds):
     # its results do not depend on the load; the job only gets slower, which leaves the signals more time)
     with mpi_in_background(2, [sys.executable, "-m", "hpcllm.cli", "train", str(tmp_path / "ref.yaml")],
                            tmp_path / "ref.log") as ref:
-        job = str(sbatch(script, tmp_path))
+        job = str(sbatch(script, tmp_path, env=SLOW_STEPS))
         record_submission(run_dir, job, "train", "job", 1, cluster="hpcllm")  # as `hpcllm submit` would: for `hpcllm jobs`
         wait_until(lambda: _starts(run_dir) == 1 and any(s >= 80 for s in _steps(run_dir)), 120,
                    "first start at step 80", poll_s=0.1)
@@ -153,7 +155,7 @@ def _rank_pids(pattern: str) -> list[int]:
 def test_report_of_a_rank_killed_and_the_job_resubmitted(tmp_path, small_ds):
     require_slurm()
     run_dir, script = _render_train(tmp_path, small_ds, "kill9", max_requeues=0, steps=KILL_STEPS)
-    job1 = str(sbatch(script, tmp_path))
+    job1 = str(sbatch(script, tmp_path, env=SLOW_STEPS))
     wait_until(lambda: any(s >= 80 for s in _steps(run_dir)), 120, "step 80", poll_s=0.1)
     killed_at = _steps(run_dir)[-1]
     ranks = _rank_pids(f"hpcllm.cli train {run_dir / 'train-spec.yaml'}")  # the spec the script runs

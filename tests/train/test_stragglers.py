@@ -70,9 +70,11 @@ def _ranks(busy):
 
 
 def test_the_test_hook(monkeypatch):
-    """HPCLLM_TEST_SLOW_RANK=R:S: rank R sleeps S seconds in each step's compute."""
+    """HPCLLM_TEST_SLOW_RANK=R:S: rank R (every rank: *) sleeps S seconds in each step's compute."""
     monkeypatch.setenv("HPCLLM_TEST_SLOW_RANK", "1:0.05")
     assert (injected_delay(0), injected_delay(1)) == (0.0, 0.05)
+    monkeypatch.setenv("HPCLLM_TEST_SLOW_RANK", "*:0.02")  # every rank (the Slurm signal tests' slow jobs)
+    assert (injected_delay(0), injected_delay(1)) == (0.02, 0.02)
     monkeypatch.setenv("HPCLLM_TEST_SLOW_RANK", "one")
     with pytest.raises(ConfigError, match="HPCLLM_TEST_SLOW_RANK='one': expected RANK:SECONDS"):
         injected_delay(0)

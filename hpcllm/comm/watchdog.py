@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from hpcllm.errors import CollectiveTimeout
+from hpcllm.errors import CollectiveTimeout, HpcllmError
 
 log = logging.getLogger("hpcllm.comm")
 
@@ -169,10 +169,12 @@ def _report(**fields) -> None:
 
     rec = dict(time=time.time(), job=os.environ.get("SLURM_JOB_ID"), step=os.environ.get("SLURM_STEP_ID"),
                node=os.environ.get("SLURMD_NODENAME"), **fields)
+    from hpcllm.paths import open_append  # never through a link planted in the run dir's logs/
+
     try:
-        with open(path, "a") as f:
+        with open_append(path) as f:
             f.write(json.dumps({k: (sorted(v.items()) if isinstance(v, dict) else v) for k, v in rec.items()}) + "\n")
-    except OSError as e:
+    except (OSError, HpcllmError) as e:
         print(f"[hpcllm rank {fields.get('rank')}] could not write the watchdog's report to {path} ({e})",
               file=sys.stderr, flush=True)
 

@@ -292,6 +292,24 @@ def test_appended_run_files_are_never_written_through_a_link(tmp_path):
         setup_logging(0)
 
 
+def test_the_watchdogs_report_is_never_written_through_a_link(tmp_path, monkeypatch, capsys):
+    """logs/faults.jsonl (the in-job restart reads the hung ranks there): best effort — the rank's
+    abort must follow whatever happens — so a link is said on stderr, and nothing is written through it."""
+    from hpcllm.comm.watchdog import _report
+
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "faults.jsonl").symlink_to(target)
+    monkeypatch.setenv("HPCLLM_FAULT_FILE", str(tmp_path / "logs" / "faults.jsonl"))
+    _report(missing=[1], rank=0)
+    assert target.read_text() == "precious\n"
+    assert f"{tmp_path / 'logs' / 'faults.jsonl'}: a symbolic link" in capsys.readouterr().err
+    (tmp_path / "logs" / "faults.jsonl").unlink()
+    _report(missing=[1], rank=0)  # a regular file: written
+    assert '"missing": [1]' in (tmp_path / "logs" / "faults.jsonl").read_text()
+
+
 def test_a_fifo_in_place_of_an_appended_file_is_refused_without_blocking(tmp_path):
     from hpcllm.provenance import append
 

@@ -38,7 +38,7 @@ class SlurmConfig:
     # training, inference: restarts inside the allocation when a node is lost or a rank killed or hung
     # (hpcllm.launch.recover; the job asks for --no-kill); 0: the job fails or requeues as before
     max_restarts: int = 2
-    spare_nodes: int = 0  # training: ask for nodes + spare_nodes, train on `nodes`; a spare replaces a failed node
+    spare_nodes: int = 0  # training, inference: ask for nodes + spare_nodes, run on `nodes`; a spare replaces a failed node
     python: str = ""  # interpreter inside the job; "" = the one running hpcllm render/submit
     # inference: split the prompt shards over a job array of this many tasks (0/1: one job)
     array_tasks: int = 0

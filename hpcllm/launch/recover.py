@@ -101,6 +101,11 @@ def node_state(node: str) -> str:
         return "UNKNOWN"
 
 
+def is_bad(state: str) -> bool:
+    """A node state no step should run on (DOWN, DRAINED, NOT_RESPONDING, ...; with flags: IDLE+DRAIN)."""
+    return any(s in state for s in BAD_NODE_STATES)
+
+
 def plan_nodes(spec, alloc: list[str]) -> list[str]:
     want = spec.slurm.nodes
     if len(alloc) < want:
@@ -163,13 +168,14 @@ def find_cause(run_dir: str, job: str, nodes: list[str], tasks_per_node: int, sr
         return "hung", bad, (f"rank(s) {', '.join(map(str, sorted(hung)))} did not arrive at a collective "
                              f"(hung or dead: named by the watchdog) on {', '.join(bad)}"), min(r["time"] for r in reports)
     alloc = set(allocation(job))
-    lost = [n for n in nodes if n not in alloc or any(s in node_state(n) for s in BAD_NODE_STATES)]
+    state = {n: node_state(n) for n in nodes}
+    lost = [n for n in nodes if n not in alloc or is_bad(state[n])]
     for line in lines:
         m = _NODE_FAILURE.match(line)
         if m and m[1] in nodes and m[1] not in lost:
             lost.append(m[1])
     if lost:
-        states = ", ".join(f"{n} {node_state(n)}" + ("" if n in alloc else " (left the allocation)") for n in lost)
+        states = ", ".join(f"{n} {state[n]}" + ("" if n in alloc else " (left the allocation)") for n in lost)
         return "lost", lost, f"node(s) lost: {states}", None
     for line in lines:  # the first task that died of a signal: the ones after it were taken down with it
         m = _TASK_DIED.match(line.strip())
@@ -239,8 +245,7 @@ def decide(spec, job: str, requeue: str, status: int, options: list[str], srun_l
     excluded = sorted({n for r in done for n in r.get("excluded", [])} | set(bad))
     alloc = allocation(job)
     keep = [n for n in nodes if n not in bad]
-    spares = [n for n in alloc if n not in nodes and n not in excluded
-              and not any(st in node_state(n) for st in BAD_NODE_STATES)]
+    spares = [n for n in alloc if n not in nodes and n not in excluded and not is_bad(node_state(n))]
     taken = spares[: len(bad)]
     new = [n for n in alloc if n in keep or n in taken]  # in Slurm's order: rank r on node r // tasks_per_node
     if not new:

@@ -17,7 +17,6 @@ The recovery time of these runs, in parts, is in docs/performance.md.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -29,6 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpcllm.provenance import read_records
+from hpcllm.train.metrics import read_metrics as metrics  # polled while a rank writes: a torn last line is skipped
 from tests.launch.test_two_node import ENV, REPO, checkpoint_steps, controller_fields, job_output, local_env, \
     root, submit, weights, write_spec  # noqa: F401 - root: the 2-node cluster's fixture (a prepared dataset)
 from tests.slurm_util import run, wait_job, wait_until
@@ -67,13 +68,8 @@ def rank_pid(run_dir: Path, rank: int) -> int:
     return int(pids[-1]) if pids else 0
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
 def records(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "provenance.jsonl").read_text().splitlines()]
+    return read_records(run_dir)[0]
 
 
 def strike(run_dir: Path, rank: int, sig: int) -> tuple[int, float]:

@@ -62,8 +62,16 @@ echo "start $r"
 # start 0: PMIx setup fails after the plugin bound its socket (its client directory cannot be made)
 [ "$r" = 0 ] && export SLURM_PMIX_TMPDIR={quote(str(tmp_path / "missing"))}
 [ "$r" = 2 ] && export IGNORE_TERM=1
-srun --mpi=pmix {quote(sys.executable, str(tmp_path / "task.py"))}
-echo "srun exit $? (start $r)"
+# srun in the background, as hpcllm's own scripts run it: a requeue sends TERM to this shell and
+# srun, and a shell with srun in the foreground dies at once. The orphaned srun then escapes
+# proctrack/linuxproc, and after a start whose slurmstepd was killed it waits KillWait+2 s for the
+# dead step, then kills <job>.0 again: by then the next start's step 0, which it ended.
+srun --mpi=pmix {quote(sys.executable, str(tmp_path / "task.py"))} &
+step=$!
+trap "kill -TERM $step 2>/dev/null" TERM
+wait $step; status=$?
+while kill -0 $step 2>/dev/null; do wait $step; status=$?; done
+echo "srun exit $status (start $r)"
 """
     job = sbatch(script, tmp_path, env=env)
     text = lambda: out.read_text() if out.exists() else ""  # noqa: E731

@@ -134,16 +134,13 @@ def model_config(ckpt: Path, meta: dict, tensors: dict[str, torch.Tensor]):
 
 def load_trained_model(path: str | Path):
     """(model, ModelConfig, dataset path) from a run dir (its latest checkpoint) or a checkpoint dir."""
-    import torch
-
-    from hpcllm.model import build_model
+    from hpcllm.model import build_model_on_meta
 
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     tensors = read_checkpoint_model(ckpt)
     cfg = model_config(ckpt, meta, tensors)
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = build_model_on_meta(cfg)
     model = model.materialize("cpu")
     load_weights(ckpt / "model.safetensors" if is_legacy(ckpt) else ckpt / "dcp", model, tensors)
     return model, cfg, meta["spec"]["data"]["dataset"]
@@ -152,9 +149,7 @@ def load_trained_model(path: str | Path):
 def trained_model_on_meta(path: str | Path):
     """(model on the meta device, ModelConfig, dataset path, checkpoint dir): what load_trained_model
     loads, built before any weight is read — for `stream_checkpoint`."""
-    import torch
-
-    from hpcllm.model import build_model
+    from hpcllm.model import build_model_on_meta
 
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
@@ -162,8 +157,7 @@ def trained_model_on_meta(path: str | Path):
     if is_legacy(ckpt) and "model" not in meta:  # its vocabulary is read off the embedding's shape
         shapes = {name: _Shape(shape) for name, shape in _legacy_shapes(ckpt).items()}
     cfg = model_config(ckpt, meta, shapes)
-    with torch.device("meta"):
-        model = build_model(cfg)
+    model = build_model_on_meta(cfg)
     return model, cfg, meta["spec"]["data"]["dataset"], ckpt
 
 

@@ -9,7 +9,7 @@ shapes.py and hf_config.py), the presets and checks (registry.py).
 
 from hpcllm.model.config import ModelConfig
 
-__all__ = ["ModelConfig", "build_model", "load_hf_model", "save_hf_model", "WeightsError"]
+__all__ = ["ModelConfig", "build_model", "build_model_on_meta", "load_hf_model", "save_hf_model", "WeightsError"]
 
 
 def build_model(cfg: ModelConfig):
@@ -17,6 +17,15 @@ def build_model(cfg: ModelConfig):
     from hpcllm.model.registry import get_family
 
     return get_family(cfg.arch).model(cfg)
+
+
+def build_model_on_meta(cfg: ModelConfig):
+    """build_model on the meta device: shapes only, nothing allocated or initialized (the caller
+    materializes it or loads its weights)."""
+    from hpcllm.model.base import meta_device
+
+    with meta_device():
+        return build_model(cfg)
 
 
 def __getattr__(name):  # keep `import hpcllm.config` free of torch

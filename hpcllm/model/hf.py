@@ -72,12 +72,11 @@ def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
 
 def hf_model_on_meta(path: str | Path, *, dropout: float = 0.0) -> tuple[CausalLM, ModelConfig]:
     """The model of an HF directory built on the meta device (shapes only, no weights read)."""
-    from hpcllm.model.registry import get_family
+    from hpcllm.model import build_model_on_meta
 
     _, cfg = read_config(model_dir(path))
     cfg.dropout = dropout
-    with torch.device("meta"):
-        return get_family(cfg.arch).model(cfg), cfg
+    return build_model_on_meta(cfg), cfg
 
 
 def stream_hf_weights(path: str | Path, model: CausalLM, put) -> None:

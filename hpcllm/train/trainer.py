@@ -95,8 +95,7 @@ def build_model(spec: JobSpec, vocab_size: int, device, tokenizer_id: str | None
             raise TrainingError(f"model.vocab_size={cfg.vocab_size} but the dataset's tokenizer has {vocab_size}")
         check_fits(cfg, source="the spec's model section", **fits)
         if on_meta:
-            with torch.device("meta"):
-                model = models.build_model(cfg)
+            model = models.build_model_on_meta(cfg)
         else:
             model = models.build_model(cfg).init_weights(spec.train.seed)
     if spec.train.seq_len > model.config.block_size:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hpcllm.atomic import atomic_path, write_json
-from hpcllm.model.base import CausalLM
+from hpcllm.model.base import CausalLM, meta_device
 from hpcllm.model.config import ModelConfig
 from hpcllm.model.hf_config import WeightsError, model_dir, read_config  # torch-free: `hpcllm plan` reads these
 from hpcllm.paths import model_file
@@ -72,11 +72,12 @@ def load_hf_model(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
 
 def hf_model_on_meta(path: str | Path, *, dropout: float = 0.0) -> tuple[CausalLM, ModelConfig]:
     """The model of an HF directory built on the meta device (shapes only, no weights read)."""
-    from hpcllm.model import build_model_on_meta
+    from hpcllm.model.registry import get_family
 
     _, cfg = read_config(model_dir(path))
     cfg.dropout = dropout
-    return build_model_on_meta(cfg), cfg
+    with meta_device():
+        return get_family(cfg.arch).model(cfg), cfg
 
 
 def stream_hf_weights(path: str | Path, model: CausalLM, put) -> None:

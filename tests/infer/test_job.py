@@ -109,10 +109,11 @@ def test_bad_inputs(setup, tmp_path, cli):
 
 @pytest.mark.mpi
 def test_tensor_parallel_groups_give_the_same_outputs(setup, want):
-    """dp=2 x tp=2 on 4 ranks — shards to whichever group is free (dynamic) or to the groups in turn
-    (static): the outputs of one rank, written once per shard by each group's first rank. (tp=2 alone
-    on 2 ranks: tests/infer/test_tensor_parallel.py, at the engine, for every family.)"""
-    for name, n, schedule in (("dp2tp2", 4, "dynamic"), ("dp2tp2-static", 4, "static")):
+    """dp=2 x tp=2 on 4 ranks, shards to whichever group is free (the dynamic schedule): the outputs of
+    one rank, written once per shard by each group's first rank. (tp=2 alone on 2 ranks:
+    tests/infer/test_tensor_parallel.py, at the engine, for every family; the static schedule's split
+    over groups: the test below.)"""
+    for name, n, schedule in (("dp2tp2", 4, "dynamic"),):
         p = infer(str(spec(setup, name, schedule=schedule)), "parallel.tp=2", "dist.backend=torch", n=n)
         assert p.returncode == 0, p.stderr[-2000:]
         assert outputs(setup / name) == want, name
@@ -123,3 +124,20 @@ def test_tensor_parallel_groups_give_the_same_outputs(setup, want):
             assert writers <= {0, 2}, writers
     bad = infer(str(spec(setup, "bad")), "parallel.tp=2", "dist.backend=torch", n=3)
     assert bad.returncode != 0 and "parallel.tp=2 does not divide the world of 3 rank(s)" in bad.stderr
+
+
+def test_the_static_schedule_gives_each_tensor_parallel_group_its_shards_in_turn():
+    """infer.schedule=static (and dynamic's fallback without MPI or torch.distributed): shard i to
+    group i % groups, the same shards to every rank of a group, every shard to one group."""
+    from types import SimpleNamespace
+
+    from hpcllm.infer.schedule import StaticQueue
+
+    def shards(rank, size, tp, todo):
+        q = StaticQueue(SimpleNamespace(rank=rank, size=size), todo, tp)
+        return list(iter(q.next, None))
+
+    todo = [3, 5, 6, 8, 9]
+    got = {r: shards(r, 6, 2, todo) for r in range(6)}
+    assert got == {0: [3, 8], 1: [3, 8], 2: [5, 9], 3: [5, 9], 4: [6], 5: [6]}
+    assert {r: shards(r, 2, 1, todo) for r in range(2)} == {0: [3, 6, 9], 1: [5, 8]}

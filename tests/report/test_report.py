@@ -30,8 +30,8 @@ CKPT = 50
 def _spec(root: Path, ds: Path) -> Path:
     spec = {"kind": "train", "name": "rep", "run_dir": str(root / "run"), "data": {"dataset": str(ds)},
             "dist": {"timeout_s": 10},
-            "model": {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128},
-            "train": {"max_steps": STEPS, "batch_size": 4, "seq_len": 128, "log_interval": 10, "eval_interval": 0,
+            "model": {"size": "custom", "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
+            "train": {"max_steps": STEPS, "batch_size": 4, "seq_len": 64, "log_interval": 10, "eval_interval": 0,
                       "ckpt_interval": CKPT, "keep_checkpoints": 10, "progress": False},
             "metrics": {"tensorboard": True}}
     p = root / "rep.yaml"

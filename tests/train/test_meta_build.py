@@ -156,9 +156,13 @@ def hf_dirs(tmp_path_factory):
 def test_hf_init_sharded_and_tensor_parallel_train_like_one_rank(tmp_path, dataset, hf_dirs, family):
     steps = 4
     model = {"init": str(hf_dirs / family)}
-    # (a pipeline stage reads only its own tensors of the directory, and its tied embedding)
+    # Every mode on GPT-2: its tied embedding under FSDP2 and across pipeline stages (a stage reads only
+    # its own tensors of the directory, and the tied embedding), its Conv1D weights, its fused qkv split
+    # over tp. On Llama the mode whose split depends on the family: its GQA heads over tp.
     runs = [("one", 1, "single", "none", 1, 1), ("full", 2, "torch", "full", 1, 1), ("tp", 2, "torch", "none", 2, 1),
             ("pp", 2, "torch", "none", 1, 2)]
+    if family == "llama":
+        runs = [r for r in runs if r[0] in ("one", "tp")]
     for name, n, backend, shard, tp, pp in runs:
         spec = spec_file(tmp_path, dataset, name, model, shard=shard, backend=backend, tp=tp,
                          batch=GLOBAL // (n // tp // pp), max_steps=steps, ckpt_interval=0)
@@ -166,7 +170,7 @@ def test_hf_init_sharded_and_tensor_parallel_train_like_one_rank(tmp_path, datas
         assert ("model built on the meta device" in p.stderr) == (n > 1), p.stderr[-2000:]
     want = [m["loss"] for m in metrics(tmp_path / "one")]
     assert len(want) == steps
-    for name in ("full", "tp", "pp"):
+    for name in [r[0] for r in runs[1:]]:
         got = [m["loss"] for m in metrics(tmp_path / name)]
         assert all(abs(g - w) <= 1e-5 * w for g, w in zip(got, want)), (name, got, want)
         assert json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1

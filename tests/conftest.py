@@ -72,11 +72,15 @@ def _group_for_workers(items) -> None:
     one file stay together, in order, on one worker (module fixtures are built once); every Slurm test
     joins one group, so that the jobs of one cluster never compete for its few CPUs and a test's timing
     is only that of its own jobs — unless it names another group (the 2-node cluster's). Slurm groups
-    go first: they are the longest, and the other worker works through the files meanwhile. Without
-    xdist the marks change nothing."""
+    go first: they are the longest, and the other worker works through the files meanwhile. Then the
+    files with multi-rank or slow tests, and the quick files last: the worker that is done first takes
+    those while the other ends its file (with a multi-rank file last, one core was idle for the last
+    ~2.5 minutes, vmstat). Without xdist the marks change nothing."""
     for item in items:
         if not any(item.iter_markers("xdist_group")):
             name = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
             item.add_marker(pytest.mark.xdist_group(name))
     group = lambda item: next(item.iter_markers("xdist_group")).args[0]  # noqa: E731
-    items.sort(key=lambda item: not group(item).startswith("slurm"))  # stable: file order is kept
+    heavy = {group(item) for item in items if item.get_closest_marker("mpi") or item.get_closest_marker("slow")}
+    # stable: file order is kept within each tier
+    items.sort(key=lambda item: (not group(item).startswith("slurm"), group(item) not in heavy))

@@ -92,6 +92,7 @@ def _check(r: dict, dtype: str, tol_full: float, tol_tp1: float) -> None:
 # Measured on the CPU (gloo, torch 2.13): fp32 — FSDP2 on one rank bitwise the plain plan, tp=1 within
 # 2e-6; bf16 — within 0.012 (FSDP2, which also holds the embeddings and norms in bf16 for the forward:
 # its mixed-precision policy) and 0.008 (tp=1: a different clipping sum and vocab-parallel loss).
+@pytest.mark.slow
 def test_forced_fsdp2_and_dtensor_tp1_train_like_the_plain_plan_on_cpu():
     r = run_alone("tests.train.test_one_device_plans:_train_plans", device="cpu", dtypes=["fp32", "bf16"],
                   timeout=180)

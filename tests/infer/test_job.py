@@ -113,15 +113,13 @@ def test_tensor_parallel_groups_give_the_same_outputs(setup, want):
     one rank, written once per shard by each group's first rank. (tp=2 alone on 2 ranks:
     tests/infer/test_tensor_parallel.py, at the engine, for every family; the static schedule's split
     over groups: the test below.)"""
-    for name, n, schedule in (("dp2tp2", 4, "dynamic"),):
-        p = infer(str(spec(setup, name, schedule=schedule)), "parallel.tp=2", "dist.backend=torch", n=n)
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert outputs(setup / name) == want, name
-        assert "tensor-parallel group" in p.stderr and f"on {n} rank(s)" in p.stderr
-        if n == 4:
-            assert ("each shard to a tensor-parallel group of 2 ranks" in p.stderr) == (schedule == "dynamic")
-            writers = {json.loads(m.read_text())["rank"] for m in (setup / name / "outputs").glob("*.done")}
-            assert writers <= {0, 2}, writers
+    p = infer(str(spec(setup, "dp2tp2", schedule="dynamic")), "parallel.tp=2", "dist.backend=torch", n=4)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert outputs(setup / "dp2tp2") == want
+    assert "tensor-parallel group" in p.stderr and "on 4 rank(s)" in p.stderr
+    assert "each shard to a tensor-parallel group of 2 ranks" in p.stderr
+    writers = {json.loads(m.read_text())["rank"] for m in (setup / "dp2tp2" / "outputs").glob("*.done")}
+    assert writers <= {0, 2}, writers
     bad = infer(str(spec(setup, "bad")), "parallel.tp=2", "dist.backend=torch", n=3)
     assert bad.returncode != 0 and "parallel.tp=2 does not divide the world of 3 rank(s)" in bad.stderr
 
